@@ -1,0 +1,8 @@
+"""Connectors: ``[B, T, P, D_enc]`` -> ``[B, N_tokens, D_llm]``, built lazily by ``build(in_dim, out_dim)``.
+"""
+
+from avmt.connectors.base import Connector
+from avmt.connectors.mlp import MLPConnector
+from avmt.connectors.qformer import QFormerConnector
+
+__all__ = ["Connector", "MLPConnector", "QFormerConnector"]

@@ -1,0 +1,65 @@
+"""Connector contract: ``[B, T, P, D_enc]`` encoder features -> ``[B, N_tokens, D_llm]`` LLM inputs.
+
+A connector is constructed with its own hyperparameters only (so it can be written in YAML
+without knowing the encoder or LLM widths); the model calls :meth:`Connector.build` with the
+widths once both are known. ``num_tokens(T)`` tells collate how many placeholder tokens a
+modality with T segments expands to, before any forward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Connector(nn.Module):
+    """Base class: lazy ``build(in_dim, out_dim)``, ``num_tokens``, forward contract."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_dim: int | None = None
+        self.out_dim: int | None = None
+
+    @property
+    def built(self) -> bool:
+        """Whether :meth:`build` has created the layers."""
+        return self.in_dim is not None
+
+    def build(self, in_dim: int, out_dim: int) -> None:
+        """Create the layers for encoder width ``in_dim`` (D_enc) and LLM width ``out_dim`` (D_llm).
+
+        Calling it again with the same widths is a no-op; with other widths it is an error.
+        """
+        in_dim, out_dim = int(in_dim), int(out_dim)
+        if self.built:
+            if (in_dim, out_dim) != (self.in_dim, self.out_dim):
+                raise RuntimeError(
+                    f"{type(self).__name__} already built for ({self.in_dim} -> {self.out_dim}), "
+                    f"cannot rebuild for ({in_dim} -> {out_dim})"
+                )
+            return
+        if in_dim < 1 or out_dim < 1:
+            raise ValueError(f"widths must be positive, got in_dim={in_dim}, out_dim={out_dim}")
+        self._build(in_dim, out_dim)
+        self.in_dim, self.out_dim = in_dim, out_dim
+
+    def _build(self, in_dim: int, out_dim: int) -> None:
+        raise NotImplementedError
+
+    def num_tokens(self, num_segments: int) -> int:
+        """N_tokens produced for ``num_segments`` segments (T)."""
+        raise NotImplementedError
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not self.built:
+            raise RuntimeError(
+                f"{type(self).__name__}.forward called before build(in_dim, out_dim); "
+                f"the model must build its connectors once the encoder and LLM widths are known"
+            )
+        if x.dim() != 4:
+            raise ValueError(f"connector input must be [B, T, P, D_enc], got shape {tuple(x.shape)}")
+        if x.shape[-1] != self.in_dim:
+            raise ValueError(f"connector built for D_enc={self.in_dim}, got features of width {x.shape[-1]}")
+
+    def extra_repr(self) -> str:
+        return f"in_dim={self.in_dim}, out_dim={self.out_dim}"

@@ -1,0 +1,91 @@
+"""Q-Former connector (BLIP-2 / Crab style), built on transformers' ``Blip2QFormerModel``.
+
+Per segment, ``num_queries`` learned queries cross-attend to that segment's P encoder
+features (segments are batched as ``[B*T, P, D_enc]``, so segment t's tokens depend on segment
+t only); the query outputs are projected linearly to the LLM width. One instance per modality.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from avmt.connectors.base import Connector
+
+
+class QFormerConnector(Connector):
+    """``[B, T, P, D_enc]`` -> ``[B, T * num_queries, D_llm]``.
+
+    Args:
+        num_queries: learned query tokens per segment.
+        hidden_size, num_layers, num_heads, intermediate_size: the Q-Former's own config.
+        cross_attention_frequency: a cross-attention block every this many layers (1 = every
+            layer; BLIP-2 uses 2).
+        dropout: hidden and attention dropout inside the Q-Former.
+    """
+
+    def __init__(
+        self,
+        num_queries: int = 4,
+        hidden_size: int = 64,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        intermediate_size: int = 128,
+        cross_attention_frequency: int = 1,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if num_queries < 1:
+            raise ValueError(f"num_queries must be >= 1, got {num_queries}")
+        if hidden_size % num_heads != 0:
+            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+        self.num_queries = int(num_queries)
+        self.hidden_size = int(hidden_size)
+        self.num_layers = int(num_layers)
+        self.num_heads = int(num_heads)
+        self.intermediate_size = int(intermediate_size)
+        self.cross_attention_frequency = int(cross_attention_frequency)
+        self.dropout = float(dropout)
+
+    def _build(self, in_dim: int, out_dim: int) -> None:
+        from transformers import Blip2QFormerConfig, Blip2QFormerModel
+
+        config = Blip2QFormerConfig(
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            intermediate_size=self.intermediate_size,
+            hidden_dropout_prob=self.dropout,
+            attention_probs_dropout_prob=self.dropout,
+            cross_attention_frequency=self.cross_attention_frequency,
+            encoder_hidden_size=in_dim,
+        )
+        self.input_norm = nn.LayerNorm(in_dim)
+        init = torch.randn(1, self.num_queries, self.hidden_size) * config.initializer_range
+        self.queries = nn.Parameter(init)
+        self.qformer = Blip2QFormerModel(config)
+        self.proj = nn.Linear(self.hidden_size, out_dim)
+
+    def num_tokens(self, num_segments: int) -> int:
+        """``num_segments * num_queries``."""
+        return int(num_segments) * self.num_queries
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Query each segment's features.
+
+        Args:
+            features: ``[B, T, P, D_enc]``.
+        Returns:
+            ``[B, T * num_queries, D_llm]``; tokens ``t*num_queries .. (t+1)*num_queries-1``
+            come from segment t.
+        """
+        self._check_input(features)
+        b, t, p, d = features.shape
+        enc = self.input_norm(features.reshape(b * t, p, d).to(self.input_norm.weight.dtype))
+        queries = self.queries.expand(b * t, -1, -1)
+        out = self.qformer(query_embeds=queries, encoder_hidden_states=enc).last_hidden_state  # [B*T, Q, H]
+        out = self.proj(out.to(self.proj.weight.dtype))
+        return out.reshape(b, t * self.num_queries, -1)
+
+    def extra_repr(self) -> str:
+        return f"num_queries={self.num_queries}, " + super().extra_repr()

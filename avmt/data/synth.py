@@ -1,0 +1,777 @@
+"""AVSynth: procedurally generated audio-visual scenes with exact ground truth.
+
+A scene is a small graph (JSON, schema version 1, see ``CONTRACTS``): 1-3 sound objects, each with
+a class, colour, shape, screen cell (``position`` x ``row``), motion, visible and sounding segment
+intervals, loudness and exact per-segment boxes, plus a scene mood.  Exactly one object is the
+audio-visual event (visible *and* sounding over one contiguous interval of >= 2 segments); the
+others are audio-only, visual-only, or visible and sounding but never at the same time.
+
+Everything is a pure function of ``(seed, split, index)`` and the :class:`SynthConfig`:
+
+>>> cfg = SynthConfig(frame_size=32)
+>>> scene = generate_scene(7, "train", 0, cfg)
+>>> frames, audio = render_clip(scene, cfg)     # uint8 [T*F, 3, H, W], float32 [S]
+
+Rendering is vectorized numpy.  Each class has its own appearance (shape + texture + default
+colour) and audio signature (harmonic partials on a fundamental, or a noise band, with an
+amplitude-modulation rate); objects never overlap (each stays inside its own screen cell), so the
+rendered masks and boxes are exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from avmt.data import vocab
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "GENERATOR_VERSION",
+    "SynthConfig",
+    "ClassStyle",
+    "CLASS_STYLES",
+    "COLOR_RGB",
+    "BACKGROUND_RGB",
+    "TEXTURES",
+    "LOUDNESS_LEVELS",
+    "scene_seed",
+    "clip_id",
+    "generate_scene",
+    "render_clip",
+    "render_frames",
+    "render_audio",
+    "render_masks",
+    "object_audio",
+    "mood_audio",
+    "ranges_to_mask",
+    "mask_to_ranges",
+]
+
+SCHEMA_VERSION = 1
+#: Bump whenever the generator's output for a given (seed, split, index, cfg) changes, so that
+#: cached shards (``avmt.data.shards.ensure_shards``) are regenerated.
+GENERATOR_VERSION = 1
+
+_SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")
+
+# --------------------------------------------------------------------------------------------
+# Appearance and sound of each class
+# --------------------------------------------------------------------------------------------
+
+#: RGB value of every colour name in ``vocab.COLORS``.
+COLOR_RGB: dict[str, tuple[int, int, int]] = {
+    "red": (230, 50, 50),
+    "green": (60, 200, 70),
+    "blue": (70, 110, 255),
+    "yellow": (240, 220, 50),
+    "purple": (170, 80, 230),
+    "orange": (255, 150, 40),
+    "white": (235, 235, 235),
+    "cyan": (50, 220, 230),
+}
+BACKGROUND_RGB: tuple[int, int, int] = (16, 16, 24)
+TEXTURES: tuple[str, ...] = ("solid", "hstripes", "vstripes", "checker")
+#: Darkening factor of the dark texture cells (the light cells keep the full colour).
+TEXTURE_DARK = 0.5
+#: Loudness values given to sounding objects (distinct within a scene: no ties).
+LOUDNESS_LEVELS: tuple[float, ...] = (0.4, 0.55, 0.7, 0.85, 1.0)
+#: An object's waveform is scaled to RMS ``object_level x loudness`` unless its peak would exceed
+#: ``MAX_CREST`` times that (then the peak is capped there).
+MAX_CREST = 4.0
+
+
+@dataclass(frozen=True)
+class ClassStyle:
+    """Appearance and audio signature of one class.
+
+    Audio: ``partials`` are ``(frequency ratio to f0, amplitude)`` pairs on the fundamental ``f0``
+    (Hz); ``noise_band`` ``(lo, hi)`` Hz adds band-limited noise instead (``f0 = None``).
+    ``am_kind`` is ``"none"`` (steady), ``"sine"`` (tremolo of depth ``am_depth``) or
+    ``"decay"`` (a struck/plucked envelope restarting ``am_rate`` times per second, time constant
+    ``decay`` s).  ``fm_depth`` > 0 sweeps the pitch by +-``fm_depth`` x f0 at ``fm_rate`` Hz.
+    """
+
+    shape: str
+    color: str
+    texture: str
+    f0: float | None
+    partials: tuple[tuple[float, float], ...] = ((1.0, 1.0),)
+    noise_band: tuple[float, float] | None = None
+    am_kind: str = "none"
+    am_rate: float = 0.0
+    am_depth: float = 0.0
+    decay: float = 0.1
+    fm_rate: float = 0.0
+    fm_depth: float = 0.0
+
+
+#: One style per class of ``vocab.CLASSES``.  The first 8 (the default ``num_classes``) have
+#: pairwise distinct shapes, colours and pitches/bands; every class has a distinct
+#: (shape, texture) pair so classes stay distinguishable with ``random_colors=True``.
+CLASS_STYLES: dict[str, ClassStyle] = {
+    "violin": ClassStyle("circle", "red", "solid", 523.25,
+                         ((1, 1.0), (2, 0.6), (3, 0.45), (4, 0.3), (5, 0.2)),
+                         am_kind="sine", am_rate=5.0, am_depth=0.3),
+    "flute": ClassStyle("bar", "cyan", "solid", 1046.5, ((1, 1.0), (2, 0.15), (3, 0.05)),
+                        am_kind="sine", am_rate=1.0, am_depth=0.4),
+    "guitar": ClassStyle("triangle", "orange", "solid", 196.0,
+                         ((1, 1.0), (2, 0.7), (3, 0.5), (4, 0.3), (5, 0.2), (6, 0.1)),
+                         am_kind="decay", am_rate=3.0, decay=0.12),
+    "drum": ClassStyle("ring", "yellow", "solid", None, noise_band=(60.0, 250.0),
+                       am_kind="decay", am_rate=2.0, decay=0.08),
+    "piano": ClassStyle("square", "white", "checker", 293.66,
+                        ((1, 1.0), (2, 0.5), (3, 0.25), (4, 0.12)),
+                        am_kind="decay", am_rate=1.5, decay=0.3),
+    "trumpet": ClassStyle("star", "purple", "solid", 392.0,
+                          ((1, 1.0), (2, 0.9), (3, 0.8), (4, 0.6), (5, 0.45), (6, 0.3))),
+    "cello": ClassStyle("diamond", "green", "hstripes", 130.81,
+                        ((1, 1.0), (2, 0.8), (3, 0.6), (4, 0.4), (5, 0.3)),
+                        am_kind="sine", am_rate=0.5, am_depth=0.3),
+    "bell": ClassStyle("cross", "blue", "solid", 1568.0, ((1, 1.0), (2.76, 0.5), (5.4, 0.25)),
+                       am_kind="decay", am_rate=1.0, decay=0.4),
+    "dog": ClassStyle("square", "orange", "hstripes", None, noise_band=(500.0, 1500.0),
+                      am_kind="decay", am_rate=2.5, decay=0.1),
+    "cat": ClassStyle("triangle", "white", "vstripes", 700.0, ((1, 1.0), (2, 0.4), (3, 0.2)),
+                      am_kind="sine", am_rate=0.7, am_depth=0.8, fm_rate=0.7, fm_depth=0.08),
+    "car": ClassStyle("bar", "red", "checker", None, noise_band=(80.0, 500.0),
+                      am_kind="sine", am_rate=0.5, am_depth=0.2),
+    "bird": ClassStyle("diamond", "cyan", "solid", 3200.0, ((1, 1.0), (2, 0.1)),
+                       am_kind="decay", am_rate=8.0, decay=0.04),
+    "clock": ClassStyle("circle", "white", "checker", None, noise_band=(2500.0, 5000.0),
+                        am_kind="decay", am_rate=2.0, decay=0.015),
+    "siren": ClassStyle("triangle", "blue", "checker", 800.0, ((1, 1.0), (2, 0.3)),
+                        fm_rate=0.5, fm_depth=0.25),
+    "cow": ClassStyle("square", "green", "vstripes", 98.0,
+                      ((1, 1.0), (2, 0.9), (3, 0.7), (4, 0.5), (5, 0.4), (6, 0.3)),
+                      am_kind="sine", am_rate=0.5, am_depth=0.5),
+    "horn": ClassStyle("ring", "orange", "hstripes", 233.08, ((1, 1.0), (2, 0.7), (3, 0.5))),
+}
+
+# Mood bed: notes per second, semitone offsets of the repeating pattern (relative to the base
+# pitch), and whether each note is a dissonant dyad (a second tone one semitone up).
+_MOOD_BASE_HZ = 523.25
+_MOOD_PATTERNS: dict[str, tuple[float, tuple[int, ...], bool]] = {
+    "happy": (4.0, (0, 4, 7, 12), False),  # fast, rising major arpeggio
+    "sad": (1.0, (7, 3, 0, -5), False),  # slow, falling minor line
+    "calm": (1.0, (0, 0, 0, 0), False),  # slow, flat
+    "tense": (4.0, (0, 0, 0, 0), True),  # fast, flat, dissonant semitone dyads
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"SynthConfig.{name} must be an int, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"SynthConfig.{name} must be {bound}, got {value}")
+
+
+def _check_float(name: str, value: Any, lo: float, hi: float, lo_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise ValueError(f"SynthConfig.{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or value < lo or value > hi or (lo_open and value == lo):
+        left = "(" if lo_open else "["
+        raise ValueError(f"SynthConfig.{name} must be in {left}{lo}, {hi}], got {value}")
+
+
+@dataclass
+class SynthConfig:
+    """Knobs of the AVSynth generator (validated on construction; a bad value raises a
+    ``ValueError`` naming the field).
+
+    Args:
+        num_classes: classes used, the first N of ``vocab.CLASSES`` (>= max_objects).
+        min_objects, max_objects: objects per scene (1..3): one AV event + 0-2 distractors.
+        num_segments: T, segments per clip.
+        segment_seconds: length of a segment; ``segment_seconds * sample_rate`` must be whole.
+        frames_per_segment: F, video frames per segment.
+        frame_size: H = W of a frame in pixels (32..512).
+        sample_rate: audio sample rate (Hz).
+        noise_level: standard deviation of the white background noise added to the audio.
+        random_colors: draw each object's colour uniformly (recorded in the scene) instead of
+            using its class colour; classes then differ only by shape, texture and sound.
+        min_event_segments: minimum length of the audio-visual event (>= 2).
+        object_level: RMS amplitude of a sounding object at loudness 1.0 (peak capped at 4x).
+        mood_level: peak amplitude of the quiet mood bed (tempo + pitch contour).
+        visual_noise: standard deviation of Gaussian pixel noise, as a fraction of 255 (0 = clean).
+    """
+
+    num_classes: int = 8
+    min_objects: int = 1
+    max_objects: int = 3
+    num_segments: int = 10
+    segment_seconds: float = 1.0
+    frames_per_segment: int = 1
+    frame_size: int = 64
+    sample_rate: int = 16000
+    noise_level: float = 0.05
+    random_colors: bool = False
+    min_event_segments: int = 2
+    object_level: float = 0.12
+    mood_level: float = 0.04
+    visual_noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_int("max_objects", self.max_objects, 1, 3)
+        _check_int("min_objects", self.min_objects, 1, self.max_objects)
+        _check_int("num_classes", self.num_classes, 1, len(vocab.CLASSES))
+        if self.num_classes < self.max_objects:
+            raise ValueError(
+                f"SynthConfig.num_classes ({self.num_classes}) must be >= max_objects "
+                f"({self.max_objects}): the objects of a scene have distinct classes"
+            )
+        _check_int("num_segments", self.num_segments, 2, 10_000)
+        _check_int("min_event_segments", self.min_event_segments, 2, self.num_segments)
+        _check_int("frames_per_segment", self.frames_per_segment, 1, 64)
+        _check_int("frame_size", self.frame_size, 32, 512)
+        _check_int("sample_rate", self.sample_rate, 8000, 96000)
+        _check_float("segment_seconds", self.segment_seconds, 0.0, 60.0, lo_open=True)
+        samples = self.segment_seconds * self.sample_rate
+        if abs(samples - round(samples)) > 1e-6:
+            raise ValueError(
+                f"SynthConfig.segment_seconds ({self.segment_seconds}) x sample_rate "
+                f"({self.sample_rate}) must be a whole number of samples, got {samples}"
+            )
+        _check_float("noise_level", self.noise_level, 0.0, 1.0)
+        _check_float("object_level", self.object_level, 0.0, 1.0, lo_open=True)
+        _check_float("mood_level", self.mood_level, 0.0, 1.0)
+        _check_float("visual_noise", self.visual_noise, 0.0, 1.0)
+        if not isinstance(self.random_colors, (bool, np.bool_)):
+            raise ValueError(f"SynthConfig.random_colors must be a bool, got {self.random_colors!r}")
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The class names in use: the first ``num_classes`` of ``vocab.CLASSES``."""
+        return tuple(vocab.CLASSES[: self.num_classes])
+
+    @property
+    def samples_per_segment(self) -> int:
+        return int(round(self.segment_seconds * self.sample_rate))
+
+    @property
+    def num_samples(self) -> int:
+        """S, audio samples per clip."""
+        return self.num_segments * self.samples_per_segment
+
+    @property
+    def num_frames(self) -> int:
+        """T*F, video frames per clip."""
+        return self.num_segments * self.frames_per_segment
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of every field."""
+        return {k: (bool(v) if isinstance(v, (bool, np.bool_)) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Seeds and intervals
+# --------------------------------------------------------------------------------------------
+
+
+def _check_split(split: str) -> None:
+    if not isinstance(split, str) or not _SPLIT_RE.match(split):
+        raise ValueError(f"split must be a non-empty name of letters, digits or '_', got {split!r}")
+
+
+def scene_seed(seed: int, split: str, index: int) -> int:
+    """The scene seed of clip ``index`` of ``split``: a 53-bit hash of ``(seed, split, index)``.
+
+    Different splits hash different strings, so their scene seeds are disjoint (up to 2^-53
+    collisions); the value fits a JSON number exactly.
+    """
+    _check_split(split)
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
+        raise ValueError(f"clip index must be an int >= 0, got {index!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    digest = hashlib.sha256(f"avsynth/v{SCHEMA_VERSION}/{int(seed)}/{split}/{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 53) - 1)
+
+
+def clip_id(split: str, index: int) -> str:
+    """Clip key ``"{split}-{index:08d}"`` (no dots: it is a WebDataset key)."""
+    return f"{split}-{int(index):08d}"
+
+
+def ranges_to_mask(ranges: list[list[int]], num_segments: int) -> np.ndarray:
+    """``[[s, e), ...]`` -> bool mask ``[num_segments]``."""
+    mask = np.zeros(num_segments, dtype=bool)
+    for start, end in ranges:
+        mask[start:end] = True
+    return mask
+
+
+def mask_to_ranges(mask: np.ndarray) -> list[list[int]]:
+    """bool mask ``[T]`` -> sorted, non-overlapping, non-adjacent ``[[s, e), ...]``."""
+    padded = np.concatenate([[0], np.asarray(mask, dtype=np.int8), [0]])
+    edges = np.flatnonzero(np.diff(padded))
+    return [[int(s), int(e)] for s, e in zip(edges[0::2], edges[1::2])]
+
+
+def _random_mask(rng: np.random.Generator, num_segments: int, allowed: np.ndarray) -> np.ndarray:
+    """1-2 random intervals restricted to ``allowed`` segments (may come out empty)."""
+    mask = np.zeros(num_segments, dtype=bool)
+    max_len = max(1, num_segments // 2)
+    for _ in range(int(rng.integers(1, 3))):
+        length = int(rng.integers(1, max_len + 1))
+        start = int(rng.integers(0, num_segments - length + 1))
+        mask[start : start + length] = True
+    return mask & allowed
+
+
+# --------------------------------------------------------------------------------------------
+# Scene generation
+# --------------------------------------------------------------------------------------------
+
+
+def _av_intervals(rng: np.random.Generator, cfg: SynthConfig) -> tuple[list[int], list[int], list[int]]:
+    """Visible, sounding and shared range of the AV object; visible ∩ sounding = shared."""
+    T = cfg.num_segments
+    length = int(rng.integers(cfg.min_event_segments, T + 1))
+    start = int(rng.integers(0, T - length + 1))
+    end = start + length
+    vis, snd = [start, end], [start, end]
+    # on each side, at most one of the two modalities extends beyond the shared range
+    for side in (0, 1):
+        room = start if side == 0 else T - end
+        which = int(rng.choice(4))  # 0, 1: none; 2: visible; 3: sounding
+        if room > 0 and which >= 2:
+            ext = int(rng.integers(1, room + 1))
+            target = vis if which == 2 else snd
+            if side == 0:
+                target[0] = start - ext
+            else:
+                target[1] = end + ext
+    return vis, snd, [start, end]
+
+
+def _distractor_intervals(rng: np.random.Generator, cfg: SynthConfig) -> tuple[list, list]:
+    """Visible and sounding ranges of a distractor: audio-only, visual-only, or both but disjoint."""
+    T = cfg.num_segments
+    everything = np.ones(T, dtype=bool)
+    kind = int(rng.choice(3))
+    if kind == 2:  # visible and sounding, never at the same time
+        for _ in range(8):
+            vis = _random_mask(rng, T, everything)
+            snd = _random_mask(rng, T, ~vis)
+            if vis.any() and snd.any():
+                return mask_to_ranges(vis), mask_to_ranges(snd)
+        kind = 0
+    mask = _random_mask(rng, T, everything)
+    if kind == 0:  # audio-only
+        return [], mask_to_ranges(mask)
+    return mask_to_ranges(mask), []  # visual-only
+
+
+def generate_scene(index: int, split: str, seed: int, cfg: SynthConfig | None = None) -> dict:
+    """Scene graph (JSON-able dict, schema version 1) of clip ``index`` of ``split``.
+
+    Deterministic in ``(index, split, seed, cfg)``.  ``objects[i]["boxes"]`` holds T entries:
+    the exact rendered box ``[x1, y1, x2, y2]`` (ints normalized to 0..1000, union over the
+    segment's F frames) or ``None`` where the object is not visible.
+    """
+    cfg = cfg or SynthConfig()
+    sseed = scene_seed(seed, split, index)
+    rng = np.random.default_rng(sseed)
+    T = cfg.num_segments
+    classes = cfg.classes
+
+    mood = vocab.MOODS[int(rng.integers(len(vocab.MOODS)))]
+    n_obj = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+    class_idx = rng.choice(len(classes), size=n_obj, replace=False)
+    cells = rng.choice(len(vocab.POSITIONS) * len(vocab.ROWS), size=n_obj, replace=False)
+
+    av_vis, av_snd, av_range = _av_intervals(rng, cfg)
+    intervals = [([av_vis], [av_snd])]
+    for _ in range(n_obj - 1):
+        intervals.append(_distractor_intervals(rng, cfg))
+
+    order = rng.permutation(n_obj)  # order[k] = which generated object gets id k
+    loud_pool = list(rng.permutation(len(LOUDNESS_LEVELS)))
+    objects = []
+    av_id = -1
+    for new_id, gen in enumerate(order):
+        gen = int(gen)
+        name = classes[int(class_idx[gen])]
+        style = CLASS_STYLES[name]
+        visible, sounding = intervals[gen]
+        color = vocab.COLORS[int(rng.integers(len(vocab.COLORS)))] if cfg.random_colors else style.color
+        motion = vocab.MOTIONS[int(rng.integers(len(vocab.MOTIONS)))] if visible else "static"
+        loudness = float(LOUDNESS_LEVELS[int(loud_pool.pop())]) if sounding else 0.0
+        cell = int(cells[gen])
+        if gen == 0:
+            av_id = new_id
+        objects.append(
+            {
+                "id": new_id,
+                "class": name,
+                "color": color,
+                "shape": style.shape,
+                "position": vocab.POSITIONS[cell % len(vocab.POSITIONS)],
+                "row": vocab.ROWS[cell // len(vocab.POSITIONS)],
+                "motion": motion,
+                "visible": [list(r) for r in visible],
+                "sounding": [list(r) for r in sounding],
+                "loudness": loudness,
+                "boxes": [None] * T,
+            }
+        )
+
+    scene = {
+        "version": SCHEMA_VERSION,
+        "clip_id": clip_id(split, index),
+        "split": split,
+        "seed": sseed,
+        "num_segments": T,
+        "segment_seconds": float(cfg.segment_seconds),
+        "frames_per_segment": cfg.frames_per_segment,
+        "frame_size": [cfg.frame_size, cfg.frame_size],
+        "sample_rate": cfg.sample_rate,
+        "mood": mood,
+        "noise_level": float(cfg.noise_level),
+        "objects": objects,
+        "av_event": {"object": av_id, "class": objects[av_id]["class"], "range": list(av_range)},
+        "action": objects[av_id]["motion"],
+    }
+    for obj in objects:
+        obj["boxes"] = _object_boxes(scene, obj)
+    return scene
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry (shared by boxes, masks and frames)
+# --------------------------------------------------------------------------------------------
+
+
+def _visible_frames(scene: dict, obj: dict) -> np.ndarray:
+    """bool ``[T*F]``: frames on which ``obj`` is drawn."""
+    seg = ranges_to_mask(obj["visible"], scene["num_segments"])
+    return np.repeat(seg, scene["frames_per_segment"])
+
+
+def _object_track(scene: dict, obj: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centre x, centre y and radius of ``obj`` on every frame (pixels), each ``[T*F]``.
+
+    The object stays inside its screen cell (a third of the width x half the height): static
+    and pulsing objects sit near the cell centre (small per-object jitter); moving objects travel
+    from 30% to 70% of the cell over the span between their first and last visible frame;
+    pulsing objects alternate their size between 1.3x and 0.7x every segment.
+    """
+    H, W = scene["frame_size"]
+    F = scene["frames_per_segment"]
+    N = scene["num_segments"] * F
+    rng = np.random.default_rng([scene["seed"], 4, obj["id"]])
+    jx, jy = rng.uniform(-0.1, 0.1, size=2)
+    radius = float(rng.uniform(0.08, 0.095)) * min(H, W)
+    col = vocab.POSITIONS.index(obj["position"])
+    row = vocab.ROWS.index(obj["row"])
+    cw, ch = W / len(vocab.POSITIONS), H / len(vocab.ROWS)
+    x0, y0 = col * cw, row * ch
+
+    vis = np.flatnonzero(_visible_frames(scene, obj))
+    n = np.arange(N, dtype=np.float64)
+    if len(vis) > 1:
+        u = np.clip((n - vis[0]) / (vis[-1] - vis[0]), 0.0, 1.0)
+    else:
+        u = np.full(N, 0.5)
+    fx = np.full(N, 0.5 + jx)
+    fy = np.full(N, 0.5 + jy)
+    r = np.full(N, radius)
+    motion = obj["motion"]
+    if motion == "moving left":
+        fx = 0.7 - 0.4 * u
+    elif motion == "moving right":
+        fx = 0.3 + 0.4 * u
+    elif motion == "moving up":
+        fy = 0.7 - 0.4 * u
+    elif motion == "moving down":
+        fy = 0.3 + 0.4 * u
+    elif motion == "pulsing":
+        r = radius * (1.0 + 0.3 * np.cos(np.pi * n / F))
+    elif motion != "static":
+        raise ValueError(f"unknown motion {motion!r} (expected one of {vocab.MOTIONS})")
+    return x0 + fx * cw, y0 + fy * ch, r
+
+
+def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """bool mask of ``shape`` given pixel offsets from the centre (broadcast ``[N, H, W]``)."""
+    adx, ady = np.abs(dx), np.abs(dy)
+    if shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    if shape == "square":
+        return np.maximum(adx, ady) <= 0.8 * r
+    if shape == "triangle":
+        return (dy >= -r) & (dy <= 0.75 * r) & (adx <= (dy + r) * 0.57)
+    if shape == "diamond":
+        return adx + ady <= r
+    if shape == "cross":
+        return ((adx <= 0.33 * r) & (ady <= r)) | ((ady <= 0.33 * r) & (adx <= r))
+    if shape == "ring":
+        d2 = dx * dx + dy * dy
+        return (d2 <= r * r) & (d2 >= 0.25 * r * r)
+    if shape == "bar":
+        return (adx <= r) & (ady <= 0.38 * r)
+    if shape == "star":
+        rho = np.sqrt(dx * dx + dy * dy)
+        theta = np.arctan2(dy, dx)
+        return rho <= r * (0.68 + 0.32 * np.cos(5.0 * (theta + np.pi / 2)))
+    raise ValueError(f"unknown shape {shape!r} (expected one of {vocab.SHAPES})")
+
+
+def _texture_dark(texture: str, dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> np.ndarray | None:
+    """bool ``[N, H, W]`` of the dark texture cells (``None`` for solid)."""
+    if texture == "solid":
+        return None
+    half = np.maximum(2.0, np.round(r / 3.0))
+    cx = np.floor(dx / half).astype(np.int64)
+    cy = np.floor(dy / half).astype(np.int64)
+    if texture == "hstripes":
+        return cy % 2 == 1
+    if texture == "vstripes":
+        return cx % 2 == 1
+    if texture == "checker":
+        return (cx + cy) % 2 == 1
+    raise ValueError(f"unknown texture {texture!r} (expected one of {TEXTURES})")
+
+
+def _object_pixels(scene: dict, obj: dict) -> tuple[np.ndarray, np.ndarray | None]:
+    """Mask ``[T*F, H, W]`` of ``obj`` (False on invisible frames) and its dark texture cells."""
+    H, W = scene["frame_size"]
+    cx, cy, r = _object_track(scene, obj)
+    xs = np.arange(W, dtype=np.float64) + 0.5
+    ys = np.arange(H, dtype=np.float64) + 0.5
+    dx = xs[None, None, :] - cx[:, None, None]
+    dy = ys[None, :, None] - cy[:, None, None]
+    rr = r[:, None, None]
+    mask = _shape_mask(obj["shape"], dx, dy, rr)
+    mask &= _visible_frames(scene, obj)[:, None, None]
+    dark = _texture_dark(CLASS_STYLES[obj["class"]].texture, dx, dy, rr)
+    return mask, dark
+
+
+def _object_boxes(scene: dict, obj: dict) -> list:
+    """Per-segment exact box (normalized ints 0..1000) of the rendered mask, ``None`` when hidden."""
+    H, W = scene["frame_size"]
+    T, F = scene["num_segments"], scene["frames_per_segment"]
+    if not obj["visible"]:
+        return [None] * T
+    mask, _ = _object_pixels(scene, obj)
+    seg = mask.reshape(T, F, H, W).any(axis=1)  # [T, H, W]
+    cols = seg.any(axis=1)  # [T, W]
+    rows = seg.any(axis=2)  # [T, H]
+    boxes: list = []
+    for t in range(T):
+        xs, ys = np.flatnonzero(cols[t]), np.flatnonzero(rows[t])
+        if len(xs) == 0:
+            boxes.append(None)
+            continue
+        boxes.append(
+            [
+                int(round(1000 * xs[0] / W)),
+                int(round(1000 * ys[0] / H)),
+                int(round(1000 * (xs[-1] + 1) / W)),
+                int(round(1000 * (ys[-1] + 1) / H)),
+            ]
+        )
+    return boxes
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------
+
+
+def _check_scene_cfg(scene: dict, cfg: SynthConfig) -> None:
+    """The fields a scene records must agree with the config it is rendered with."""
+    if scene.get("version") != SCHEMA_VERSION:
+        raise ValueError(f"scene schema version {scene.get('version')!r} is not {SCHEMA_VERSION}")
+    expected = {
+        "num_segments": cfg.num_segments,
+        "segment_seconds": float(cfg.segment_seconds),
+        "frames_per_segment": cfg.frames_per_segment,
+        "frame_size": [cfg.frame_size, cfg.frame_size],
+        "sample_rate": cfg.sample_rate,
+        "noise_level": float(cfg.noise_level),
+    }
+    for key, value in expected.items():
+        if scene.get(key) != value:
+            raise ValueError(
+                f"scene {scene.get('clip_id')!r} has {key}={scene.get(key)!r} but the SynthConfig "
+                f"gives {value!r}: render it with the config it was generated with"
+            )
+
+
+def render_masks(scene: dict, cfg: SynthConfig | None = None) -> np.ndarray:
+    """Object-id masks ``uint8 [T*F, H, W]``: 0 = background, ``id + 1`` where object ``id`` is drawn."""
+    cfg = cfg or SynthConfig()
+    _check_scene_cfg(scene, cfg)
+    H, W = scene["frame_size"]
+    out = np.zeros((cfg.num_frames, H, W), dtype=np.uint8)
+    for obj in scene["objects"]:
+        if obj["visible"]:
+            mask, _ = _object_pixels(scene, obj)
+            out[mask] = obj["id"] + 1
+    return out
+
+
+def render_frames(scene: dict, cfg: SynthConfig | None = None) -> np.ndarray:
+    """Video frames ``uint8 [T*F, 3, H, W]`` of ``scene``."""
+    cfg = cfg or SynthConfig()
+    _check_scene_cfg(scene, cfg)
+    H, W = scene["frame_size"]
+    N = cfg.num_frames
+    frames = np.empty((N, H, W, 3), dtype=np.uint8)
+    frames[...] = np.asarray(BACKGROUND_RGB, dtype=np.uint8)
+    for obj in scene["objects"]:
+        if not obj["visible"]:
+            continue
+        if obj["color"] not in COLOR_RGB:
+            raise ValueError(f"unknown colour {obj['color']!r} (expected one of {tuple(COLOR_RGB)})")
+        light = np.asarray(COLOR_RGB[obj["color"]], dtype=np.float64)
+        mask, dark = _object_pixels(scene, obj)
+        if dark is None:
+            frames[mask] = light.astype(np.uint8)
+        else:
+            frames[mask & ~dark] = light.astype(np.uint8)
+            frames[mask & dark] = np.round(light * TEXTURE_DARK).astype(np.uint8)
+    if cfg.visual_noise > 0:
+        rng = np.random.default_rng([scene["seed"], 5])
+        noisy = frames + rng.normal(0.0, cfg.visual_noise * 255.0, size=frames.shape)
+        frames = np.clip(np.round(noisy), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(frames.transpose(0, 3, 1, 2))
+
+
+def _gate(ranges: list[list[int]], cfg: SynthConfig) -> np.ndarray:
+    """Sample gate ``float [S]``: 1 inside ``ranges``, 0 outside, 10 ms linear ramps inside the edges."""
+    S, sps = cfg.num_samples, cfg.samples_per_segment
+    gate = np.zeros(S, dtype=np.float64)
+    ramp_len = max(1, min(int(0.01 * cfg.sample_rate), sps // 4))
+    ramp = (np.arange(ramp_len, dtype=np.float64) + 1.0) / (ramp_len + 1.0)
+    for start, end in ranges:
+        a, b = start * sps, end * sps
+        gate[a:b] = 1.0
+        gate[a : a + ramp_len] = ramp
+        gate[b - ramp_len : b] = ramp[::-1]
+    return gate
+
+
+def _band_noise(rng: np.random.Generator, n: int, band: tuple[float, float], sr: int) -> np.ndarray:
+    spec = np.fft.rfft(rng.standard_normal(n))
+    freqs = np.fft.rfftfreq(n, 1.0 / sr)
+    spec[(freqs < band[0]) | (freqs > band[1])] = 0.0
+    return np.fft.irfft(spec, n)
+
+
+def _sin(phase: np.ndarray) -> np.ndarray:
+    """``sin`` of a float64 phase (radians): wrapped to one period in float64, evaluated in float32."""
+    cycles = phase * (1.0 / (2 * np.pi))
+    cycles -= np.floor(cycles)
+    cycles *= 2 * np.pi
+    return np.sin(cycles.astype(np.float32))
+
+
+def object_audio(scene: dict, obj: dict, cfg: SynthConfig | None = None) -> np.ndarray:
+    """Waveform ``float64 [S]`` of one object: its class signature at RMS ``object_level x loudness``
+    (peak capped at ``MAX_CREST`` x that) inside its sounding segments, exactly 0 outside them.
+
+    Only the sounding samples are synthesized; the onset and offset of every sounding interval
+    have 10 ms linear ramps that lie inside the interval.
+    """
+    cfg = cfg or SynthConfig()
+    S, sr = cfg.num_samples, cfg.sample_rate
+    out = np.zeros(S)
+    if not obj["sounding"] or obj["loudness"] <= 0:
+        return out
+    style = CLASS_STYLES[obj["class"]]
+    rng = np.random.default_rng([scene["seed"], 1, obj["id"]])
+    gate = _gate(obj["sounding"], cfg)
+    idx = np.flatnonzero(gate)
+    t = idx / sr
+    nyquist = 0.45 * sr
+    if style.f0 is not None:
+        if style.fm_depth:
+            fm_phase = rng.uniform(0, 2 * np.pi)
+            # closed-form phase of f0 * (1 + d sin(2 pi r t + p))
+            base = 2 * np.pi * style.f0 * t - (style.f0 * style.fm_depth / style.fm_rate) * np.cos(
+                2 * np.pi * style.fm_rate * t + fm_phase
+            )
+        else:
+            base = 2 * np.pi * style.f0 * t
+        top = style.f0 * (1 + style.fm_depth)
+        partials = [(ratio, amp) for ratio, amp in style.partials if ratio * top < nyquist] or [(1.0, 1.0)]
+        phases = rng.uniform(0, 2 * np.pi, size=len(partials))
+        wave = np.zeros(len(idx), dtype=np.float32)
+        for (ratio, amp), phi in zip(partials, phases):  # <= 6 partials, each vectorized over samples
+            wave += np.float32(amp) * _sin(ratio * base + phi)
+    else:
+        lo, hi = style.noise_band
+        wave = _band_noise(rng, len(idx), (lo, min(hi, nyquist)), sr).astype(np.float32)
+    if style.am_kind == "sine":
+        offset = rng.uniform(0, 1)
+        cos = _sin(2 * np.pi * (style.am_rate * t + offset) + np.pi / 2)
+        wave *= np.float32(1.0 - 0.5 * style.am_depth) + np.float32(0.5 * style.am_depth) * cos
+    elif style.am_kind == "decay":
+        period = 1.0 / style.am_rate
+        offset = rng.uniform(0, period)
+        cycles = (t + offset) * style.am_rate
+        local = ((cycles - np.floor(cycles)) * (period / style.decay)).astype(np.float32)
+        wave *= np.exp(-local)
+    # RMS normalization, with the peak capped at MAX_CREST x object_level for very peaky
+    # (struck/ticking) classes so that a loud scene does not clip
+    norm = max(math.sqrt(float(np.mean(np.square(wave, dtype=np.float64)))), float(np.max(np.abs(wave))) / MAX_CREST)
+    out[idx] = wave * (cfg.object_level * obj["loudness"] / (norm or 1.0)) * gate[idx]
+    return out
+
+
+def mood_audio(scene: dict, cfg: SynthConfig | None = None) -> np.ndarray:
+    """Quiet mood bed ``float64 [S]`` (peak ``mood_level``): a pure-tone note pattern whose tempo
+    and pitch contour give the mood (happy fast/rising, sad slow/falling, calm slow/flat,
+    tense fast/dissonant semitone dyads).  Present over the whole clip."""
+    cfg = cfg or SynthConfig()
+    S, sr = cfg.num_samples, cfg.sample_rate
+    if cfg.mood_level == 0:
+        return np.zeros(S)
+    rate, steps, dyad = _MOOD_PATTERNS[scene["mood"]]
+    rng = np.random.default_rng([scene["seed"], 2])
+    transpose = int(rng.integers(-2, 3))
+    pos = np.arange(S, dtype=np.float64) * (rate / sr)  # time in notes
+    note = pos.astype(np.int64)
+    step_hz = _MOOD_BASE_HZ * 2.0 ** ((np.asarray(steps, dtype=np.float64) + transpose) / 12.0)
+    phase = np.cumsum(step_hz[note % len(steps)]) * (2 * np.pi / sr)
+    local = (pos - note).astype(np.float32)  # position inside the note, 0..1
+    env = np.minimum(np.float32(1.0), local * np.float32(20.0)) * np.exp(np.float32(-3.0) * local)
+    wave = _sin(phase)
+    if dyad:
+        wave = np.float32(0.5) * (wave + _sin(phase * 2.0 ** (1 / 12)))
+    return (cfg.mood_level * env * wave).astype(np.float64)
+
+
+def render_audio(scene: dict, cfg: SynthConfig | None = None) -> np.ndarray:
+    """Mono waveform ``float32 [S]`` in [-1, 1): objects + mood bed + white noise (``noise_level``)."""
+    cfg = cfg or SynthConfig()
+    _check_scene_cfg(scene, cfg)
+    audio = mood_audio(scene, cfg)
+    for obj in scene["objects"]:
+        audio = audio + object_audio(scene, obj, cfg)
+    if cfg.noise_level > 0:
+        noise = np.random.default_rng([scene["seed"], 3]).standard_normal(audio.shape, dtype=np.float32)
+        audio += cfg.noise_level * noise
+    return np.clip(audio, -1.0, 32767 / 32768).astype(np.float32)
+
+
+def render_clip(scene: dict, cfg: SynthConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Render ``scene``: frames ``uint8 [T*F, 3, H, W]`` and audio ``float32 [S]``
+    (S = T x segment_seconds x sample_rate).  ``cfg`` must match the fields the scene records."""
+    return render_frames(scene, cfg), render_audio(scene, cfg)

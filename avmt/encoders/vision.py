@@ -1,0 +1,206 @@
+"""Vision encoder: a transformers ViT-family backbone applied frame by frame.
+
+By default a tiny randomly initialized ``ViTModel`` (64 px, 16 px patches -> 16 patches of
+width 64), so everything runs offline on a CPU. A hub id or local path (``model=``) loads a
+checkpoint with ``AutoModel.from_pretrained``; for dual-tower checkpoints (CLIP, SigLIP) only
+the vision tower is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from avmt.encoders.base import VisionEncoder, torch_dtype
+
+log = logging.getLogger(__name__)
+
+# Pixel normalization per model family (used when the checkpoint's image processor is unavailable).
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+_HALF = (0.5, 0.5, 0.5)
+_FAMILY_NORM = {
+    "vit": (_HALF, _HALF),
+    "clip_vision_model": (_CLIP_MEAN, _CLIP_STD),
+    "clip": (_CLIP_MEAN, _CLIP_STD),
+    "siglip_vision_model": (_HALF, _HALF),
+    "siglip": (_HALF, _HALF),
+    "dinov2": (_IMAGENET_MEAN, _IMAGENET_STD),
+}
+
+
+def _as_int(v: int | list[int] | tuple[int, ...]) -> int:
+    """A square size from an int or an ``[h, w]`` pair (non-square sizes are rejected)."""
+    if isinstance(v, (list, tuple)):
+        if len(set(v)) != 1:
+            raise ValueError(f"only square image/patch sizes are supported, got {v}")
+        return int(v[0])
+    return int(v)
+
+
+class ViTVisionEncoder(VisionEncoder):
+    """Frame-wise ViT patch features.
+
+    Args:
+        model: hub id or local path of a ViT / CLIP / SigLIP (or other ViT-like) checkpoint;
+            ``None`` builds a tiny random ``ViTConfig`` (nothing is downloaded).
+        image_size, patch_size, hidden_size, num_layers, num_heads: the tiny config
+            (ignored when ``model`` is given).
+        freeze: turn off the backbone's gradients and keep it in eval mode.
+        select_layer: which hidden state to return; ``-1`` = the backbone's final output,
+            ``-2`` = the penultimate layer (what LLaVA / Crab feed to the LLM), ...
+        image_mean, image_std: per-channel pixel normalization; ``None`` = the checkpoint's
+            image processor (when one can be read) or the family default (0.5 / 0.5 for ViT).
+        dtype: dtype of a loaded checkpoint ("float32", "bfloat16", "float16").
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        image_size: int = 64,
+        patch_size: int = 16,
+        hidden_size: int = 64,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        freeze: bool = False,
+        select_layer: int = -1,
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
+        dtype: str = "float32",
+    ) -> None:
+        super().__init__()
+        self.model_name = model
+        self.select_layer = int(select_layer)
+        mean: tuple[float, ...] | None = None
+        std: tuple[float, ...] | None = None
+        if model is None:
+            from transformers import ViTConfig, ViTModel
+
+            if image_size % patch_size != 0:
+                raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
+            if hidden_size % num_heads != 0:
+                raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+            config = ViTConfig(
+                image_size=image_size,
+                patch_size=patch_size,
+                hidden_size=hidden_size,
+                num_hidden_layers=num_layers,
+                num_attention_heads=num_heads,
+                intermediate_size=4 * hidden_size,
+                hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0,
+            )
+            self.backbone = ViTModel(config, add_pooling_layer=False)
+            self.pretrained = False
+            family = "vit"
+        else:
+            self.backbone = _load_vision_tower(model, dtype)
+            self.pretrained = True
+            family = getattr(self.backbone.config, "model_type", "")
+            mean, std = _processor_norm(model)
+        cfg = self.backbone.config
+        self.image_size = _as_int(cfg.image_size)
+        self.patch_size = _as_int(cfg.patch_size)
+        if mean is None or std is None:
+            mean, std = _FAMILY_NORM.get(family, (_HALF, _HALF))
+        if image_mean is not None:
+            mean = tuple(image_mean)
+        if image_std is not None:
+            std = tuple(image_std)
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"image_mean/image_std need 3 values, got {mean} / {std}")
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.register_buffer("pixel_mean", mean_t, persistent=False)
+        self.register_buffer("pixel_std", std_t, persistent=False)
+        self._apply_freeze(freeze)
+
+    @property
+    def output_dim(self) -> int:
+        """Patch feature width D."""
+        return int(self.backbone.config.hidden_size)
+
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens per frame P = (image_size / patch_size)^2 (prefix tokens such as CLS excluded)."""
+        return (self.image_size // self.patch_size) ** 2
+
+    def preprocess(self, video: torch.Tensor) -> torch.Tensor:
+        """Frames to normalized pixel values.
+
+        Args:
+            video: ``[N, 3, H, W]`` uint8 (0..255) or float (0..1).
+        Returns:
+            ``[N, 3, image_size, image_size]`` float, normalized with ``pixel_mean``/``pixel_std``.
+        """
+        x = video.float() / 255.0 if video.dtype == torch.uint8 else video.float()
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            size = (self.image_size, self.image_size)
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        return (x - self.pixel_mean) / self.pixel_std
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        """Encode every frame.
+
+        Args:
+            video: ``[B, T, 3, H, W]`` uint8 (0..255) or float (0..1); frames whose size differs
+                from the model's ``image_size`` are resized (bilinear, antialiased).
+        Returns:
+            ``[B, T, P, D]`` patch features, ``P = num_patches``, ``D = output_dim``.
+        """
+        if video.dim() != 5 or video.shape[2] != 3:
+            raise ValueError(f"video must be [B, T, 3, H, W], got shape {tuple(video.shape)}")
+        b, t = video.shape[:2]
+        pixels = self.preprocess(video.flatten(0, 1)).to(self.dtype)
+        if self.select_layer == -1:
+            hidden = self.backbone(pixel_values=pixels).last_hidden_state
+        else:
+            out = self.backbone(pixel_values=pixels, output_hidden_states=True)
+            hidden = out.hidden_states[self.select_layer]
+        p = self.num_patches
+        if hidden.shape[1] < p:
+            raise RuntimeError(f"backbone returned {hidden.shape[1]} tokens, fewer than {p} patches")
+        hidden = hidden[:, hidden.shape[1] - p :]  # drop CLS / register prefix tokens
+        return hidden.reshape(b, t, p, hidden.shape[-1])
+
+
+def _load_vision_tower(model: str, dtype: str) -> nn.Module:
+    """Load ``model`` with ``AutoModel`` and return its vision tower (the model itself for plain ViTs)."""
+    from transformers import AutoModel
+
+    try:
+        loaded = AutoModel.from_pretrained(model, dtype=torch_dtype(dtype))
+    except OSError as e:
+        raise OSError(
+            f"could not load the vision encoder {model!r} (a hub id or a local directory with a "
+            f"transformers checkpoint is expected; set the encoder's init_args.model: null for the tiny "
+            f"offline one): {e}"
+        ) from e
+    tower = getattr(loaded, "vision_model", None)
+    if tower is None:
+        tower = loaded
+    if not hasattr(tower.config, "image_size") or not hasattr(tower.config, "patch_size"):
+        raise ValueError(
+            f"{model!r} ({type(tower).__name__}) is not a ViT-like vision model (no image_size/patch_size)"
+        )
+    return tower
+
+
+def _processor_norm(model: str) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """image_mean/image_std from the checkpoint's image processor config, when one can be read."""
+    try:
+        from transformers import AutoImageProcessor
+
+        proc = AutoImageProcessor.from_pretrained(model)
+        mean, std = getattr(proc, "image_mean", None), getattr(proc, "image_std", None)
+        if mean is not None and std is not None:
+            return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    except Exception as e:  # noqa: BLE001 - any failure falls back to the family defaults
+        log.info("no image processor for %s (%s); using family default normalization", model, e)
+    return None, None
+

@@ -1,0 +1,585 @@
+"""The causal language model plugin: a transformers causal LM, its tokenizer, and new special tokens.
+
+Two sources:
+
+* ``model=None`` (default): a tiny randomly initialized Llama or Qwen2 config and an OFFLINE,
+  deterministic word-level tokenizer whose vocabulary is built from the words the registered
+  tasks declare (:func:`avmt.tasks.all_words`), so nothing is downloaded.
+* ``model="<hub id or local path>"``: ``AutoModelForCausalLM`` / ``AutoTokenizer``
+  ``.from_pretrained`` (optionally from a GGUF file).
+
+The special tokens (``<video>``, ``<audio>``, ``<image>``, ``<seg>`` ...) are added to the
+tokenizer with ids ``V .. V+n-1`` (V = the base tokenizer's size) and get NEW rows kept in small
+separate parameters: :class:`SplitEmbedding` replaces the input embedding (ids below V use the
+frozen base table, ids at/above V the new rows) and :class:`SplitLMHead` replaces the output
+head (logits ``[..., V + n]``: the base head's first V columns and one column per new token, so
+the model can also emit ``<seg>`` and labels may contain new tokens). For models with tied
+input/output embeddings the new output rows are the new input rows.
+
+Offline tokenizer text format: whitespace-separated words, every punctuation character and
+every digit its own token, ``<tag>`` / ``</tag>`` one token each. A token that follows a space
+carries a ``▁`` marker (``"▁dog"``), so ``decode(encode(text)) == text`` for any text whose
+words are in the vocabulary, except that a leading space is dropped (so a generated answer
+never starts with one) and tabs/CR read as spaces. Unknown words become ``<unk>``.
+"""
+
+from __future__ import annotations
+
+import logging
+import string
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+SPACE = "\u2581"  # ▁, marks a token that follows a space
+UNK, PAD, BOS, EOS = "<unk>", "<pad>", "<s>", "</s>"
+_BASE_SPECIALS = (UNK, PAD, BOS, EOS)
+DEFAULT_SPECIAL_TOKENS = ["<video>", "<audio>", "<image>", "<seg>"]
+# One pre-token: an optional ▁, then a <tag>/</tag>, a digit, a punctuation char or a run of letters.
+_PIECE_PATTERN = SPACE + r"?(?:</?[A-Za-z_][A-Za-z0-9_]*>|[0-9]|[^\w\s" + SPACE + r"]|[^\W\d]+)|" + SPACE
+_ARCHITECTURES = ("llama", "qwen2")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --------------------------------------------------------------------------- tokenizer
+def _pre_tokenizer():
+    from tokenizers import Regex, pre_tokenizers
+
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="never", split=True),
+            pre_tokenizers.Split(Regex(_PIECE_PATTERN), behavior="isolated"),
+        ]
+    )
+
+
+def word_pieces(text: str) -> list[str]:
+    """The offline tokenizer's pre-tokens of ``text`` without the space marker.
+
+    ``"<range> 2,7 </range>"`` -> ``["<range>", "2", ",", "7", "</range>"]``.
+    """
+    pieces = [p for p, _ in _pre_tokenizer().pre_tokenize_str(text)]
+    return [p[1:] if p.startswith(SPACE) else p for p in pieces if p not in (SPACE, "")]
+
+
+def build_word_tokenizer(words: Iterable[str], exclude: Iterable[str] = ()):
+    """Build the offline deterministic word-level tokenizer.
+
+    Vocabulary (in this order): ``<unk> <pad> <s> </s>``, ``▁``, ``\\n``, the digits, the ASCII
+    punctuation, then the sorted pieces of ``words`` (each word is split like text; a
+    ``<tag>`` brings its ``</tag>`` and vice versa; a lowercase word brings its Capitalized
+    form), each piece also in its ``▁``-prefixed form. ``exclude`` (e.g. the special tokens
+    added afterwards) is left out. Same words -> same vocabulary and ids.
+
+    Returns:
+        a ``transformers.PreTrainedTokenizerFast`` (bos ``<s>``, eos ``</s>``, pad ``<pad>``,
+        unk ``<unk>``; encoding adds no bos/eos by itself).
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers
+
+    excluded = set(exclude) | set(_BASE_SPECIALS)
+    fixed = list("0123456789") + list(string.punctuation)
+    extra: set[str] = set()
+    for word in words:
+        for piece in word_pieces(str(word)):
+            extra.add(piece)
+            if piece.startswith("</") and piece.endswith(">"):
+                extra.add("<" + piece[2:])
+            elif piece.startswith("<") and piece.endswith(">") and len(piece) > 2:
+                extra.add("</" + piece[1:])
+            elif piece.isalpha() and piece.islower():
+                extra.add(piece.capitalize())
+    pieces = fixed + sorted(extra - set(fixed) - excluded)
+    vocab: dict[str, int] = {}
+    for tok in [*_BASE_SPECIALS, SPACE, "\n"]:
+        vocab.setdefault(tok, len(vocab))
+    for piece in pieces:
+        if piece in excluded:
+            continue
+        vocab.setdefault(piece, len(vocab))
+        vocab.setdefault(SPACE + piece, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    backend.normalizer = normalizers.Replace(Regex(r"[\t\r\f\v]"), " ")
+    backend.pre_tokenizer = _pre_tokenizer()
+    backend.decoder = decoders.Metaspace(replacement=SPACE, prepend_scheme="always", split=True)
+    backend.add_special_tokens(list(_BASE_SPECIALS))
+    return _wrap_backend(backend)
+
+
+def _wrap_backend(backend):
+    """Wrap a ``tokenizers.Tokenizer`` of the offline format in a transformers tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token=UNK,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        clean_up_tokenization_spaces=False,
+        padding_side="right",
+    )
+
+
+def _task_words() -> list[str]:
+    """``avmt.tasks.all_words()``, imported lazily (the tasks package may not be importable yet)."""
+    try:
+        from avmt.tasks import all_words
+    except ImportError as e:
+        raise RuntimeError(
+            "the offline tokenizer needs the task vocabulary (avmt.tasks.all_words), which is not "
+            f"available ({e}); pass CausalLM(words=[...]) or name a pretrained model"
+        ) from e
+    return list(all_words())
+
+
+# --------------------------------------------------------------------------- split embedding / head
+class SplitEmbedding(nn.Module):
+    """Input embedding = a frozen base table plus a small trainable table of new rows.
+
+    Args:
+        base: the model's embedding module (``nn.Embedding`` or a subclass); its weight is frozen.
+        new_start: first id of the new rows (V, the base tokenizer's size; base rows at/above it
+            are never used).
+        num_new: n, number of new rows; initialized to the mean of the base rows ``[:new_start]``.
+
+    Forward: ``input_ids [B, L]`` -> ``[B, L, D]``; ids < new_start read the base table, ids in
+    ``[new_start, new_start + n)`` read ``new_rows [n, D]``.
+    """
+
+    def __init__(self, base: nn.Embedding, new_start: int, num_new: int) -> None:
+        super().__init__()
+        if new_start > base.weight.shape[0]:
+            raise ValueError(
+                f"new_start ({new_start}) exceeds the base embedding's {base.weight.shape[0]} rows"
+            )
+        self.base = base
+        self.new_start = int(new_start)
+        self.num_new = int(num_new)
+        base.weight.requires_grad_(False)
+        with torch.no_grad():
+            mean = base.weight[: self.new_start].float().mean(dim=0, keepdim=True)
+        self.new_rows = nn.Parameter(mean.repeat(self.num_new, 1).to(base.weight.dtype))
+
+    @property
+    def num_embeddings(self) -> int:
+        """Total ids served: ``new_start + num_new``."""
+        return self.new_start + self.num_new
+
+    @property
+    def embedding_dim(self) -> int:
+        """D."""
+        return int(self.base.weight.shape[1])
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective table ``[new_start + n, D]`` (a concatenation, for inspection)."""
+        rows = self.new_rows.to(self.base.weight.dtype)
+        return torch.cat([self.base.weight[: self.new_start], rows], dim=0)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``input_ids [B, L]`` -> embeddings ``[B, L, D]``."""
+        is_new = input_ids >= self.new_start
+        out = self.base(torch.where(is_new, torch.zeros_like(input_ids), input_ids))
+        if self.num_new == 0 or not bool(is_new.any()):
+            return out
+        new_ids = torch.where(is_new, input_ids - self.new_start, torch.zeros_like(input_ids))
+        new = F.embedding(new_ids, self.new_rows)
+        scale = getattr(self.base, "embed_scale", None)  # e.g. Gemma's scaled embeddings
+        if scale is not None:
+            new = new * scale
+        return torch.where(is_new.unsqueeze(-1), new.to(out.dtype), out)
+
+    def extra_repr(self) -> str:
+        return f"new_start={self.new_start}, num_new={self.num_new}"
+
+
+class SplitLMHead(nn.Module):
+    """Output head over ``new_start + n`` ids: the frozen base head's first ``new_start`` columns
+    plus one column per new token.
+
+    Args:
+        base: the model's output head (``nn.Linear`` ``D -> V_emb``); its weight is frozen.
+        new_start: V (columns of the base head at/above it are dropped).
+        num_new: n.
+        tied: a :class:`SplitEmbedding` whose new rows are also the new output rows (models with
+            tied embeddings); ``None`` = own ``new_rows [n, D]`` initialized to the mean of the
+            base head rows.
+
+    Forward: hidden ``[..., D]`` -> logits ``[..., new_start + n]``.
+    """
+
+    def __init__(
+        self, base: nn.Module, new_start: int, num_new: int, tied: SplitEmbedding | None = None
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.new_start = int(new_start)
+        self.num_new = int(num_new)
+        base.weight.requires_grad_(False)
+        # kept outside the module tree: the tied rows are registered (and saved) once, in the embedding
+        object.__setattr__(self, "_tied", tied)
+        if tied is None:
+            with torch.no_grad():
+                mean = base.weight[: self.new_start].float().mean(dim=0, keepdim=True)
+            self.new_rows = nn.Parameter(mean.repeat(self.num_new, 1).to(base.weight.dtype))
+
+    @property
+    def out_rows(self) -> torch.Tensor:
+        """The new output rows ``[n, D]``."""
+        return self._tied.new_rows if self._tied is not None else self.new_rows
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective head ``[new_start + n, D]`` (a concatenation, for inspection)."""
+        rows = self.out_rows.to(self.base.weight.dtype)
+        return torch.cat([self.base.weight[: self.new_start], rows], dim=0)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden [..., D]`` -> ``logits [..., new_start + n]``."""
+        logits = self.base(hidden)[..., : self.new_start]
+        if self.num_new == 0:
+            return logits
+        new = F.linear(hidden, self.out_rows.to(hidden.dtype))
+        return torch.cat([logits, new.to(logits.dtype)], dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"new_start={self.new_start}, num_new={self.num_new}, tied={self._tied is not None}"
+
+
+# --------------------------------------------------------------------------- the plugin
+class CausalLM(nn.Module):
+    """A transformers causal LM with its tokenizer and trainable new special-token rows.
+
+    Args:
+        model: hub id or local path of a causal LM; ``None`` = tiny random config + offline tokenizer.
+        architecture: tiny config family, ``"llama"`` or ``"qwen2"``.
+        hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size,
+            max_position_embeddings: the tiny config (ignored when ``model`` is given);
+            ``num_kv_heads=None`` = ``num_heads``.
+        special_tokens: tokens added to the tokenizer, each one id, each with a new trainable row.
+        gguf_file: GGUF file inside ``model`` to load weights and tokenizer from.
+        torch_dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` (or ``"auto"`` for a checkpoint).
+        words: vocabulary of the offline tokenizer; ``None`` = ``avmt.tasks.all_words()``.
+
+    Attributes:
+        model: the transformers ``...ForCausalLM``; tokenizer: its tokenizer; pretrained: whether
+        the weights came from a checkpoint; new_token_ids: ids with new rows.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        architecture: str = "llama",
+        hidden_size: int = 128,
+        num_layers: int = 4,
+        num_heads: int = 4,
+        num_kv_heads: int | None = None,
+        intermediate_size: int = 256,
+        max_position_embeddings: int = 2048,
+        special_tokens: list[str] = DEFAULT_SPECIAL_TOKENS,
+        gguf_file: str | None = None,
+        torch_dtype: str = "float32",
+        words: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        special_tokens = list(dict.fromkeys(special_tokens))
+        self.model_name = model
+        self.gguf_file = gguf_file
+        self.special_tokens = special_tokens
+        if model is None:
+            if architecture not in _ARCHITECTURES:
+                raise ValueError(
+                    f"unknown architecture {architecture!r}; choose one of {', '.join(_ARCHITECTURES)}"
+                )
+            _check_dtype(torch_dtype)
+            vocabulary = _task_words() if words is None else words
+            tokenizer = build_word_tokenizer(vocabulary, exclude=special_tokens)
+            self.model = _tiny_model(
+                architecture,
+                vocab_size=len(tokenizer),
+                hidden_size=hidden_size,
+                num_layers=num_layers,
+                num_heads=num_heads,
+                num_kv_heads=num_kv_heads,
+                intermediate_size=intermediate_size,
+                max_position_embeddings=max_position_embeddings,
+                tokenizer=tokenizer,
+            )
+            if torch_dtype != "auto":
+                self.model.to(_DTYPES[torch_dtype])
+            self.pretrained = False
+        else:
+            tokenizer, self.model = _load_pretrained(model, gguf_file, torch_dtype)
+            self.pretrained = True
+        self.tokenizer = tokenizer
+        self._install_new_tokens(special_tokens)
+
+    # ----------------------------------------------------------------- setup
+    def _install_new_tokens(self, special_tokens: list[str]) -> None:
+        """Add the special tokens (and a pad token if missing); swap in the split embedding/head."""
+        tok = self.tokenizer
+        emb = self.model.get_input_embeddings()
+        rows = emb.weight.shape[0]
+        self.base_vocab_size = len(tok)
+        if self.base_vocab_size > rows:
+            raise ValueError(
+                f"tokenizer has {self.base_vocab_size} tokens but the model only {rows} embedding rows"
+            )
+        new = [t for t in special_tokens if t not in tok.get_vocab()]
+        existing = sorted(set(special_tokens) - set(new))
+        if existing:
+            log.warning("tokens %s already in the tokenizer: they keep their base (frozen) rows", existing)
+        pad_missing = tok.pad_token is None
+        if pad_missing:
+            fallback = tok.unk_token or tok.eos_token
+            if fallback is not None:
+                tok.pad_token = fallback
+            else:
+                new.append("<pad>")
+        if new:
+            from tokenizers import AddedToken
+
+            tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in new])
+        if pad_missing and tok.pad_token is None:
+            tok.pad_token = "<pad>"
+        ids = tok.convert_tokens_to_ids(new)
+        if ids != list(range(self.base_vocab_size, self.base_vocab_size + len(new))):
+            raise RuntimeError(
+                f"new tokens {new} got ids {ids}, expected consecutive ids from {self.base_vocab_size}"
+            )
+        self.new_token_ids = ids
+        split = SplitEmbedding(emb, self.base_vocab_size, len(new))
+        head = self.model.get_output_embeddings()
+        tied = head is not None and head.weight is emb.weight
+        self.model.set_input_embeddings(split)
+        if head is not None:
+            split_head = SplitLMHead(head, self.base_vocab_size, len(new), split if tied else None)
+            self.model.set_output_embeddings(split_head)
+        total = self.base_vocab_size + len(new)
+        config = self.model.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text_config.vocab_size = total
+        config.vocab_size = total
+        for cfg in (config, self.model.generation_config):
+            cfg.pad_token_id = tok.pad_token_id
+            if tok.eos_token_id is not None:
+                cfg.eos_token_id = tok.eos_token_id
+        new_params = {id(p) for p in self.new_parameters}
+        # The parameters of the model as built: freeze_base freezes exactly these (not adapters added later).
+        self._base_params = [p for p in self.model.parameters() if id(p) not in new_params]
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def hidden_size(self) -> int:
+        """D, the LLM's hidden width."""
+        config = self.model.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return int(config.hidden_size)
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids the model embeds and predicts (base vocabulary + new tokens)."""
+        return self.base_vocab_size + len(self.new_token_ids)
+
+    @property
+    def new_parameters(self) -> list[nn.Parameter]:
+        """The new token rows (input, and output when not tied)."""
+        params = [self.model.get_input_embeddings().new_rows]
+        head = self.model.get_output_embeddings()
+        if isinstance(head, SplitLMHead) and head._tied is None:
+            params.append(head.new_rows)
+        return params
+
+    def placeholder_id(self, token: str) -> int:
+        """The single id of ``token`` (e.g. ``"<video>"``); ValueError when it is not one token."""
+        tid = self.tokenizer.convert_tokens_to_ids(token)
+        if tid is None or (tid == self.tokenizer.unk_token_id and token != self.tokenizer.unk_token):
+            raise ValueError(
+                f"{token!r} is not a token of this LLM's tokenizer; special tokens: {self.special_tokens}"
+            )
+        return int(tid)
+
+    # ----------------------------------------------------------------- compute
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings: ``input_ids [B, L]`` -> ``[B, L, D]``."""
+        return self.model.get_input_embeddings()(input_ids)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ):
+        """Run the LM on embeddings.
+
+        Args:
+            inputs_embeds: ``[B, L, D]``.
+            attention_mask: ``[B, L]`` (1 = token, 0 = padding).
+            labels: ``[B, L]`` ids with -100 where no loss is taken (shifted inside), or None.
+            kwargs: passed to the transformers model (e.g. ``output_hidden_states=True``).
+        Returns:
+            the transformers ``CausalLMOutputWithPast``: ``logits [B, L, vocab_size]``, ``loss``
+            (mean over labelled tokens) when labels are given.
+        """
+        kwargs.setdefault("use_cache", False)
+        return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int = 32,
+        **kwargs: Any,
+    ):
+        """Greedy decoding from embeddings (transformers ``generate`` with ``inputs_embeds``).
+
+        Args:
+            inputs_embeds: ``[B, L, D]`` prompts, LEFT-padded.
+            attention_mask: ``[B, L]``.
+            max_new_tokens: generation length limit; rows stop at eos (then padded with pad).
+            kwargs: passed to ``generate`` (e.g. ``return_dict_in_generate=True``).
+        Returns:
+            ``[B, N]`` new token ids (N <= max_new_tokens), or the generate output object when
+            ``return_dict_in_generate=True``.
+        """
+        kwargs.setdefault("do_sample", False)
+        kwargs.setdefault("num_beams", 1)
+        kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
+        if not kwargs["do_sample"]:  # silence warnings about a checkpoint's sampling defaults
+            kwargs.setdefault("temperature", None)
+            kwargs.setdefault("top_p", None)
+            kwargs.setdefault("top_k", None)
+        return self.model.generate(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            **kwargs,
+        )
+
+    def freeze_base(self) -> None:
+        """Freeze every parameter of the model as built except the new token rows.
+
+        Parameters injected later (adapters) are not touched, so the order of freeze_base and
+        adapter injection does not matter.
+        """
+        for p in self._base_params:
+            p.requires_grad_(False)
+        for p in self.new_parameters:
+            p.requires_grad_(True)
+
+    # ----------------------------------------------------------------- tokenizer state
+    def tokenizer_state(self) -> dict[str, Any]:
+        """A JSON-able description from which :meth:`tokenizer_from_state` rebuilds this tokenizer.
+
+        Offline tokenizer: its full ``tokenizer.json`` string. Pretrained: the name/path, GGUF
+        file, the added tokens in order, the pad token and the resulting size.
+        """
+        tok = self.tokenizer
+        if not self.pretrained:
+            return {"kind": "word_level", "tokenizer_json": tok.backend_tokenizer.to_str()}
+        added = [tok.convert_ids_to_tokens(i) for i in range(self.base_vocab_size, len(tok))]
+        return {
+            "kind": "pretrained",
+            "name_or_path": self.model_name,
+            "gguf_file": self.gguf_file,
+            "added_tokens": added,
+            "pad_token": tok.pad_token,
+            "vocab_size": len(tok),
+        }
+
+    @staticmethod
+    def tokenizer_from_state(state: dict[str, Any]):
+        """Rebuild the exact tokenizer described by :meth:`tokenizer_state` (same tokens, same ids)."""
+        kind = state.get("kind")
+        if kind == "word_level":
+            from tokenizers import Tokenizer
+
+            return _wrap_backend(Tokenizer.from_str(state["tokenizer_json"]))
+        if kind == "pretrained":
+            from tokenizers import AddedToken
+            from transformers import AutoTokenizer
+
+            kwargs = {"gguf_file": state["gguf_file"]} if state.get("gguf_file") else {}
+            tok = AutoTokenizer.from_pretrained(state["name_or_path"], **kwargs)
+            if state["added_tokens"]:
+                added = [AddedToken(t, special=False, normalized=False) for t in state["added_tokens"]]
+                tok.add_tokens(added)
+            tok.pad_token = state["pad_token"]
+            if len(tok) != state["vocab_size"]:
+                raise ValueError(
+                    f"tokenizer {state['name_or_path']!r} rebuilt with {len(tok)} tokens, "
+                    f"expected {state['vocab_size']}"
+                )
+            return tok
+        raise ValueError(f"unknown tokenizer state kind {kind!r}")
+
+
+def _tiny_model(
+    architecture: str,
+    vocab_size: int,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int | None,
+    intermediate_size: int,
+    max_position_embeddings: int,
+    tokenizer,
+) -> nn.Module:
+    """A random ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` (torch RNG: deterministic under a seed)."""
+    if hidden_size % num_heads != 0:
+        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+    kv = num_heads if num_kv_heads is None else num_kv_heads
+    if num_heads % kv != 0:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({kv})")
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    if architecture == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        return LlamaForCausalLM(LlamaConfig(**common))
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(Qwen2Config(**common))
+
+
+def _check_dtype(torch_dtype: str) -> None:
+    if torch_dtype != "auto" and torch_dtype not in _DTYPES:
+        raise ValueError(f"unknown torch_dtype {torch_dtype!r}; use one of {sorted(_DTYPES)} or 'auto'")
+
+
+def _load_pretrained(model: str, gguf_file: str | None, torch_dtype: str):
+    """``AutoTokenizer`` + ``AutoModelForCausalLM`` from a hub id / local path (optionally a GGUF file)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _check_dtype(torch_dtype)
+    dtype = torch_dtype if torch_dtype == "auto" else _DTYPES[torch_dtype]
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model, **kwargs)
+        lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, **kwargs)
+    except OSError as e:
+        raise OSError(
+            f"could not load the LLM {model!r} (a hub id or a local directory with a transformers "
+            f"checkpoint is expected; set llm init_args.model: null for the tiny offline one): {e}"
+        ) from e
+    return tokenizer, lm

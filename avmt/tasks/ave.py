@@ -1,0 +1,104 @@
+"""``ave``: audio-visual event localization (class of the event seen and heard, and its range)."""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import Any, Sequence
+
+from torchmetrics import MetricCollection
+
+from avmt.tasks import register_task
+from avmt.tasks.base import (
+    Task,
+    TaskParts,
+    av_object,
+    extract_tag,
+    merge_ranges,
+    object_sentence,
+    ordered_objects,
+)
+from avmt.tasks.metrics import BACKGROUND, ParseFailureRate, SegmentAccuracy
+
+_RANGE_RE = re.compile(r"^(\d+)\s*[,\s]\s*(\d+)$")
+
+
+def parse_range(text: str | None) -> list[int] | None:
+    """"2,7" / "2 , 7" / "2 7" -> [2, 7]; None if malformed or end < start."""
+    if text is None:
+        return None
+    m = _RANGE_RE.match(text.strip())
+    if not m:
+        return None
+    s, e = int(m.group(1)), int(m.group(2))
+    return [s, e] if e >= s else None
+
+
+@register_task
+class AVETask(Task):
+    """Name the event that is both audible and visible and give its ``[start, end)`` range.
+
+    Target: ``<event> {class} </event> <range> s,e </range>``. Answer:
+    ``{"class": str, "range": [s, e], "num_segments": T}``. Metric: AVE segment accuracy.
+    """
+
+    name = "ave"
+    prompts = (
+        "Which event is both audible and visible in this clip, and when does it happen?",
+        "Find the audio-visual event: name the object that is seen and heard at the same time and give "
+        "its time range.",
+        "What is seen and heard at the same time in this clip, and from which second to which second?",
+        "Localize the event that can be both seen and heard. Answer with its class and its time range.",
+    )
+    phrases = (
+        "So the audible and visible event is {event}, and the time range is {range}.",
+        "<event> {c} </event> <range> {s},{e} </range>",
+        BACKGROUND,
+    )
+
+    def _compose(self, scene: dict, rng: random.Random) -> TaskParts:
+        ev = scene["av_event"]
+        cls, (s, e) = ev["class"], ev["range"]
+        event, rng_text = f"<event> {cls} </event>", f"<range> {s},{e} </range>"
+        sentences = [object_sentence(o) for o in ordered_objects(scene)]
+        av_object(scene)  # validates the reference
+        return TaskParts(
+            question=self._question(rng),
+            sentences=sentences,
+            conclusion=f"So the audible and visible event is {event}, and the time range is {rng_text}.",
+            bare=f"{event} {rng_text}",
+            answer={"class": cls, "range": [int(s), int(e)], "num_segments": int(scene["num_segments"])},
+        )
+
+    def parse(self, text: Any) -> dict | None:
+        """``{"class": str, "range": [s, e]}`` from the ``<event>`` and ``<range>`` tags; None if
+        either is missing or the range is malformed."""
+        try:
+            cls = extract_tag(text, "event")
+            rng = parse_range(extract_tag(text, "range"))
+            if cls is None or rng is None:
+                return None
+            return {"class": cls, "range": rng}
+        except Exception:  # never raises
+            return None
+
+    def metrics(self) -> MetricCollection:
+        """{"segment_accuracy", "parse_failure_rate"}."""
+        return self._collection(
+            {"segment_accuracy": SegmentAccuracy(), "parse_failure_rate": ParseFailureRate()}
+        )
+
+    def answer_to_pred(self, answer: dict) -> dict:
+        """Drop ``num_segments``: the exact prediction for ``answer``."""
+        return {"class": answer["class"], "range": list(answer["range"])}
+
+    def constant_candidates(self, answers: Sequence[dict]) -> list[dict]:
+        """Exhaustive: every class seen in ``answers`` x every range on the grid, plus background."""
+        num_segments = max(int(a["num_segments"]) for a in answers)
+        classes = sorted({a["class"] for a in answers if a.get("class") and merge_ranges([a["range"]])})
+        cands: list[dict] = [{"class": BACKGROUND, "range": [0, 0]}]
+        for cls in classes:
+            for s in range(num_segments):
+                for e in range(s + 1, num_segments + 1):
+                    cands.append({"class": cls, "range": [s, e]})
+        return cands

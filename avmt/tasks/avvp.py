@@ -1,0 +1,157 @@
+"""``avvp``: audio-visual video parsing (audio events and visual events, each class with ranges)."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+from typing import Any, Sequence
+
+from torchmetrics import MetricCollection
+
+from avmt.tasks import register_task
+from avmt.tasks.base import (
+    Task,
+    TaskParts,
+    extract_tag,
+    merge_ranges,
+    object_sentence,
+    ordered_objects,
+    scene_objects,
+)
+from avmt.tasks.metrics import AVVPF1, ParseFailureRate
+
+_RANGE = r"\(\s*(\d+)\s*[\s,\-]\s*(\d+)\s*\)"
+_ITEM_RE = re.compile(rf"([^,()<>;]+?)\s*,\s*((?:{_RANGE}\s*,?\s*)+)")
+_RANGE_RE = re.compile(_RANGE)
+
+
+def events_text(events: dict[str, list[list[int]]]) -> str:
+    """``{"violin": [[2, 7], [8, 10]], "dog": [[0, 3]]}`` -> "violin,(2 7) (8 10) dog,(0 3)".
+
+    Classes in the dict's order (targets order them by onset)."""
+    return " ".join(f"{c}," + " ".join(f"({s} {e})" for s, e in ranges) for c, ranges in events.items())
+
+
+def parse_events(content: str | None) -> dict[str, list[list[int]]] | None:
+    """Inverse of :func:`events_text`, tolerant: ``"violin,(2 7),(8 10) violin,(1,2)"`` is fine.
+
+    Returns class -> merged ranges ({} for empty content), or None when the content has text
+    that is not a ``class,(s e)`` item.
+    """
+    if content is None:
+        return None
+    out: dict[str, list[list[int]]] = {}
+    for m in _ITEM_RE.finditer(content):
+        cls = " ".join(m.group(1).split())
+        ranges = [[int(s), int(e)] for s, e in _RANGE_RE.findall(m.group(2))]
+        out[cls] = merge_ranges(out.get(cls, []) + ranges)
+    leftover = _ITEM_RE.sub(" ", content)
+    if leftover.strip(" ,;\n\t"):
+        return None
+    return out
+
+
+def scene_events(scene: dict, key: str) -> dict[str, list[list[int]]]:
+    """Per-class merged ``key`` ("sounding" or "visible") ranges, classes ordered by onset."""
+    out: dict[str, list[list[int]]] = {}
+    for obj in scene_objects(scene):
+        if obj.get(key):
+            out[obj["class"]] = merge_ranges(out.get(obj["class"], []) + [list(r) for r in obj[key]])
+    return dict(sorted(out.items(), key=lambda kv: (kv[1][0][0], kv[0])))
+
+
+@register_task
+class AVVPTask(Task):
+    """Parse the clip into audio events (sounding intervals per class) and visual events
+    (visible intervals per class).
+
+    Target: ``<audio_event> violin,(2 7) dog,(0 3) (8 10) </audio_event> <visual_event> ... </visual_event>``.
+    Answer: ``{"audio": {cls: [[s, e], ...]}, "visual": {...}, "num_segments": T}``.
+    """
+
+    name = "avvp"
+    prompts = (
+        "Parse this clip into audio events and visual events, with the class and time range of each.",
+        "Which events are heard and which are seen in this clip, and when? List the audio events and the "
+        "visual events.",
+        "List every sound event and every visual event in the clip with its class and time ranges.",
+        "What can be heard and what can be seen in this clip? Give the class and the time ranges of each "
+        "audio event and each visual event.",
+    )
+    phrases = (
+        "So the audio events are {audio} and the visual events are {visual}.",
+        "<audio_event> {c},({s} {e}) </audio_event> <visual_event> {c},({s} {e}) </visual_event>",
+    )
+
+    def _compose(self, scene: dict, rng: random.Random) -> TaskParts:
+        audio, visual = scene_events(scene, "sounding"), scene_events(scene, "visible")
+        a_tag = f"<audio_event> {events_text(audio)} </audio_event>".replace("  ", " ")
+        v_tag = f"<visual_event> {events_text(visual)} </visual_event>".replace("  ", " ")
+        return TaskParts(
+            question=self._question(rng),
+            sentences=[object_sentence(o) for o in ordered_objects(scene)],
+            conclusion=f"So the audio events are {a_tag} and the visual events are {v_tag}.",
+            bare=f"{a_tag} {v_tag}",
+            answer={"audio": audio, "visual": visual, "num_segments": int(scene["num_segments"])},
+        )
+
+    def parse(self, text: Any) -> dict | None:
+        """``{"audio": {...}, "visual": {...}}``; None if a tag is missing or holds non-events.
+        An empty tag pair (``<audio_event> </audio_event>``) is a valid "no events"."""
+        try:
+            if not isinstance(text, str):
+                return None
+            out = {}
+            for key, tag in (("audio", "audio_event"), ("visual", "visual_event")):
+                content = extract_tag(text, tag)
+                if content is None:
+                    if not re.search(rf"<\s*{tag}\s*>\s*<\s*/\s*{tag}\s*>", text, re.IGNORECASE):
+                        return None
+                    content = ""
+                events = parse_events(content)
+                if events is None:
+                    return None
+                out[key] = events
+            return out
+        except Exception:  # never raises
+            return None
+
+    def metrics(self) -> MetricCollection:
+        """``{segment,event}_f1/{audio,visual,audio_visual,type_av,event_av}`` + parse_failure_rate."""
+        metrics: dict = {}
+        for level in ("segment", "event"):
+            for kind in AVVPF1.KINDS:
+                metrics[f"{level}_f1/{kind}"] = AVVPF1(level=level, kind=kind)
+        metrics["parse_failure_rate"] = ParseFailureRate()
+        return self._collection(metrics)
+
+    def answer_to_pred(self, answer: dict) -> dict:
+        """Drop ``num_segments``: the exact prediction for ``answer``."""
+        return {"audio": answer["audio"], "visual": answer["visual"]}
+
+    def constant_candidates(self, answers: Sequence[dict]) -> list[dict]:
+        """The most frequent answers, no events, and for each class seen: that class over the
+        whole clip as audio only, visual only, and both. (No closed form exists for the best
+        constant under per-video F1, so this family stands in for it.)"""
+        cands = super().constant_candidates(answers)
+        num_segments = max(int(a["num_segments"]) for a in answers)
+        full = [[0, num_segments]]
+        cands.append({"audio": {}, "visual": {}})
+        counts: Counter = Counter()
+        for a in answers:
+            counts.update(set(a["audio"]) | set(a["visual"]))
+        for cls in sorted(counts, key=lambda c: (-counts[c], c)):
+            cands += [
+                {"audio": {cls: full}, "visual": {}},
+                {"audio": {}, "visual": {cls: full}},
+                {"audio": {cls: full}, "visual": {cls: full}},
+            ]
+        seen, unique = set(), []
+        for c in cands:
+            key = json.dumps(c, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                unique.append(c)
+        return unique

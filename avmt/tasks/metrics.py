@@ -1,0 +1,406 @@
+"""Task metrics as torchmetrics ``Metric`` subclasses.
+
+Every metric here takes the task-level inputs directly: ``update(preds, targets)`` with
+``preds`` a list of parsed predictions (None = parse failure, always scored as wrong) and
+``targets`` a list of ground-truth answers (``TaskSample.answer``). States are sums
+(``dist_reduce_fx="sum"``) so results are exact under DDP; ``reset()`` clears them (Lightning
+does it per epoch). Where torchmetrics has a metric computing the same number it is reused:
+accuracy and F1 counts come from ``MulticlassAccuracy`` / ``MulticlassStatScores`` on class-index
+tensors, BLEU-4 and ROUGE-L from ``torchmetrics.text``. With no samples a metric returns 0.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassStatScores
+from torchmetrics.text import BLEUScore, ROUGEScore
+
+from avmt.tasks.base import mask_to_ranges, normalize_text, ranges_to_mask
+
+__all__ = [
+    "ParseFailureRate",
+    "SegmentAccuracy",
+    "AVVPF1",
+    "avvp_video_scores",
+    "LabelAccuracy",
+    "LabelMacroF1",
+    "CaptionBLEU",
+    "CaptionROUGEL",
+    "normalize_caption",
+    "BACKGROUND",
+]
+
+#: Class name that means "no event" in an AVE prediction.
+BACKGROUND = "background"
+
+
+def _check_lengths(preds: Sequence, targets: Sequence) -> None:
+    if len(preds) != len(targets):
+        raise ValueError(f"got {len(preds)} predictions for {len(targets)} targets; they must pair up")
+
+
+def _ratio(num: Tensor, den: Tensor) -> Tensor:
+    return num.double() / den.double() if den > 0 else torch.zeros((), dtype=torch.float64, device=num.device)
+
+
+# --------------------------------------------------------------------------------------------
+# Parse failures
+# --------------------------------------------------------------------------------------------
+
+
+class ParseFailureRate(Metric):
+    """Fraction of predictions that failed to parse (None). Scalar in [0, 1]; lower is better."""
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("failures", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Sequence[Any], targets: Sequence[Any]) -> None:
+        """Count None predictions. ``preds``/``targets``: lists of equal length N."""
+        _check_lengths(preds, targets)
+        self.failures += sum(p is None for p in preds)
+        self.total += len(preds)
+
+    def compute(self) -> Tensor:
+        """Failures / predictions, float64 scalar (0 with no predictions)."""
+        return _ratio(self.failures, self.total)
+
+
+# --------------------------------------------------------------------------------------------
+# AVE: segment accuracy
+# --------------------------------------------------------------------------------------------
+
+
+def _segment_labels(cls: str | None, rng: Sequence[int] | None, num_segments: int) -> list[str | None]:
+    if cls is None or cls == BACKGROUND or rng is None:
+        return [None] * num_segments
+    mask = ranges_to_mask([rng], num_segments)
+    return [cls if on else None for on in mask]
+
+
+class SegmentAccuracy(Metric):
+    """AVE segment accuracy: fraction of segments whose label (event class or background) is right.
+
+    Target: ``{"class": str, "range": [s, e], "num_segments": T}`` (an empty range, s == e, means
+    an all-background clip). Prediction: ``{"class": str, "range": [s, e]}`` (ranges clipped to
+    ``[0, T)``; class "background" labels nothing) or None (all T segments wrong). Micro-averaged
+    over all segments of all clips, as in AVE.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Sequence[dict | None], targets: Sequence[dict]) -> None:
+        """Accumulate correct / total segment counts over N (pred, target) pairs."""
+        _check_lengths(preds, targets)
+        for pred, target in zip(preds, targets):
+            num_segments = int(target["num_segments"])
+            self.total += num_segments
+            if pred is None:
+                continue
+            gt = _segment_labels(target.get("class"), target.get("range"), num_segments)
+            pr = _segment_labels(pred.get("class"), pred.get("range"), num_segments)
+            self.correct += sum(g == p for g, p in zip(gt, pr))
+
+    def compute(self) -> Tensor:
+        """Correct segments / all segments, float64 scalar."""
+        return _ratio(self.correct, self.total)
+
+
+# --------------------------------------------------------------------------------------------
+# AVVP: segment- and event-level F1 (LLP evaluation)
+# --------------------------------------------------------------------------------------------
+
+
+def _class_masks(
+    events: dict[str, Sequence[Sequence[int]]] | None, num_segments: int
+) -> dict[str, list[bool]]:
+    out: dict[str, list[bool]] = {}
+    for cls, ranges in (events or {}).items():
+        mask = ranges_to_mask(ranges, num_segments)
+        if cls in out:
+            mask = [a or b for a, b in zip(out[cls], mask)]
+        out[cls] = mask
+    return out
+
+
+def _seg_counts(pred: list[bool], gt: list[bool]) -> tuple[int, int, int]:
+    tp = sum(p and g for p, g in zip(pred, gt))
+    fp = sum(p and not g for p, g in zip(pred, gt))
+    fn = sum(g and not p for p, g in zip(pred, gt))
+    return tp, fp, fn
+
+
+def _event_counts(pred: list[bool], gt: list[bool]) -> tuple[int, int, int]:
+    """LLP event matching: a predicted event is a TP if it has IoU >= 0.5 with any GT event
+    (else FP); a GT event with no predicted event at IoU >= 0.5 is a FN (not one-to-one)."""
+    pe, ge = mask_to_ranges(pred), mask_to_ranges(gt)
+
+    def match(a: list[int], b: list[int]) -> bool:
+        inter = max(0, min(a[1], b[1]) - max(a[0], b[0]))
+        union = (a[1] - a[0]) + (b[1] - b[0]) - inter
+        return inter >= 0.5 * union
+
+    tp = sum(any(match(p, g) for g in ge) for p in pe)
+    fp = len(pe) - tp
+    fn = sum(not any(match(g, p) for p in pe) for g in ge)
+    return tp, fp, fn
+
+
+def _mean_f1(counts: dict[str, tuple[int, int, int]]) -> float:
+    """Mean F1 over classes that occur in prediction or ground truth; 1.0 if none does."""
+    scores = [2 * tp / (2 * tp + fp + fn) for tp, fp, fn in counts.values() if tp + fp + fn > 0]
+    return sum(scores) / len(scores) if scores else 1.0
+
+
+def avvp_video_scores(pred: dict | None, target: dict, level: str) -> dict[str, float]:
+    """Per-video AVVP F1 scores, exactly as the LLP evaluation computes them.
+
+    Args:
+        pred: ``{"audio": {cls: [[s, e], ...]}, "visual": {...}}`` or None (scores all 0).
+        target: same plus ``"num_segments": T``.
+        level: "segment" (per-segment TP/FP/FN) or "event" (events = contiguous runs per class,
+            matched at IoU >= 0.5).
+    Returns:
+        {"audio", "visual", "audio_visual", "event"}: mean F1 over the classes present in the
+        prediction or the ground truth (1.0 when there are none). audio_visual events are the
+        per-class intersection of audio and visual; "event" pools audio and visual counts per
+        class (the LLP "Event@AV").
+    """
+    if level not in ("segment", "event"):
+        raise ValueError(f"level must be 'segment' or 'event', got {level!r}")
+    if pred is None:
+        return {"audio": 0.0, "visual": 0.0, "audio_visual": 0.0, "event": 0.0}
+    num_segments = int(target["num_segments"])
+    counter = _seg_counts if level == "segment" else _event_counts
+    pa, pv = _class_masks(pred.get("audio"), num_segments), _class_masks(pred.get("visual"), num_segments)
+    ga, gv = _class_masks(target.get("audio"), num_segments), _class_masks(target.get("visual"), num_segments)
+    empty = [False] * num_segments
+    classes = sorted(set(pa) | set(pv) | set(ga) | set(gv))
+    ca, cv, cav, cev = {}, {}, {}, {}
+    for c in classes:
+        ca[c] = counter(pa.get(c, empty), ga.get(c, empty))
+        cv[c] = counter(pv.get(c, empty), gv.get(c, empty))
+        pav = [a and v for a, v in zip(pa.get(c, empty), pv.get(c, empty))]
+        gav = [a and v for a, v in zip(ga.get(c, empty), gv.get(c, empty))]
+        cav[c] = counter(pav, gav)
+        cev[c] = tuple(x + y for x, y in zip(ca[c], cv[c]))
+    return {
+        "audio": _mean_f1(ca),
+        "visual": _mean_f1(cv),
+        "audio_visual": _mean_f1(cav),
+        "event": _mean_f1(cev),
+    }
+
+
+class AVVPF1(Metric):
+    """One AVVP F1 number (LLP evaluation), averaged over videos.
+
+    Args:
+        level: "segment" or "event".
+        kind: "audio", "visual", "audio_visual", "type_av" (mean of the audio, visual and
+            audio-visual F1, the LLP "Type@AV") or "event_av" (audio and visual counts pooled
+            per class, the LLP "Event@AV").
+    Inputs as :func:`avvp_video_scores`; a None prediction scores 0 for its video.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+    KINDS = ("audio", "visual", "audio_visual", "type_av", "event_av")
+
+    def __init__(self, level: str = "segment", kind: str = "audio", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if level not in ("segment", "event"):
+            raise ValueError(f"level must be 'segment' or 'event', got {level!r}")
+        if kind not in self.KINDS:
+            raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
+        self.level, self.kind = level, kind
+        for name in ("f_audio", "f_visual", "f_audio_visual", "f_event"):
+            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("videos", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Sequence[dict | None], targets: Sequence[dict]) -> None:
+        """Accumulate per-video F1 sums over N (pred, target) pairs."""
+        _check_lengths(preds, targets)
+        for pred, target in zip(preds, targets):
+            s = avvp_video_scores(pred, target, self.level)
+            self.f_audio += s["audio"]
+            self.f_visual += s["visual"]
+            self.f_audio_visual += s["audio_visual"]
+            self.f_event += s["event"]
+            self.videos += 1
+
+    def compute(self) -> Tensor:
+        """Mean over videos of the selected F1, float64 scalar in [0, 1]."""
+        if self.kind == "type_av":
+            return _ratio(self.f_audio + self.f_visual + self.f_audio_visual, self.videos * 3)
+        state = {"audio": self.f_audio, "visual": self.f_visual, "audio_visual": self.f_audio_visual,
+                 "event_av": self.f_event}[self.kind]
+        return _ratio(state, self.videos)
+
+
+# --------------------------------------------------------------------------------------------
+# Label accuracy / macro-F1 (stock torchmetrics on class indices)
+# --------------------------------------------------------------------------------------------
+
+
+class _LabelEncoder:
+    """Maps (pred, target) label strings to class indices; unknown/None predictions -> index C."""
+
+    labels: tuple[str, ...]
+    target_key: str | None
+    qtype: str | None
+
+    def _setup(self, labels: Sequence[str], target_key: str | None, qtype: str | None) -> None:
+        self.labels = tuple(labels)
+        self._index = {label: i for i, label in enumerate(self.labels)}
+        if len(self._index) != len(self.labels):
+            raise ValueError(f"labels contain duplicates: {labels}")
+        self.target_key = target_key
+        self.qtype = qtype
+
+    def _encode(self, preds: Sequence[Any], targets: Sequence[Any]) -> tuple[Tensor, Tensor] | None:
+        _check_lengths(preds, targets)
+        invalid = len(self.labels)
+        p_idx, t_idx = [], []
+        for pred, target in zip(preds, targets):
+            if self.qtype is not None and target.get("type") != self.qtype:
+                continue
+            label = target[self.target_key] if self.target_key is not None else target
+            if label not in self._index:
+                raise ValueError(f"target label {label!r} is not one of the metric's labels {self.labels}")
+            t_idx.append(self._index[label])
+            p_idx.append(self._index.get(normalize_text(pred), invalid) if isinstance(pred, str) else invalid)
+        if not t_idx:
+            return None
+        device = getattr(self, "device", torch.device("cpu"))
+        return torch.tensor(p_idx, device=device), torch.tensor(t_idx, device=device)
+
+
+class LabelAccuracy(_LabelEncoder, MulticlassAccuracy):
+    """Accuracy of label predictions (micro ``MulticlassAccuracy`` over class indices).
+
+    Args:
+        labels: the label vocabulary; targets must be in it. A prediction that is None or not
+            in it gets an extra "invalid" index (always wrong).
+        target_key: read the label from ``target[target_key]`` (None: the target is the label).
+        qtype: only score targets whose ``target["type"] == qtype`` (per-question-type accuracy).
+    """
+
+    def __init__(self, labels: Sequence[str], target_key: str | None = None, qtype: str | None = None,
+                 **kwargs: Any) -> None:
+        MulticlassAccuracy.__init__(self, num_classes=len(labels) + 1, average="micro", **kwargs)
+        self._setup(labels, target_key, qtype)
+
+    def update(self, preds: Sequence[str | None], targets: Sequence[Any]) -> None:  # type: ignore[override]
+        """Encode N predictions / targets to class indices [N] and update the counts."""
+        encoded = self._encode(preds, targets)
+        if encoded is not None:
+            MulticlassAccuracy.update(self, *encoded)
+
+
+class LabelMacroF1(_LabelEncoder, MulticlassStatScores):
+    """Macro-F1 over the label vocabulary (per-class counts from ``MulticlassStatScores``).
+
+    The F1 of each label is averaged over the labels that occur in targets or predictions (as
+    torchmetrics' macro average does); the "invalid" index of None / unknown predictions counts
+    as a miss of the true label but is not itself averaged in. Args as :class:`LabelAccuracy`.
+    """
+
+    higher_is_better = True
+
+    def __init__(self, labels: Sequence[str], target_key: str | None = None, qtype: str | None = None,
+                 **kwargs: Any) -> None:
+        MulticlassStatScores.__init__(self, num_classes=len(labels) + 1, average="none", **kwargs)
+        self._setup(labels, target_key, qtype)
+
+    def update(self, preds: Sequence[str | None], targets: Sequence[Any]) -> None:  # type: ignore[override]
+        """Encode N predictions / targets to class indices [N] and update the per-class counts."""
+        encoded = self._encode(preds, targets)
+        if encoded is not None:
+            MulticlassStatScores.update(self, *encoded)
+
+    def compute(self) -> Tensor:
+        """Macro-F1, float64 scalar (0 with no samples)."""
+        tp, fp, _, fn = self._final_state()
+        c = len(self.labels)
+        tp, fp, fn = tp[:c].double(), fp[:c].double(), fn[:c].double()
+        active = (tp + fp + fn) > 0
+        if not bool(active.any()):
+            return torch.zeros((), dtype=torch.float64, device=tp.device)
+        f1 = 2 * tp[active] / (2 * tp[active] + fp[active] + fn[active])
+        return f1.mean()
+
+
+# --------------------------------------------------------------------------------------------
+# Captions
+# --------------------------------------------------------------------------------------------
+
+_PUNCT_RE = re.compile(r"([^\w\s])")
+
+
+def normalize_caption(text: Any) -> str:
+    """Lower-case, split punctuation off words, collapse whitespace ("" for None / non-str)."""
+    if not isinstance(text, str):
+        return ""
+    return " ".join(_PUNCT_RE.sub(r" \1 ", text.lower()).split())
+
+
+def _refs(target: Any) -> list[str]:
+    refs = [target] if isinstance(target, str) else list(target)
+    return [normalize_caption(r) for r in refs]
+
+
+class CaptionBLEU(BLEUScore):
+    """Corpus BLEU-4 (torchmetrics ``BLEUScore``) of captions after :func:`normalize_caption`.
+
+    Targets: a reference caption (str) or a list of references. None predictions count as the
+    empty caption (no n-gram matches).
+    """
+
+    def __init__(self, n_gram: int = 4, **kwargs: Any) -> None:
+        super().__init__(n_gram=n_gram, **kwargs)
+
+    def update(self, preds: Sequence[str | None], targets: Sequence[Any]) -> None:  # type: ignore[override]
+        """Accumulate n-gram statistics over N captions."""
+        _check_lengths(preds, targets)
+        super().update([normalize_caption(p) for p in preds], [_refs(t) for t in targets])
+
+
+class CaptionROUGEL(ROUGEScore):
+    """Mean sentence ROUGE-L F-measure (torchmetrics ``ROUGEScore``) of normalized captions.
+
+    None predictions count as the empty caption (score 0); 0 with no samples.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(rouge_keys=("rougeL",), **kwargs)
+
+    def update(self, preds: Sequence[str | None], targets: Sequence[Any]) -> None:  # type: ignore[override]
+        """Accumulate per-caption ROUGE-L scores over N captions."""
+        _check_lengths(preds, targets)
+        super().update([normalize_caption(p) for p in preds], [_refs(t) for t in targets])
+
+    def compute(self) -> Tensor:  # type: ignore[override]
+        """Mean ROUGE-L F-measure, scalar."""
+        state = self.rougeL_fmeasure
+        if (len(state) if isinstance(state, list) else state.numel()) == 0:
+            return torch.zeros((), dtype=torch.float32, device=self.device)
+        return super().compute()["rougeL_fmeasure"]

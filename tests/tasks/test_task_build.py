@@ -1,0 +1,144 @@
+"""Building samples: determinism, placeholders, words coverage, round trips, answer balance."""
+
+import random
+from collections import Counter
+
+import pytest
+
+from avmt.data import vocab
+from avmt.tasks import get_task, list_tasks
+from avmt.tasks.avqa import QUESTION_TYPES
+from avmt.tasks.base import text_words
+
+
+@pytest.fixture(scope="module")
+def clips(scene_factory):
+    """Many random scenes covering the whole vocabulary (16 classes)."""
+    f, rng = scene_factory, random.Random(1234)
+    return [f.clip(f.random_scene(rng, clip_id=f"rand-{i:05d}")) for i in range(400)]
+
+
+def test_scenes_cover_the_vocabulary(clips):
+    objs = [o for c in clips for o in c["scene"]["objects"]]
+    assert {o["class"] for o in objs} == set(vocab.CLASSES)
+    assert {o["color"] for o in objs} == set(vocab.COLORS)
+    assert {o["position"] for o in objs} == set(vocab.POSITIONS)
+    assert {o["motion"] for o in objs} == set(vocab.MOTIONS)
+    assert {c["scene"]["mood"] for c in clips} == set(vocab.MOODS)
+
+
+@pytest.mark.parametrize("name", list_tasks())
+def test_words_cover_every_sample(name, clips):
+    for reasoning in (True, False):
+        task = get_task(name, reasoning=reasoning)
+        words = task.words()
+        missing = set()
+        for i, clip in enumerate(clips):
+            sample = task.build(clip, random.Random(i))
+            missing |= (text_words(sample.prompt) | text_words(sample.target)) - words
+        assert not missing, f"{name}: words() misses {sorted(missing)}"
+
+
+@pytest.mark.parametrize("name", list_tasks())
+def test_build_is_deterministic_given_seed(name, clips):
+    task = get_task(name)
+    for i, clip in enumerate(clips[:50]):
+        a, b = task.build(clip, random.Random(i)), task.build(clip, random.Random(i))
+        assert (a.prompt, a.target, a.answer) == (b.prompt, b.target, b.answer)
+    prompts = {task.build(clips[0], random.Random(s)).prompt for s in range(40)}
+    assert len(prompts) >= 3  # several phrasings
+
+
+@pytest.mark.parametrize("name", list_tasks())
+def test_sample_shape_and_round_trip(name, clips):
+    task, bare = get_task(name), get_task(name, reasoning=False)
+    for i, clip in enumerate(clips[:150]):
+        s, b = task.build(clip, random.Random(i)), bare.build(clip, random.Random(i))
+        assert s.prompt.count("<video>") == 1 and s.prompt.count("<audio>") == 1
+        assert s.dense == {} and s.answer == b.answer and s.prompt == b.prompt
+        # the parsed target is exactly right, with and without reasoning
+        assert task.parse(s.target) == task.answer_to_pred(s.answer)
+        assert task.parse(b.target) == task.answer_to_pred(b.answer)
+        if i < 30:  # a right prediction scores 1 on every metric (0 failures)
+            m = task.metrics()
+            m.update([task.parse(s.target)], [s.answer])
+            for key, v in m.compute().items():
+                if key.startswith("accuracy/") and key != f"accuracy/{s.answer['type']}":
+                    continue  # avqa: question types absent from this batch score 0
+                want = 0.0 if key == "parse_failure_rate" else pytest.approx(1.0)
+                assert float(v) == want, (key, s.target)
+        if name != "avcap":
+            assert b.target.startswith("<") and b.target.endswith(">")  # only the tagged answer
+            # reasoning: one to three sentences, then a concluding sentence holding the tags
+            reasoning, _, conclusion = s.target.rpartition(" So ")
+            assert reasoning.endswith(".") and conclusion.endswith(">.")
+            assert 1 <= reasoning.count(". ") + 1 <= 3, s.target
+            assert all(part in conclusion for part in b.target.split("> <")), (conclusion, b.target)
+
+
+def test_reasoning_sentences_say_what_is_seen_and_heard(clip):
+    ave = get_task("ave").build(clip, random.Random(0)).target
+    assert "A red violin on the left is seen and heard from second 2 to second 7." in ave
+    assert "A dog is heard from second 0 to second 3 and from second 8 to second 10 but not seen." in ave
+    assert "A blue cat on the right is seen from second 4 to second 9 but not heard." in ave
+
+
+def test_avqa_answer_distribution(scene_factory):
+    f, rng = scene_factory, random.Random(99)
+    scenes = [f.clip(f.random_scene(rng, num_classes=8)) for _ in range(1500)]
+    task = get_task("avqa")
+    answers = [task.build(c, random.Random(i)).answer for i, c in enumerate(scenes)]
+    words = Counter(a["answer"] for a in answers)
+    types = Counter(a["type"] for a in answers)
+    assert set(types) == set(QUESTION_TYPES)
+    assert len(QUESTION_TYPES) >= 8 and max(types.values()) / len(answers) < 0.15
+    assert words.most_common(1)[0][1] / len(answers) < 0.25  # majority answer well under 30 %
+    assert 0.4 < words["yes"] / (words["yes"] + words["no"]) < 0.6
+    for kind in ("audio_existential", "visual_existential", "audio_visual_existential"):
+        yes = sum(a["answer"] == "yes" for a in answers if a["type"] == kind)
+        assert 0.35 < yes / types[kind] < 0.65, kind
+
+
+def test_avqa_answers_are_right(scene_factory):
+    f = scene_factory
+    objs = [
+        f.object(0, "flute", visible=[[1, 6]], sounding=[[1, 6]], position="right", loudness=0.4),
+        f.object(1, "drum", visible=[[0, 10]], sounding=[[4, 5], [7, 9]], position="left", loudness=0.9),
+    ]
+    clip = f.clip(f.scene(objs, av=0))
+    task = get_task("avqa")
+    seen = {}
+    for seed in range(300):
+        s = task.build(clip, random.Random(seed))
+        seen[s.prompt] = s.answer["answer"]
+    expect = {
+        "Which sound starts first?": "flute",
+        "Which sound starts last?": "drum",
+        "Which object appears first?": "drum",
+        "How many objects are heard in the clip?": "two",
+        "How many times does the drum start sounding?": "two",
+        "Which is louder, the flute or the drum?": "drum",
+        "Which is visible for longer, the drum or the flute?": "drum",
+        "Which is further to the left, the flute or the drum?": "drum",
+        "Where is the object that is both seen and heard?": "right",
+        "How many visible objects make no sound?": "zero",
+    }
+    found = {q: a for q, a in expect.items() if "<video> <audio> " + q in seen}
+    assert len(found) >= 5
+    for q, a in found.items():
+        assert seen["<video> <audio> " + q] == a, q
+
+
+def test_build_errors(clip):
+    task = get_task("ave")
+    with pytest.raises(ValueError, match="scene"):
+        task.build({"key": "x"}, random.Random(0))
+    bad = dict(clip, scene=dict(clip["scene"], version=2))
+    with pytest.raises(ValueError, match="version"):
+        task.build(bad, random.Random(0))
+    bad = dict(clip, scene=dict(clip["scene"], av_event={"object": 7, "class": "violin", "range": [2, 7]}))
+    with pytest.raises(ValueError, match="av_event"):
+        task.build(bad, random.Random(0))
+    bad = dict(clip, scene=dict(clip["scene"], action="flying"))
+    with pytest.raises(ValueError, match="flying"):
+        get_task("action").build(bad, random.Random(0))

@@ -1,0 +1,39 @@
+"""Builds do not depend on Python's string-hash seed (no iteration over sets of strings)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+DIGEST = r"""
+import hashlib, random
+from avmt.tasks import get_task, list_tasks
+
+def digest(make_clip, random_scene):
+    rng = random.Random(7)
+    clips = [make_clip(random_scene(rng, num_classes=8)) for _ in range(60)]
+    h = hashlib.sha256()
+    for name in list_tasks():
+        task = get_task(name)
+        for i, clip in enumerate(clips):
+            s = task.build(clip, random.Random(i))
+            h.update(repr((s.prompt, s.target, s.answer)).encode())
+    return h.hexdigest()
+"""
+
+CHILD = DIGEST + r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from conftest import make_clip, random_scene
+print(digest(make_clip, random_scene))
+"""
+
+
+def test_build_independent_of_hash_seed(scene_factory):
+    # this process runs under a random (or the user's) hash seed; the child under a fixed one
+    env = dict(os.environ, PYTHONHASHSEED="4242")
+    child = subprocess.run([sys.executable, "-c", CHILD, str(Path(__file__).parent)], env=env, check=True,
+                           capture_output=True, text=True, timeout=120).stdout.split()[-1]
+    namespace: dict = {}
+    exec(DIGEST, namespace)
+    assert namespace["digest"](scene_factory.clip, scene_factory.random_scene) == child

@@ -1,0 +1,167 @@
+"""End-to-end: the real CLI in a subprocess on tiny AVSynth shards (fit → validate from the checkpoint)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = REPO / "experiments"
+
+# A few steps of the default experiment at a smaller scale.
+TINY = [
+    "--trainer.max_epochs=1",
+    "--trainer.max_steps=4",
+    "--trainer.limit_val_batches=2",
+    "--trainer.log_every_n_steps=1",
+    "--trainer.enable_progress_bar=false",
+    "--model.max_generation_samples=4",
+    "--model.max_new_tokens=12",
+    "--data.clips_per_batch=2",
+]
+
+
+def run_cli(*args: str, cwd: Path, env_extra: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "AVMT_CACHE": str(cwd / "cache"), "PYTHONUNBUFFERED": "1"}
+    env.update(env_extra or {})
+    result = subprocess.run(
+        [sys.executable, "-m", "avmt", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"avmt {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("avsynth")
+    run_cli("data", "synth", "--out", str(root), "--clips", "8", "--val_clips", "4", "--test_clips", "4", "--seed", "3", cwd=root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def fitted(shards, tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("run")
+    run_cli(
+        "fit",
+        "-c",
+        str(EXPERIMENTS / "ilora.yaml"),
+        f"--data.root={shards}",
+        "--trainer.logger.init_args.save_dir=runs",
+        *TINY,
+        cwd=work,
+    )
+    return work / "runs" / "ilora" / "version_0"
+
+
+def test_data_synth_writes_every_split(shards):
+    for split in ("train", "val", "test"):
+        assert sorted((shards / split).glob("*.tar")), split
+    assert (shards / "manifest.json").is_file()
+
+
+def test_fit_writes_checkpoint_config_and_tensorboard_scalars(fitted):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert (fitted / "checkpoints" / "last.ckpt").is_file()
+    assert (fitted / "config.yaml").is_file()
+    events = EventAccumulator(str(fitted), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    expected = {"train/loss", "lr-AdamW", "val/loss"}
+    for task in ("ave", "avvp", "avqa", "action", "emotion", "avcap"):
+        expected |= {f"train/loss/{task}", f"val/loss/{task}"}
+    expected |= {"val/ave/segment_accuracy", "val/ave/parse_failure_rate", "val/avqa/accuracy"}
+    assert expected <= scalars, sorted(expected - scalars)
+    assert any(tag.startswith("config") for tag in events.Tags()["tensors"]), events.Tags()["tensors"]
+    final = json.loads((fitted / "final_metrics.json").read_text())
+    assert "majority_baseline/segment_accuracy" in final["ave"]
+    assert "majority_baseline/accuracy" in final["avqa"]
+
+
+def test_validate_from_checkpoint_reloads_strictly(fitted):
+    result = run_cli(
+        "validate",
+        "-c",
+        str(fitted / "config.yaml"),
+        f"--ckpt_path={fitted / 'checkpoints' / 'last.ckpt'}",
+        "--trainer.logger=false",
+        cwd=fitted.parent.parent.parent,
+    )
+    assert "val/loss" in result.stdout + result.stderr
+
+
+def test_checkpoint_rejects_a_different_adapter(fitted, shards):
+    result = run_cli(
+        "validate",
+        "-c",
+        str(fitted / "config.yaml"),
+        "--model.adapter.init_args.num_heads=2",
+        f"--ckpt_path={fitted / 'checkpoints' / 'last.ckpt'}",
+        "--trainer.logger=false",
+        cwd=fitted.parent.parent.parent,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "lora_B" in result.stderr or "size mismatch" in result.stderr
+
+
+def test_print_config_round_trip(tmp_path):
+    first = run_cli("fit", "-c", str(EXPERIMENTS / "lora.yaml"), "--print_config", cwd=tmp_path).stdout
+    (tmp_path / "printed.yaml").write_text(first)
+    second = run_cli("fit", "-c", str(tmp_path / "printed.yaml"), "--print_config", cwd=tmp_path).stdout
+    assert first == second
+    config = yaml.safe_load(first)
+    assert config["model"]["adapter"]["class_path"] == "avmt.adapters.LoRA"
+    assert config["trainer"]["logger"]["init_args"]["name"] == "lora"
+    assert config["data"]["tasks"] == ["ave", "avvp", "avqa", "action", "emotion", "avcap"]
+
+
+def test_configs_merge_in_order(tmp_path):
+    ablation = tmp_path / "ablation.yaml"
+    ablation.write_text("model:\n  adapter:\n    init_args:\n      num_heads: 5\n")
+    printed = run_cli(
+        "fit", "-c", str(EXPERIMENTS / "ilora.yaml"), "-c", str(ablation), "--print_config", cwd=tmp_path
+    ).stdout
+    adapter = yaml.safe_load(printed)["model"]["adapter"]
+    assert adapter["class_path"] == "avmt.adapters.ILoRA"
+    assert adapter["init_args"]["num_heads"] == 5
+    assert adapter["init_args"]["r"] == 16  # kept from ilora.yaml
+
+
+def test_unknown_class_path_lists_the_plugins(tmp_path):
+    result = run_cli(
+        "fit",
+        "-c",
+        str(EXPERIMENTS / "ilora.yaml"),
+        "--model.adapter.class_path=avmt.adapters.NoSuchAdapter",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "avmt.adapters.NoSuchAdapter" in result.stderr
+    for name in ("avmt.adapters.LoRA", "avmt.adapters.ILoRA"):
+        assert name in result.stderr
+
+
+def test_missing_shard_folder_names_path_and_command(tmp_path):
+    missing = tmp_path / "nowhere"
+    result = run_cli("validate", "-c", str(EXPERIMENTS / "ilora.yaml"), f"--data.root={missing}", cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert str(missing) in result.stderr
+    assert "python -m avmt data synth" in result.stderr
+
+
+def test_unknown_task_lists_the_tasks(tmp_path):
+    result = run_cli(
+        "validate", "-c", str(EXPERIMENTS / "ilora.yaml"), "--data.tasks=[ave,nosuchtask]", cwd=tmp_path, check=False
+    )
+    assert result.returncode == 2
+    assert "nosuchtask" in result.stderr
+    assert "avqa" in result.stderr and "avvp" in result.stderr
