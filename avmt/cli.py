@@ -147,6 +147,61 @@ def data_main(argv: list[str]) -> None:
         print(f"{split}: {clips[split]} clips in {len(paths)} shard(s) under {Path(args.out) / split}")
 
 
+def load_tensors(path: Path) -> dict:
+    """Tensors of a ``.safetensors`` file or a torch checkpoint (``weights_only``; a nested ``state_dict`` is unwrapped)."""
+    import torch
+
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
+
+
+def convert_main(argv: list[str]) -> None:
+    """``python -m avmt convert crab-lora``: Crab's released I-LoRA weights → an avmt checkpoint."""
+    import lightning
+    import torch
+
+    from avmt.adapters import ILoRA, convert_crab_state_dict
+    from avmt.data.datamodule import AVDataModule
+    from avmt.module import AVModule
+
+    parser = ArgumentParser(prog="python -m avmt convert", description="Weight converters.")
+    commands = parser.add_subcommands(dest="command")
+    crab = ArgumentParser(description="Map Crab's lora_A / lora_B{i} / lora_route weights onto this config's I-LoRA layers.")
+    crab.add_argument("--weights", type=str, required=True, help="Crab weights (.bin/.pt/.pth/.safetensors)")
+    crab.add_argument("--config", "-c", type=str, action="append", required=True, help="experiment YAML(s) with an I-LoRA adapter")
+    crab.add_argument("--out", type=str, required=True, help="output avmt checkpoint (.ckpt), usable with --ckpt_path")
+    crab.add_argument("--ignore_other_keys", type=bool, default=True, help="skip non-LoRA keys (projectors, ...)")
+    commands.add_subcommand("crab-lora", crab, help="convert Crab / Crab+ I-LoRA weights")
+    cfg = parser.parse_args(argv)
+    args = cfg["crab-lora"]
+    config_args = [item for path in args.config for item in ("-c", path)]
+    cli = LightningCLI(
+        AVModule, AVDataModule, run=False, save_config_callback=None, args=expand_config_bases(config_args)
+    )
+    module = cli.model
+    adapter = module.model.adapter
+    if not isinstance(adapter, ILoRA):
+        raise ValueError(
+            f"convert crab-lora needs model.adapter to be avmt.adapters.ILoRA, the config has {type(adapter).__name__}"
+        )
+    state = convert_crab_state_dict(load_tensors(Path(args.weights)), adapter, ignore_other_keys=args.ignore_other_keys)
+    adapter.load_adapter_state_dict(state)
+    checkpoint = {"state_dict": module.state_dict(), "pytorch-lightning_version": lightning.__version__}
+    module.on_save_checkpoint(checkpoint)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, args.out)
+    print(f"converted {len(state)} tensors of {len(adapter.injected())} I-LoRA layers into {args.out}")
+
+
 def plugins_main(argv: list[str]) -> None:
     """``python -m avmt plugins``: list every plugin kind's implementations and the tasks."""
     from avmt.tasks import list_tasks
@@ -168,8 +223,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if argv and argv[0] == "data":
             data_main(argv[1:])
+        elif argv and argv[0] == "convert":
+            convert_main(argv[1:])
         elif argv and argv[0] == "plugins":
             plugins_main(argv[1:])
+        elif argv and argv[0] == "bench":
+            from avmt.bench import main as bench_main
+
+            bench_main(argv[1:])
         else:
             from avmt.data.datamodule import AVDataModule
             from avmt.module import AVModule

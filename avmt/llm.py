@@ -266,6 +266,9 @@ class CausalLM(nn.Module):
         gguf_file: GGUF file inside ``model`` to load weights and tokenizer from.
         torch_dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` (or ``"auto"`` for a checkpoint).
         words: vocabulary of the offline tokenizer; ``None`` = ``avmt.tasks.all_words()``.
+        train_modules: base modules trained in full next to the adapter (peft's ``modules_to_save``),
+            by module name component, e.g. ``["embed_tokens", "lm_head", "norm"]``. Empty for a
+            pretrained LLM; the tiny random default needs its vocabulary rows trained.
 
     Attributes:
         model: the transformers ``...ForCausalLM``; tokenizer: its tokenizer; pretrained: whether
@@ -286,8 +289,10 @@ class CausalLM(nn.Module):
         gguf_file: str | None = None,
         torch_dtype: str = "float32",
         words: list[str] | None = None,
+        train_modules: list[str] = [],  # noqa: B006
     ) -> None:
         super().__init__()
+        self.train_modules = list(train_modules)
         special_tokens = list(dict.fromkeys(special_tokens))
         self.model_name = model
         self.gguf_file = gguf_file
@@ -475,6 +480,19 @@ class CausalLM(nn.Module):
             p.requires_grad_(False)
         for p in self.new_parameters:
             p.requires_grad_(True)
+        base = {id(p) for p in self._base_params}
+        for wanted in self.train_modules:
+            matched = [
+                p
+                for name, p in self.model.named_parameters()
+                if id(p) in base and wanted in name.split(".")[:-1]
+            ]
+            if not matched:
+                names = sorted({part for name, _ in self.model.named_parameters() for part in name.split(".")[:-1]
+                                if not part.isdigit()})
+                raise ValueError(f"llm.train_modules: {wanted!r} names no module of the LLM; module names: {', '.join(names)}")
+            for p in matched:
+                p.requires_grad_(True)
 
     # ----------------------------------------------------------------- tokenizer state
     def tokenizer_state(self) -> dict[str, Any]:

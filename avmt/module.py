@@ -18,8 +18,8 @@ from avmt.adapters import Adapter
 from avmt.connectors import Connector
 from avmt.encoders import AudioEncoder, VisionEncoder
 from avmt.llm import CausalLM
-from avmt.model import AVModel
-from avmt.tasks import get_task
+from avmt.model import AVModel, TokenizedBatch
+from avmt.tasks import get_task, list_tasks
 
 CHECKPOINT_FORMAT = 1
 
@@ -74,10 +74,13 @@ class AVModule(L.LightningModule):
         self.max_generation_samples = max_generation_samples
         self.max_new_tokens = max_new_tokens
         self.tasks = {name: get_task(name) for name in self.generation_tasks}
+        self.task_ids = {name: index for index, name in enumerate(list_tasks())}
         self.task_metrics = nn.ModuleDict({name: task.metrics() for name, task in self.tasks.items()})
         self._answers: dict[str, list[Any]] = defaultdict(list)
         self._generated: dict[str, int] = defaultdict(int)
         self._examples: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        self._router_sums: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+        self._router_batches: dict[str, int] = defaultdict(int)
         self.final_metrics: dict[str, dict[str, float]] = {}
 
     # ------------------------------------------------------------ batches
@@ -86,14 +89,54 @@ class AVModule(L.LightningModule):
         batch["tokens"] = self.model.tokenize(batch["prompt"], batch["target"])
         return batch
 
+    def _set_task_ids(self, task_names: list[str], device: torch.device) -> None:
+        """Tell a task-conditioned adapter (MoE-LoRA ``gate: task``) the task of each sample (registry order)."""
+        adapter = self.model.adapter
+        if adapter is not None and getattr(adapter, "num_tasks", None):
+            ids = [self.task_ids[name] for name in task_names]
+            adapter.set_task_ids(torch.tensor(ids, dtype=torch.long, device=device))
+
+    def _routed(self) -> bool:
+        adapter = self.model.adapter
+        return adapter is not None and hasattr(adapter, "router_stats") and getattr(adapter, "track_router_stats", False)
+
+    def _forward_by_task(self, batch: dict[str, Any], per_task: dict[str, list[int]]) -> torch.Tensor:
+        """Per-sample losses computed one task at a time, recording each task's router statistics.
+
+        Returns:
+            ``[B, 2]`` summed losses and token counts, as :meth:`AVModel.forward`.
+        """
+        adapter = self.model.adapter
+        tokens = batch["tokens"]
+        out = torch.zeros(len(batch["task"]), 2, device=batch["frames"].device)
+        for name, indices in per_task.items():
+            rows = torch.tensor(indices, device=batch["frames"].device)
+            clips, clip_index = torch.unique(batch["clip_index"][rows], return_inverse=True)
+            subset = TokenizedBatch(tokens.input_ids[rows], tokens.attention_mask[rows], tokens.labels[rows])
+            adapter.reset_router_stats()
+            self._set_task_ids([name] * len(indices), out.device)
+            out[rows] = self.model(subset, batch["frames"][clips], batch["audio"][clips], clip_index)
+            for layer, weights in adapter.router_stats().items():
+                self._router_sums[name][layer] = self._router_sums[name].get(layer, 0) + weights.detach().float().cpu()
+            for layer, entropy in adapter.router_entropy().items():
+                key = f"{layer}/entropy"
+                self._router_sums[name][key] = self._router_sums[name].get(key, 0) + entropy.detach().float().cpu()
+            self._router_batches[name] += 1
+        adapter.reset_router_stats()
+        return out
+
     def _losses(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
-        sums_counts = self.model(batch["tokens"], batch["frames"], batch["audio"], batch["clip_index"])
-        total = sums_counts[:, 0].sum() / sums_counts[:, 1].sum().clamp(min=1)
         per_task: dict[str, list[int]] = defaultdict(list)
         for index, name in enumerate(batch["task"]):
             per_task[name].append(index)
+        if stage == "val" and self._routed():
+            sums_counts = self._forward_by_task(batch, per_task)
+        else:
+            self._set_task_ids(batch["task"], batch["frames"].device)
+            sums_counts = self.model(batch["tokens"], batch["frames"], batch["audio"], batch["clip_index"])
+        total = sums_counts[:, 0].sum() / sums_counts[:, 1].sum().clamp(min=1)
         for name, indices in per_task.items():
-            rows = sums_counts[indices]
+            rows = sums_counts[indices].detach()
             tokens = float(rows[:, 1].sum())
             self.log(
                 f"{stage}/loss/{name}",
@@ -126,6 +169,7 @@ class AVModule(L.LightningModule):
         self._generate_and_score(batch)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        self._set_task_ids(batch["task"], batch["frames"].device)
         answers = self.model.generate(
             batch["prompt"], batch["frames"], batch["audio"], batch["clip_index"], self.max_new_tokens
         )
@@ -138,11 +182,12 @@ class AVModule(L.LightningModule):
     def _generation_epoch(self) -> bool:
         if self.trainer.sanity_checking:
             return False
-        if not self.trainer.training and self.trainer.state.fn != "fit":
-            return True  # `validate` subcommand: always score
+        if self.trainer.state.fn != "fit":
+            return True  # `validate` / `test`: always score
         epoch = self.current_epoch + 1
-        last = self.trainer.max_epochs is not None and epoch >= self.trainer.max_epochs
-        return epoch % self.generation_every_n_epochs == 0 or last
+        last_epoch = self.trainer.max_epochs is not None and epoch >= self.trainer.max_epochs
+        last_step = 0 < self.trainer.max_steps <= self.global_step
+        return epoch % self.generation_every_n_epochs == 0 or last_epoch or last_step
 
     def _generate_and_score(self, batch: dict[str, Any]) -> None:
         chosen = [
@@ -154,6 +199,7 @@ class AVModule(L.LightningModule):
             return
         for i in chosen:
             self._generated[batch["task"][i]] += 1
+        self._set_task_ids([batch["task"][i] for i in chosen], batch["frames"].device)
         texts = self.model.generate(
             [batch["prompt"][i] for i in chosen],
             batch["frames"],
@@ -196,6 +242,41 @@ class AVModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_generation_metrics("val")
+        self._log_router_telemetry()
+
+    def _log_router_telemetry(self) -> None:
+        """Per task: mean routing weight of every head per adapted layer, router entropy, and a task × head heatmap."""
+        sums, batches = self._router_sums, self._router_batches
+        self._router_sums, self._router_batches = defaultdict(dict), defaultdict(int)
+        logger = self.logger
+        if not sums or logger is None or not hasattr(logger.experiment, "add_scalar") or self.trainer.sanity_checking:
+            return
+        if not self.trainer.is_global_zero:
+            return
+        tasks = sorted(sums)
+        means = {task: {key: value / batches[task] for key, value in sums[task].items()} for task in tasks}
+        writer, step = logger.experiment, self.global_step
+        for task in tasks:
+            for key, value in means[task].items():
+                if key.endswith("/entropy"):
+                    writer.add_scalar(f"router/{task}/{key}", float(value), step)
+                else:
+                    for head, weight in enumerate(value.tolist()):
+                        writer.add_scalar(f"router/{task}/{key}/head{head}", weight, step)
+        layers = sorted(key for key in means[tasks[0]] if not key.endswith("/entropy"))
+        if not layers:
+            return
+        heatmap = torch.stack([torch.stack([means[t][layer] for layer in layers]).mean(0) for t in tasks])  # [tasks, K]
+        entropies = [
+            float(torch.stack([means[t][f"{layer}/entropy"] for layer in layers if f"{layer}/entropy" in means[t]]).mean())
+            if any(f"{layer}/entropy" in means[t] for layer in layers)
+            else float("nan")
+            for t in tasks
+        ]
+        for task, entropy in zip(tasks, entropies):
+            writer.add_scalar(f"router/{task}/entropy", entropy, step)
+        writer.add_figure("router/heatmap", router_heatmap(heatmap, tasks), step)
+
 
     def on_test_epoch_end(self) -> None:
         self._log_generation_metrics("test")
@@ -204,6 +285,34 @@ class AVModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and "train" in getattr(datamodule, "datasets", {}):
             datamodule.datasets["train"].set_epoch(self.current_epoch)
+
+    def parameter_report(self) -> dict[str, int]:
+        """Trainable parameters per part: the adapter per scope, connectors, encoders, new token rows."""
+        from avmt.adapters import count_parameters
+
+        model = self.model
+        report: dict[str, int] = {}
+        adapter_ids: set[int] = set()
+        if model.adapter is not None:
+            family = type(model.adapter).__name__
+            for scope, count in count_parameters(model.adapter).items():
+                report[f"adapter {family} [{scope}]"] = count
+            adapter_ids = {id(p) for p in model.adapter.trainable_parameters()}
+
+        def trainable(module: nn.Module) -> int:
+            return sum(p.numel() for p in module.parameters() if p.requires_grad and id(p) not in adapter_ids)
+
+        report["vision connector"] = trainable(model.vision_connector)
+        report["audio connector"] = trainable(model.audio_connector)
+        report["vision encoder"] = trainable(model.vision_encoder)
+        report["audio encoder"] = trainable(model.audio_encoder)
+        report["llm (new token rows and other non-adapter weights)"] = trainable(model.llm)
+        report["total trainable"] = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return report
+
+    def on_fit_start(self) -> None:
+        lines = ["trainable parameters:"] + [f"  {name:52s} {count:>12,d}" for name, count in self.parameter_report().items()]
+        rank_zero_info("\n".join(lines))
 
     def on_fit_end(self) -> None:
         self.report_final_metrics()
@@ -295,3 +404,31 @@ class AVModule(L.LightningModule):
             raise ValueError(f"checkpoint shapes do not match the model: {'; '.join(mismatched[:8])}")
         for key in set(current) - expected:  # frozen pretrained weights: already loaded from their checkpoint
             checkpoint["state_dict"][key] = current[key]
+
+
+def router_heatmap(weights: torch.Tensor, tasks: list[str]):
+    """A task × head heatmap of mean routing weights.
+
+    Args:
+        weights: ``[num_tasks, K]`` mean routing weight of each head (averaged over adapted layers).
+        tasks: row labels.
+
+    Returns:
+        A matplotlib Figure (rendered off-screen).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(1.2 + 0.9 * weights.shape[1], 0.8 + 0.45 * len(tasks)))
+    image = axis.imshow(weights.numpy(), cmap="viridis", vmin=0.0, aspect="auto")
+    axis.set_xticks(range(weights.shape[1]), [f"head {k}" for k in range(weights.shape[1])])
+    axis.set_yticks(range(len(tasks)), tasks)
+    for (row, col), value in zip(torch.cartesian_prod(torch.arange(len(tasks)), torch.arange(weights.shape[1])).tolist(),
+                                 weights.flatten().tolist()):
+        axis.text(col, row, f"{value:.2f}", ha="center", va="center", color="white", fontsize=8)
+    axis.set_title("mean routing weight per task")
+    figure.colorbar(image, ax=axis)
+    figure.tight_layout()
+    return figure

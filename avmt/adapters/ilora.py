@@ -217,16 +217,26 @@ class ILoRALinear(RoutedLayer):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in]`` → ``y [..., out]`` = base(x) + I-LoRA update (2-D, 3-D, any leading dims)."""
-        y0 = self.base_layer(x)
         fused = self._select_kernel(x)
         if fused is not None:
-            return self._forward_kernel(fused, x, y0)
-        return self._forward_torch(x, y0)
+            return self._forward_kernel(fused, x, self.base_layer(x))
+        return self._forward_torch(x)
 
-    def _forward_torch(self, x: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
+    @property
+    def _plain_base(self) -> bool:
+        """Whether ``base_layer`` is exactly an ``nn.Linear`` without hooks: its output is then a fresh
+        tensor that nothing else holds or saves for backward, so the update can be added in place."""
+        b = self.base_layer
+        return type(b) is nn.Linear and not (b._forward_hooks or b._forward_pre_hooks)
+
+    def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x2 = x.reshape(-1, self.in_features)  # [N, in]
         n, k, r = x2.shape[0], self.num_heads, self.r
+        plain = self._plain_base
+        # a plain nn.Linear gives the same values on x2 as on x; on x2 its output is not a view,
+        # so the in-place addmm_ below needs no CopySlices (a full copy of dy) in backward
+        y0 = self.base_layer(x2 if plain else x)
         a = self.lora_A.to(dtype)
         rt = self.lora_router.to(dtype)
         if self._dropout_active:  # A sees drop(x), the router sees x: two GEMMs
@@ -237,8 +247,15 @@ class ILoRALinear(RoutedLayer):
         probs, w = route(logits, self.temperature, self.top_k)  # fp32 [N, K]
         self._after_routing(logits, probs, w)
         h = (w.to(z.dtype).unsqueeze(-1) * z.unsqueeze(1)).reshape(n, k * r)  # [N, K·r]
-        delta = F.linear(h, self.stacked_B(h.dtype))  # [N, out]: one GEMM over the stacked heads
-        return torch.add(y0, delta.reshape(y0.shape).to(y0.dtype), alpha=self.scaling)
+        b_t = self.stacked_B(h.dtype).t()  # [K·r, out]: one GEMM over the stacked heads
+        if plain and y0.dtype == h.dtype:
+            # y0 += s · h B: no [N, out] temporary in forward, and addmm's backward passes dy
+            # through to y0 unchanged and applies s on the small [N, K·r] / [K·r, out] gradients
+            y = y0.addmm_(h, b_t, alpha=self.scaling)
+        else:
+            y0 = y0.reshape(n, self.out_features)
+            y = torch.addmm(y0, h.to(y0.dtype), b_t.to(y0.dtype), alpha=self.scaling)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def _forward_kernel(self, fused, x: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype

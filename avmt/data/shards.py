@@ -41,6 +41,8 @@ from avmt.data.synth import (
     SynthConfig,
     generate_scene,
     render_clip,
+    scene_seed,
+    validate_scene,
 )
 
 __all__ = [
@@ -71,10 +73,6 @@ SYNTH_COMMAND = "python -m avmt data synth --out {root} --clips N --seed S"
 MANIFEST = "manifest.json"
 _TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z: fixed, so the tars are reproducible
 _PCM_SCALE = 32768.0
-_SCENE_KEYS = (
-    "version", "clip_id", "num_segments", "segment_seconds", "frames_per_segment", "frame_size",
-    "sample_rate", "objects", "av_event", "mood", "action",
-)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,6 +116,7 @@ class CorruptSampleCounter:
             self.ignored[suffix] = self.ignored.get(suffix, 0) + 1
 
     def as_dict(self) -> dict[str, Any]:
+        """Snapshot ``{"count", "reasons", "ignored"}`` (JSON-able, e.g. for logging)."""
         with self._lock:
             return {"count": self.count, "reasons": dict(self.reasons), "ignored": dict(self.ignored)}
 
@@ -186,11 +185,10 @@ def _decode_scene(data: bytes, key: str) -> dict:
         raise CorruptSampleError("bad scene.json", f"not JSON ({exn})") from None
     if not isinstance(scene, dict):
         raise CorruptSampleError("bad scene.json", f"expected an object, got {type(scene).__name__}")
-    missing = [k for k in _SCENE_KEYS if k not in scene]
-    if missing:
-        raise CorruptSampleError("bad scene.json", f"missing fields {missing}")
-    if scene["version"] != SCHEMA_VERSION:
-        raise CorruptSampleError("bad scene.json", f"schema version {scene['version']!r} != {SCHEMA_VERSION}")
+    try:
+        validate_scene(scene)
+    except ValueError as exn:
+        raise CorruptSampleError("bad scene.json", str(exn)) from None
     if scene["clip_id"] != key:
         raise CorruptSampleError("bad scene.json", f"clip_id {scene['clip_id']!r} does not match the key")
     try:
@@ -207,7 +205,8 @@ def _decode_frames(data: bytes, n: int, h: int, w: int) -> np.ndarray:
         with Image.open(io.BytesIO(data), formats=["PNG"]) as img:
             if img.size != (n * w, h) or img.mode != "RGB":
                 raise CorruptSampleError(
-                    "wrong shape", f"frames.png is {img.mode} {img.size[0]}x{img.size[1]}, expected RGB {n * w}x{h}"
+                    "wrong shape",
+                    f"frames.png is {img.mode} {img.size[0]}x{img.size[1]}, expected RGB {n * w}x{h}",
                 )
             img.load()
             arr = np.asarray(img, dtype=np.uint8)
@@ -276,7 +275,12 @@ def clip_from_scene(scene: dict, cfg: SynthConfig | None = None) -> dict:
     frames, audio = render_clip(scene, cfg)
     audio = _quantize(audio).astype(np.float32) / np.float32(_PCM_SCALE)
     scene = json.loads(json.dumps(scene))
-    return {"key": scene["clip_id"], "frames": torch.from_numpy(frames), "audio": torch.from_numpy(audio), "scene": scene}
+    return {
+        "key": scene["clip_id"],
+        "frames": torch.from_numpy(frames),
+        "audio": torch.from_numpy(audio),
+        "scene": scene,
+    }
 
 
 def clip_from_index(index: int, split: str, seed: int, cfg: SynthConfig | None = None) -> dict:
@@ -349,10 +353,10 @@ def write_shards(
         raise ValueError(f"num_clips must be an int >= 0, got {num_clips!r}")
     if isinstance(clips_per_shard, bool) or not isinstance(clips_per_shard, int) or clips_per_shard < 1:
         raise ValueError(f"clips_per_shard must be an int >= 1, got {clips_per_shard!r}")
-    generate_scene(0, split, seed, cfg)  # validates split / seed early
+    scene_seed(seed, split, 0)  # validates split and seed early
     folder = Path(out_dir) / split
     folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob(f"{split}-*.tar"):
+    for old in [*folder.glob(f"{split}-*.tar"), *folder.glob(f".{split}-*.tar.tmp")]:
         old.unlink()
     workers = _default_workers(num_clips) if num_workers is None else max(1, int(num_workers))
     jobs = [(i, split, seed, cfg) for i in range(num_clips)]
@@ -421,7 +425,9 @@ def synthesize(
         for split, n in clips.items()
     }
     manifest = _manifest_head(clips, seed, cfg, clips_per_shard)
-    manifest["shards"] = {split: [p.relative_to(root).as_posix() for p in paths] for split, paths in shards.items()}
+    manifest["shards"] = {
+        split: [p.relative_to(root).as_posix() for p in paths] for split, paths in shards.items()
+    }
     tmp = root / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, manifest_path)
@@ -545,10 +551,13 @@ def iter_clips(
             f"shard file(s) not found: {missing[:5]}{' ...' if len(missing) > 5 else ''}. "
             f"Make the AVSynth shards with: {SYNTH_COMMAND.format(root=paths[0].parent.parent)}"
         )
-    return _iter_clips([str(p) for p in paths], counter or CorruptSampleCounter(), split_by_node, split_by_worker)
+    counter = counter if counter is not None else CorruptSampleCounter()
+    return _iter_clips([str(p) for p in paths], counter, split_by_node, split_by_worker)
 
 
-def _iter_clips(urls: list[str], counter: CorruptSampleCounter, by_node: bool, by_worker: bool) -> Iterator[dict]:
+def _iter_clips(
+    urls: list[str], counter: CorruptSampleCounter, by_node: bool, by_worker: bool
+) -> Iterator[dict]:
     """webdataset's own tar iteration and grouping (``tar_file_expander`` + ``group_by_keys``, the
     stages ``wds.WebDataset`` is built from) over shard files this generator opens and closes."""
     import webdataset as wds

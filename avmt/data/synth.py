@@ -42,6 +42,7 @@ __all__ = [
     "TEXTURES",
     "LOUDNESS_LEVELS",
     "scene_seed",
+    "validate_scene",
     "clip_id",
     "generate_scene",
     "render_clip",
@@ -258,6 +259,7 @@ class SynthConfig:
 
     @property
     def samples_per_segment(self) -> int:
+        """Audio samples per segment (``segment_seconds x sample_rate``)."""
         return int(round(self.segment_seconds * self.sample_rate))
 
     @property
@@ -272,7 +274,8 @@ class SynthConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict of every field."""
-        return {k: (bool(v) if isinstance(v, (bool, np.bool_)) else v) for k, v in dataclasses.asdict(self).items()}
+        fields = dataclasses.asdict(self)
+        return {k: (bool(v) if isinstance(v, (bool, np.bool_)) else v) for k, v in fields.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,6 +384,12 @@ def generate_scene(index: int, split: str, seed: int, cfg: SynthConfig | None = 
     Deterministic in ``(index, split, seed, cfg)``.  ``objects[i]["boxes"]`` holds T entries:
     the exact rendered box ``[x1, y1, x2, y2]`` (ints normalized to 0..1000, union over the
     segment's F frames) or ``None`` where the object is not visible.
+
+    Conventions beyond the contract: objects have distinct classes and distinct screen cells
+    (so they never overlap); sounding objects get distinct loudness values from
+    ``LOUDNESS_LEVELS`` and never-sounding objects loudness 0.0; never-visible objects have
+    motion ``"static"``; the AV object may be visible (or sounding) longer than ``av_event.range``
+    on either side, but never both on the same side.
     """
     cfg = cfg or SynthConfig()
     sseed = scene_seed(seed, split, index)
@@ -448,6 +457,109 @@ def generate_scene(index: int, split: str, seed: int, cfg: SynthConfig | None = 
     for obj in objects:
         obj["boxes"] = _object_boxes(scene, obj)
     return scene
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+_OBJECT_KEYS = (
+    "id", "class", "color", "shape", "position", "row", "motion", "visible", "sounding", "loudness", "boxes",
+)  # fmt: skip
+_TOP_KEYS = (
+    "version", "clip_id", "split", "seed", "num_segments", "segment_seconds", "frames_per_segment",
+    "frame_size", "sample_rate", "mood", "noise_level", "objects", "av_event", "action",
+)  # fmt: skip
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_ranges(where: str, ranges: Any, T: int) -> np.ndarray:
+    if not isinstance(ranges, list):
+        raise ValueError(f"{where} must be a list of [start, end) ranges, got {ranges!r}")
+    prev_end = -1
+    for r in ranges:
+        if not (isinstance(r, list) and len(r) == 2 and all(_is_int(v) for v in r)):
+            raise ValueError(f"{where}: {r!r} is not an [start, end) pair of ints")
+        if not (0 <= r[0] < r[1] <= T) or r[0] <= prev_end:
+            raise ValueError(f"{where}: ranges {ranges!r} are not sorted, separate, within [0, {T}]")
+        prev_end = r[1]
+    return ranges_to_mask(ranges, T)
+
+
+def validate_scene(scene: Any) -> None:
+    """Check a scene graph against the schema-v1 contract (fields, vocabularies, ranges, boxes,
+    exactly one audio-visual event); raise ``ValueError`` saying what is wrong."""
+    if not isinstance(scene, dict):
+        raise ValueError(f"a scene must be a JSON object, got {type(scene).__name__}")
+    missing = [k for k in _TOP_KEYS if k not in scene]
+    if missing:
+        raise ValueError(f"scene misses fields {missing}")
+    if scene["version"] != SCHEMA_VERSION:
+        raise ValueError(f"scene version {scene['version']!r} is not {SCHEMA_VERSION}")
+    T, F = scene["num_segments"], scene["frames_per_segment"]
+    size = scene["frame_size"]
+    if not (_is_int(T) and 1 <= T <= 100_000 and _is_int(F) and 1 <= F <= 1000):
+        raise ValueError("scene num_segments / frames_per_segment must be ints in [1, 100000] / [1, 1000]")
+    if not (_is_int(scene["sample_rate"]) and 1 <= scene["sample_rate"] <= 1_000_000):
+        raise ValueError(f"scene sample_rate must be a positive int, got {scene['sample_rate']!r}")
+    if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) and 0 < v <= 8192 for v in size)):
+        raise ValueError(f"scene frame_size must be [H, W] positive ints, got {size!r}")
+    if not isinstance(scene["segment_seconds"], (int, float)) or scene["segment_seconds"] <= 0:
+        raise ValueError(f"scene segment_seconds must be > 0, got {scene['segment_seconds']!r}")
+    if scene["mood"] not in vocab.MOODS:
+        raise ValueError(f"scene mood {scene['mood']!r} is not one of {vocab.MOODS}")
+    objects = scene["objects"]
+    if not isinstance(objects, list) or not objects:
+        raise ValueError("scene objects must be a non-empty list")
+    av_objects = []
+    vocabularies = {"class": vocab.CLASSES, "color": vocab.COLORS, "shape": vocab.SHAPES,
+                    "position": vocab.POSITIONS, "row": vocab.ROWS, "motion": vocab.MOTIONS}
+    for i, obj in enumerate(objects):
+        if not isinstance(obj, dict) or any(k not in obj for k in _OBJECT_KEYS):
+            raise ValueError(f"scene object {i} must have the fields {_OBJECT_KEYS}")
+        if obj["id"] != i:
+            raise ValueError(f"scene object {i} has id {obj['id']!r}")
+        for key, words in vocabularies.items():
+            if obj[key] not in words:
+                raise ValueError(f"object {i} {key} {obj[key]!r} is not one of {words}")
+        vis = _check_ranges(f"object {i} visible", obj["visible"], T)
+        snd = _check_ranges(f"object {i} sounding", obj["sounding"], T)
+        loud = obj["loudness"]
+        if isinstance(loud, bool) or not isinstance(loud, (int, float)) or not 0 <= loud <= 1:
+            raise ValueError(f"object {i} loudness must be in [0, 1], got {loud!r}")
+        boxes = obj["boxes"]
+        if not isinstance(boxes, list) or len(boxes) != T:
+            raise ValueError(f"object {i} boxes must be a list of {T} entries")
+        for t, box in enumerate(boxes):
+            if box is None:
+                if vis[t]:
+                    raise ValueError(f"object {i} is visible in segment {t} but its box is null")
+                continue
+            if not vis[t]:
+                raise ValueError(f"object {i} is not visible in segment {t} but has a box")
+            ints = isinstance(box, list) and len(box) == 4 and all(_is_int(v) for v in box)
+            in_range = ints and all(0 <= v <= 1000 for v in box)
+            if not in_range:
+                raise ValueError(f"object {i} box {box!r} is not 4 ints in 0..1000")
+            if not (box[0] < box[2] and box[1] < box[3]):
+                raise ValueError(f"object {i} box {box!r} is empty")
+        if (vis & snd).any():
+            av_objects.append((i, mask_to_ranges(vis & snd)))
+    if len(av_objects) != 1:
+        raise ValueError(f"scene must have exactly one audio-visual object, has {len(av_objects)}")
+    av_id, shared = av_objects[0]
+    event = scene["av_event"]
+    if not isinstance(event, dict) or event.get("object") != av_id:
+        raise ValueError(f"av_event {event!r} does not name object {av_id}, the visible-and-sounding one")
+    if event.get("class") != objects[av_id]["class"] or len(shared) != 1 or event.get("range") != shared[0]:
+        raise ValueError(f"av_event {event!r} does not match object {av_id} (shared range {shared})")
+    if shared[0][1] - shared[0][0] < 2:
+        raise ValueError(f"av_event range {shared[0]} is shorter than 2 segments")
+    if scene["action"] != objects[av_id]["motion"]:
+        raise ValueError(f"scene action {scene['action']!r} is not the AV object's motion")
 
 
 # --------------------------------------------------------------------------------------------
@@ -730,7 +842,8 @@ def object_audio(scene: dict, obj: dict, cfg: SynthConfig | None = None) -> np.n
         wave *= np.exp(-local)
     # RMS normalization, with the peak capped at MAX_CREST x object_level for very peaky
     # (struck/ticking) classes so that a loud scene does not clip
-    norm = max(math.sqrt(float(np.mean(np.square(wave, dtype=np.float64)))), float(np.max(np.abs(wave))) / MAX_CREST)
+    rms = math.sqrt(float(np.mean(np.square(wave, dtype=np.float64))))
+    norm = max(rms, float(np.max(np.abs(wave))) / MAX_CREST)
     out[idx] = wave * (cfg.object_level * obj["loudness"] / (norm or 1.0)) * gate[idx]
     return out
 

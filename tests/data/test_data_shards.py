@@ -1,5 +1,6 @@
 """AVSynth shards: writing, determinism, reading with webdataset, corrupt samples, manifest."""
 
+import dataclasses
 import io
 import json
 import pickle
@@ -49,7 +50,8 @@ def test_write_is_byte_identical_for_a_seed(tmp_path):
         members = tar.getmembers()
     names = [m.name for m in members]
     assert names == sorted(names) == [f"train-0000000{i}.{m}" for i in (0, 1) for m in MEMBERS]
-    assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in members} == {(946684800, 0, 0, "", "", 0o644)}
+    meta = {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in members}
+    assert meta == {(946684800, 0, 0, "", "", 0o644)}
     with tarfile.open(a[2]) as tar:
         assert len(tar.getnames()) == 3  # the last shard holds the remaining clip
 
@@ -129,7 +131,7 @@ def _good(i):
 
 
 def test_corrupt_samples_are_skipped_counted_and_warned(tmp_path):
-    samples = [_good(i) for i in range(8)]
+    samples = [_good(i) for i in range(9)]
     key1, m1 = samples[1]
     m1["frames.png"] = b"\x89PNG not really"
     key2, m2 = samples[2]
@@ -145,6 +147,10 @@ def test_corrupt_samples_are_skipped_counted_and_warned(tmp_path):
     key6, m6 = samples[6]
     m6["extra.pickle"] = pickle.dumps(_Boom())  # an undecodable member on a good sample
     m6["x.pyd"] = pickle.dumps(_Boom())
+    key8, m8 = samples[8]
+    scene8 = json.loads(m8["scene.json"])
+    scene8["av_event"]["object"] = 99  # valid JSON, broken scene graph
+    m8["scene.json"] = json.dumps(scene8).encode()
     path = tmp_path / "bad.tar"
     _tar(path, samples)
     counter = CorruptSampleCounter()
@@ -153,13 +159,17 @@ def test_corrupt_samples_are_skipped_counted_and_warned(tmp_path):
         keys = [c["key"] for c in iter_clips([path], counter)]
     assert keys == [samples[i][0] for i in (0, 6, 7)]
     assert not _Boom.triggered
-    assert counter.count == 5 and counter.keys == [key1, key2, key3, key4, key5]
+    assert counter.count == 6 and counter.keys == [key1, key2, key3, key4, key5, key8]
     assert counter.reasons == {
-        "bad frames.png": 1, "missing audio.flac": 1, "wrong shape": 1, "bad scene.json": 1, "bad audio.flac": 1,
-    }  # fmt: skip
+        "bad frames.png": 1,
+        "missing audio.flac": 1,
+        "wrong shape": 1,
+        "bad scene.json": 2,
+        "bad audio.flac": 1,
+    }
     assert counter.ignored == {"extra.pickle": 1, "x.pyd": 1}
     messages = [str(w.message) for w in caught if issubclass(w.category, CorruptSampleWarning)]
-    for key in (key1, key2, key3, key4, key5, key6):
+    for key in (key1, key2, key3, key4, key5, key6, key8):
         assert any(key in m for m in messages), key
 
 
@@ -196,7 +206,10 @@ def test_synthesize_writes_manifest_and_ensure_reuses_it(tmp_path, monkeypatch):
     manifest = read_manifest(tmp_path)
     assert manifest["seed"] == 4 and manifest["clips"] == clips and manifest["schema_version"] == 1
     assert manifest["cfg"] == CFG.to_dict()
-    assert manifest["shards"] == {"train": ["train/train-000000.tar", "train/train-000001.tar"], "val": ["val/val-000000.tar"]}
+    assert manifest["shards"] == {
+        "train": ["train/train-000000.tar", "train/train-000001.tar"],
+        "val": ["val/val-000000.tar"],
+    }
     mtimes = {p: p.stat().st_mtime_ns for paths in made.values() for p in paths}
 
     def fail(*args, **kwargs):
@@ -210,7 +223,7 @@ def test_synthesize_writes_manifest_and_ensure_reuses_it(tmp_path, monkeypatch):
     # a different seed, config or clip count regenerates; so does a missing shard
     ensure_shards(tmp_path, clips, 5, CFG, progress=False, clips_per_shard=2)
     assert read_manifest(tmp_path)["seed"] == 5
-    other = SynthConfig(num_segments=4, frames_per_segment=1, frame_size=32, sample_rate=8000, segment_seconds=0.5)
+    other = dataclasses.replace(CFG, frames_per_segment=1)
     ensure_shards(tmp_path, clips, 5, other, progress=False, clips_per_shard=2)
     assert read_manifest(tmp_path)["cfg"]["frames_per_segment"] == 1
     (tmp_path / "val" / "val-000000.tar").unlink()

@@ -22,6 +22,7 @@ from avmt.data.synth import (
     render_frames,
     render_masks,
     scene_seed,
+    validate_scene,
 )
 
 SCENE_KEYS = {
@@ -101,7 +102,8 @@ def test_scene_is_deterministic_and_seeded():
 def test_splits_are_disjoint_by_scene_seed():
     seeds = {split: {scene_seed(0, split, i) for i in range(3000)} for split in ("train", "val", "test")}
     assert all(len(s) == 3000 for s in seeds.values())
-    assert not seeds["train"] & seeds["val"] and not seeds["train"] & seeds["test"] and not seeds["val"] & seeds["test"]
+    assert not seeds["train"] & seeds["val"] and not seeds["train"] & seeds["test"]
+    assert not seeds["val"] & seeds["test"]
     assert all(0 <= s < 2**53 for s in seeds["train"])
     with pytest.raises(ValueError, match="split"):
         scene_seed(0, "bad.split", 0)
@@ -141,7 +143,8 @@ def test_scene_invariants(random_colors):
             assert o["color"] in vocab.COLORS and o["shape"] in vocab.SHAPES
             if not random_colors:
                 assert o["color"] == CLASS_STYLES[o["class"]].color
-            assert o["position"] in vocab.POSITIONS and o["row"] in vocab.ROWS and o["motion"] in vocab.MOTIONS
+            assert o["position"] in vocab.POSITIONS and o["row"] in vocab.ROWS
+            assert o["motion"] in vocab.MOTIONS
             for ranges in (o["visible"], o["sounding"]):
                 flat = [v for r in ranges for v in r]
                 assert all(isinstance(v, int) for v in flat)
@@ -161,7 +164,8 @@ def test_scene_invariants(random_colors):
             if (vis & snd).any():
                 av_objects.append((o, mask_to_ranges(vis & snd)))
             else:
-                kinds.add("audio-only" if not vis.any() else "visual-only" if not snd.any() else "both-disjoint")
+                kind = "audio-only" if not vis.any() else "visual-only" if not snd.any() else "both-disjoint"
+                kinds.add(kind)
         assert len(set(sounding_loudness)) == len(sounding_loudness)
         assert len(av_objects) == 1, "exactly one audio-visual event object"
         av, shared = av_objects[0]
@@ -172,6 +176,39 @@ def test_scene_invariants(random_colors):
         motions.add(av["motion"])
     assert kinds == {"audio-only", "visual-only", "both-disjoint"}
     assert moods == set(vocab.MOODS) and motions == set(vocab.MOTIONS) and counts == {1, 2, 3}
+
+
+def test_validate_scene_accepts_generated_and_rejects_broken_scenes():
+    import copy
+
+    cfg = SynthConfig(frame_size=32)
+    scenes = _scenes(50, cfg, seed=21)
+    for scene in scenes:
+        validate_scene(scene)
+    scene = next(s for s in scenes if any(not o["visible"] for o in s["objects"]))
+    hidden = next(o["id"] for o in scene["objects"] if not o["visible"])
+    av = scene["av_event"]["object"]
+
+    def broken(edit):
+        bad = copy.deepcopy(scene)
+        edit(bad)
+        return bad
+
+    cases = {
+        "exactly one audio-visual": broken(lambda s: s["objects"][hidden].update(
+            visible=s["objects"][av]["visible"], sounding=s["objects"][av]["sounding"],
+            boxes=s["objects"][av]["boxes"])),
+        "has a box": broken(lambda s: s["objects"][hidden]["boxes"].__setitem__(0, [1, 2, 3, 4])),
+        "class": broken(lambda s: s["objects"][0].update({"class": "unicorn"})),
+        "av_event": broken(lambda s: s["av_event"].update(range=[0, 1])),
+        "action": broken(lambda s: s.update(action="pulsing" if s["action"] != "pulsing" else "static")),
+        "misses fields": broken(lambda s: s.pop("mood")),
+        "sorted": broken(lambda s: s["objects"][av].update(sounding=[[5, 6], [1, 2]])),
+        "num_segments": broken(lambda s: s.update(num_segments=10**9)),
+    }
+    for message, bad in cases.items():
+        with pytest.raises(ValueError, match=message):
+            validate_scene(bad)
 
 
 def test_random_colors_are_drawn_and_rendered():
@@ -192,7 +229,9 @@ def test_random_colors_are_drawn_and_rendered():
 # ------------------------------------------------------------------------------- rendering: video
 
 
-@pytest.mark.parametrize("cfg", [SynthConfig(), SynthConfig(frame_size=48, frames_per_segment=2, num_segments=6)])
+@pytest.mark.parametrize(
+    "cfg", [SynthConfig(), SynthConfig(frame_size=48, frames_per_segment=2, num_segments=6)]
+)
 def test_object_pixels_inside_box_and_only_on_visible_segments(cfg):
     H = W = cfg.frame_size
     F = cfg.frames_per_segment
@@ -346,7 +385,10 @@ def test_loudness_scales_the_object():
     np.testing.assert_allclose(soft, 0.4 * loud, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("mood, rate, contour", [("happy", 4, "rising"), ("sad", 1, "falling"), ("calm", 1, "flat"), ("tense", 4, "flat")])
+@pytest.mark.parametrize(
+    "mood, rate, contour",
+    [("happy", 4, "rising"), ("sad", 1, "falling"), ("calm", 1, "flat"), ("tense", 4, "flat")],
+)
 def test_mood_bed_tempo_and_contour(mood, rate, contour):
     cfg = SynthConfig(noise_level=0.0)
     scene = dict(generate_scene(0, "train", 0, cfg), mood=mood)
@@ -369,5 +411,6 @@ def test_mood_bed_tempo_and_contour(mood, rate, contour):
     assert any(dissonant) == (mood == "tense")
     # note onsets: the envelope restarts `rate` times per second
     env = np.abs(bed).reshape(-1, sr // 20).max(1)  # 50 ms frames
-    onsets = np.sum((env[1:] >= 0.5 * cfg.mood_level) & (env[:-1] < 0.5 * cfg.mood_level)) + (env[0] >= 0.5 * cfg.mood_level)
+    loud = env >= 0.5 * cfg.mood_level
+    onsets = np.sum(loud[1:] & ~loud[:-1]) + loud[0]
     assert onsets == pytest.approx(rate * cfg.num_segments, abs=rate)

@@ -1,0 +1,542 @@
+"""``python -m avmt bench adapters``: forward+backward time of one adapted linear layer, per adapter.
+
+    python -m avmt bench adapters [--json PATH] [--quick] [--repeats N] [--shapes 1024x1024 4096x1024 ...]
+                                  [--ranks 8 128] [--heads 1 3 8] [--tokens 2048]
+
+For every layer shape ``d_in x d_out``, rank ``r`` and head count ``K`` it times one training step
+of the layer (forward, then backward of a fixed ``dy``; ``x`` requires grad, the base weight is
+frozen, adapter parameters are trainable and their gradients are reset to None before each step)
+for these variants, all on the same frozen base ``nn.Linear`` and the same ``x [N, d_in]``:
+
+- ``base``:           the frozen ``nn.Linear`` alone;
+- ``lora``:           peft's LoRA ``Linear`` (``peft.inject_adapter_in_model`` on a one-layer module);
+- ``ilora``:          :class:`~avmt.adapters.ilora.ILoRALinear` with ``kernel="torch"`` (stacked heads);
+- ``moe_lora``:       :class:`~avmt.adapters.moe_lora.MoELoRALinear` (K experts, dense token gate);
+- ``crab_loop``:      the per-head loop in the form of Crab's released layer,
+                      ``y0 + Σ_k s·w_k·B_k(A(x))`` with ``A(x)`` recomputed for every head;
+- ``crab_plus_loop``: the per-head loop in the form of Crab+, ``A(x)`` computed once, then a loop over heads.
+
+``crab_loop``, ``crab_plus_loop`` and (at K = 1) ``lora`` get the same parameters as ``ilora``; their
+outputs are compared with it once before timing (``max_rel_err`` in the JSON). Dropout is 0 in every
+variant (so all do the same work), router statistics and auxiliary losses are off, and routing is
+dense (no top-k).
+
+Everything runs in one process, fp32 on the CPU. The measurement is interleaved: one untimed warm-up
+round, then ``--repeats`` rounds; each round runs every variant of every configuration once, in an
+order that rotates from round to round, so that load from other processes spreads over all variants.
+A variant's time is the median over rounds; its *overhead* is that median minus the median time of
+``base`` in the same run and configuration. Ratios between variants of one run are what count.
+
+Finally the targets of the I-LoRA issue are checked at K = 3 (ratios of the overheads summed over
+the measured shapes; the per-shape ratios are printed too) and printed as PASS/FAIL lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = [
+    "VARIANTS",
+    "DEFAULT_SHAPES",
+    "CrabLoopLinear",
+    "CrabPlusLoopLinear",
+    "build_variants",
+    "run_adapters",
+    "check_targets",
+    "format_table",
+    "main",
+]
+
+VARIANTS: tuple[str, ...] = ("base", "lora", "ilora", "moe_lora", "crab_loop", "crab_plus_loop")
+ADAPTERS: tuple[str, ...] = VARIANTS[1:]
+DEFAULT_SHAPES: tuple[tuple[int, int], ...] = ((1024, 1024), (2048, 2048), (4096, 4096), (4096, 1024))
+DEFAULT_RANKS: tuple[int, ...] = (8, 128)
+DEFAULT_HEADS: tuple[int, ...] = (1, 3, 8)
+DEFAULT_TOKENS = 2048
+DEFAULT_REPEATS = 3
+QUICK_SHAPES: tuple[tuple[int, int], ...] = ((256, 256),)
+QUICK_TOKENS = 128
+QUICK_REPEATS = 2
+ALPHA_PER_RANK = 2.0  # alpha = 2 r (Crab: r = 8, alpha = 16; Crab+: r = 128, alpha = 256)
+
+
+# ---------------------------------------------------------------------------- reference loop forms
+class CrabLoopLinear(nn.Module):
+    """Per-head loop as Crab's released I-LoRA layer computes it: ``A·x`` recomputed for every head.
+
+    ``y = base(x) + Σ_k s · w_k · B_k(A(drop(x)))``, ``w = softmax(R x)``; ``x [..., in]`` → ``y [..., out]``.
+    Parameters (``nn.Linear`` weights): ``lora_A [r, in]``, ``lora_B[k] [out, r]``, ``lora_route [K, in]``.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, num_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.scaling = alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(base.in_features, r, bias=False)
+        self.lora_B = nn.ModuleList(nn.Linear(r, base.out_features, bias=False) for _ in range(num_heads))
+        self.lora_route = nn.Linear(base.in_features, num_heads, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., in]`` → ``y [..., out]``."""
+        y = self.base_layer(x)
+        w = torch.softmax(self.lora_route(x), dim=-1)  # [..., K]
+        for k, head in enumerate(self.lora_B):
+            y = y + self.scaling * w[..., k : k + 1] * head(self.lora_A(self.lora_dropout(x)))
+        return y
+
+
+class CrabPlusLoopLinear(CrabLoopLinear):
+    """Per-head loop in Crab+'s form: ``z = A·drop(x)`` once, then a Python loop over the heads.
+
+    ``y = base(x) + Σ_k s · w_k · B_k z``; same parameters as :class:`CrabLoopLinear`.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., in]`` → ``y [..., out]``."""
+        y = self.base_layer(x)
+        w = torch.softmax(self.lora_route(x), dim=-1)  # [..., K]
+        z = self.lora_A(self.lora_dropout(x))  # [..., r]
+        for k, head in enumerate(self.lora_B):
+            y = y + self.scaling * w[..., k : k + 1] * head(z)
+        return y
+
+
+# ---------------------------------------------------------------------------- building the variants
+class _OneLayer(nn.Module):
+    """A module holding one linear layer as ``proj`` (what peft injects LoRA into)."""
+
+    def __init__(self, proj: nn.Linear) -> None:
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def build_variants(base: nn.Linear, r: int, num_heads: int, seed: int = 0) -> dict[str, nn.Module]:
+    """Every variant of :data:`VARIANTS` around the frozen ``base`` (shared, not copied).
+
+    Args:
+        base: frozen ``nn.Linear(d_in, d_out)``.
+        r: LoRA rank; ``alpha = 2 r`` (scaling 2) for every adapter.
+        num_heads: K, heads of I-LoRA and of the loops, experts of MoE-LoRA.
+        seed: seed of the adapter parameters (B is random, not zero, so no variant is degenerate).
+
+    Returns:
+        name → module mapping ``x [N, d_in]`` to ``y [N, d_out]``, in train mode. ``crab_loop``,
+        ``crab_plus_loop`` and, at K = 1, ``lora`` hold copies of ``ilora``'s parameters.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from avmt.adapters.ilora import ILoRALinear
+    from avmt.adapters.moe_lora import MoELoRALinear
+
+    base.requires_grad_(False)
+    d_in, d_out = base.in_features, base.out_features
+    alpha = ALPHA_PER_RANK * r
+    torch.manual_seed(seed)
+    b_std = 1.0 / math.sqrt(r)
+
+    ilora = ILoRALinear(base, r=r, alpha=alpha, num_heads=num_heads, dropout=0.0, kernel="torch")
+    ilora.track_router_stats = False
+    moe = MoELoRALinear(base, r=r, alpha=alpha, num_experts=num_heads, dropout=0.0, top_k=None, switch_coef=0.0)
+    moe.track_router_stats = False
+    crab = CrabLoopLinear(base, r, alpha, num_heads)
+    crab_plus = CrabPlusLoopLinear(base, r, alpha, num_heads)
+    holder = _OneLayer(base)
+    inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=["proj"]), holder)
+    lora = holder.proj
+    with torch.no_grad():
+        nn.init.normal_(ilora.lora_B, std=b_std)
+        nn.init.normal_(moe.lora_B, std=b_std)
+        for loop in (crab, crab_plus):
+            loop.lora_A.weight.copy_(ilora.lora_A)
+            loop.lora_route.weight.copy_(ilora.lora_router)
+            for k, head in enumerate(loop.lora_B):
+                head.weight.copy_(ilora.lora_B[k])
+        lora_A, lora_B = lora.lora_A["default"].weight, lora.lora_B["default"].weight  # [r, in], [out, r]
+        if num_heads == 1:
+            lora_A.copy_(ilora.lora_A)
+            lora_B.copy_(ilora.lora_B[0])
+        else:
+            nn.init.normal_(lora_B, std=b_std)
+    assert tuple(lora_A.shape) == (r, d_in) and tuple(lora_B.shape) == (d_out, r)
+    variants: dict[str, nn.Module] = {
+        "base": base,
+        "lora": lora,
+        "ilora": ilora,
+        "moe_lora": moe,
+        "crab_loop": crab,
+        "crab_plus_loop": crab_plus,
+    }
+    for module in variants.values():
+        module.train()
+    return variants
+
+
+def _trainable(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def _make_step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """One training step of ``module``: grads reset to None, ``y = module(x)``, ``y.backward(dy)``; returns y."""
+    params = _trainable(module)
+
+    def step() -> torch.Tensor:
+        x.grad = None
+        for p in params:
+            p.grad = None
+        y = module(x)
+        y.backward(dy)
+        return y
+
+    return step
+
+
+@dataclass
+class _Config:
+    d_in: int
+    d_out: int
+    r: int
+    K: int
+    steps: dict[str, Callable[[], torch.Tensor]]
+    rounds: dict[str, list[float]]
+    max_rel_err: dict[str, float]
+
+
+def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.detach() - ref.detach()).abs().max() / ref.detach().abs().max().clamp_min(1e-30))
+
+
+# ---------------------------------------------------------------------------- the run
+def run_adapters(
+    shapes: Sequence[tuple[int, int]] = DEFAULT_SHAPES,
+    ranks: Sequence[int] = DEFAULT_RANKS,
+    heads: Sequence[int] = DEFAULT_HEADS,
+    tokens: int = DEFAULT_TOKENS,
+    repeats: int = DEFAULT_REPEATS,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Time every variant on every ``(shape, r, K)``; returns the JSON-able result.
+
+    Args:
+        shapes: ``(d_in, d_out)`` pairs of the adapted linear layer.
+        ranks, heads: the r and K values (every combination with every shape).
+        tokens: N, rows of ``x [N, d_in]``.
+        repeats: timed rounds (after one untimed warm-up round); medians are over these.
+        seed: seed of the inputs and parameters.
+        progress: called with a short line after each round (e.g. ``print``).
+
+    Returns:
+        ``{"results": [{"d_in", "d_out", "r", "K", "times_ms": {variant: median ms},
+        "overhead_ms": {adapter: times_ms[adapter] - times_ms["base"]}, "rounds_ms": {variant: [ms]},
+        "max_rel_err": {...}}, ...], "targets": [...], ...}`` (see :func:`check_targets`).
+    """
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+    if tokens < 1:
+        raise ValueError(f"--tokens must be >= 1, got {tokens}")
+    for d_in, d_out in shapes:
+        if d_in < 1 or d_out < 1:
+            raise ValueError(f"shape {d_in}x{d_out}: dimensions must be >= 1")
+    for r in ranks:
+        if r < 1:
+            raise ValueError(f"rank must be >= 1, got {r}")
+    for k in heads:
+        if k < 1:
+            raise ValueError(f"head count must be >= 1, got {k}")
+    started = time.perf_counter()
+    gen = torch.Generator().manual_seed(seed)
+    configs: list[_Config] = []
+    for si, (d_in, d_out) in enumerate(shapes):
+        base = nn.Linear(d_in, d_out, bias=False)  # shared by every variant and configuration of this shape
+        with torch.no_grad():
+            base.weight.normal_(0.0, d_in**-0.5, generator=gen)
+        x = torch.randn(tokens, d_in, generator=gen).requires_grad_(True)
+        dy = torch.randn(tokens, d_out, generator=gen)
+        for r in ranks:
+            for k in heads:
+                variants = build_variants(base, r, k, seed=seed + 1000 * si + 10 * r + k)
+                steps = {name: _make_step(m, x, dy) for name, m in variants.items()}
+                configs.append(_Config(d_in, d_out, r, k, steps, {v: [] for v in VARIANTS}, {}))
+
+    def one_round(index: int, timed: bool) -> None:
+        for ci, cfg in enumerate(configs):
+            offset = (index + ci) % len(VARIANTS)
+            order = VARIANTS[offset:] + VARIANTS[:offset]
+            outputs: dict[str, torch.Tensor] = {}
+            for name in order:
+                t0 = time.perf_counter()
+                y = cfg.steps[name]()
+                dt = time.perf_counter() - t0
+                if timed:
+                    cfg.rounds[name].append(dt * 1e3)
+                elif name in ("ilora", "crab_loop", "crab_plus_loop") or (name == "lora" and cfg.K == 1):
+                    outputs[name] = y.detach()
+                del y
+            if not timed:  # the warm-up round checks that the loops (and LoRA at K = 1) equal I-LoRA
+                for name, y in outputs.items():
+                    if name != "ilora":
+                        cfg.max_rel_err[name] = _rel_err(y, outputs["ilora"])
+
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        with torch.enable_grad():
+            for index in range(repeats + 1):
+                t0 = time.perf_counter()
+                one_round(index, timed=index > 0)
+                if progress is not None:
+                    what = "warm-up round" if index == 0 else f"round {index}/{repeats}"
+                    progress(f"  {what}: {time.perf_counter() - t0:.1f} s")
+                gc.collect()
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+    results = []
+    for cfg in configs:
+        times = {v: statistics.median(cfg.rounds[v]) for v in VARIANTS}
+        results.append(
+            {
+                "d_in": cfg.d_in,
+                "d_out": cfg.d_out,
+                "r": cfg.r,
+                "K": cfg.K,
+                "times_ms": times,
+                "overhead_ms": {a: times[a] - times["base"] for a in ADAPTERS},
+                "rounds_ms": cfg.rounds,
+                "max_rel_err": cfg.max_rel_err,
+            }
+        )
+    import peft
+
+    return {
+        "benchmark": "adapters",
+        "description": "median ms of one forward+backward of an adapted linear layer (fp32, CPU); "
+        "overhead = adapter layer time - frozen base layer time of the same run",
+        "device": "cpu",
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "dtype": "float32",
+        "torch": torch.__version__,
+        "peft": peft.__version__,
+        "tokens": tokens,
+        "repeats": repeats,
+        "warmup_rounds": 1,
+        "alpha_per_rank": ALPHA_PER_RANK,
+        "dropout": 0.0,
+        "variants": list(VARIANTS),
+        "shapes": [list(s) for s in shapes],
+        "ranks": list(ranks),
+        "heads": list(heads),
+        "results": results,
+        "targets": check_targets(results),
+        "elapsed_s": time.perf_counter() - started,
+    }
+
+
+# ---------------------------------------------------------------------------- targets
+# (name, r, what, threshold): see check_targets
+TARGETS: tuple[tuple[str, int, str, float], ...] = (
+    ("overhead crab_loop / ilora", 8, ">=", 5.0),
+    ("overhead crab_loop / ilora", 128, ">=", 2.0),
+    ("overhead crab_plus_loop / ilora", 8, ">=", 4.0),
+    ("overhead crab_plus_loop / ilora", 128, ">=", 1.5),
+    ("layer ilora / lora", 8, "<=", 1.1),
+    ("layer ilora / lora", 128, "<=", 1.25),
+    ("overhead ilora K=8 / K=1", 8, "<=", 1.25),
+)
+TARGET_K = 3
+
+
+def _ratio(results: list[dict], r: int, name: str) -> tuple[float | None, dict[str, float]]:
+    """(ratio of the sums over shapes, per-shape ratios) of target ``name`` at rank ``r``."""
+    by_key = {(e["d_in"], e["d_out"], e["r"], e["K"]): e for e in results}
+    shapes = sorted({(e["d_in"], e["d_out"]) for e in results if e["r"] == r})
+    num = den = 0.0
+    per_shape: dict[str, float] = {}
+    for d_in, d_out in shapes:
+        if name == "overhead ilora K=8 / K=1":
+            hi, lo = by_key.get((d_in, d_out, r, 8)), by_key.get((d_in, d_out, r, 1))
+            if hi is None or lo is None:
+                continue
+            a, b = hi["overhead_ms"]["ilora"], lo["overhead_ms"]["ilora"]
+        else:
+            e = by_key.get((d_in, d_out, r, TARGET_K))
+            if e is None:
+                continue
+            if name.startswith("layer"):
+                a, b = e["times_ms"]["ilora"], e["times_ms"]["lora"]
+            else:
+                a, b = e["overhead_ms"][name.split()[1]], e["overhead_ms"]["ilora"]
+        num, den = num + a, den + b
+        per_shape[f"{d_in}x{d_out}"] = a / b if b > 0 else math.inf
+    if not per_shape:
+        return None, {}
+    return (num / den if den > 0 else math.inf), per_shape
+
+
+def check_targets(results: list[dict]) -> list[dict]:
+    """The I-LoRA issue's speed targets, checked on ``results`` (entries of :func:`run_adapters`).
+
+    At K = 3: ILoRA's overhead at least 5× (r = 8) / 2× (r = 128) smaller than the Crab loop's and
+    4× / 1.5× smaller than the Crab+ loop's; ILoRA's whole layer at most 1.1× / 1.25× plain LoRA's.
+    At r = 8: ILoRA's overhead grows by at most 25 % from K = 1 to K = 8. ``measured`` is the ratio
+    of the sums over the measured shapes (a layer mix); ``per_shape`` has each shape's ratio.
+
+    Returns:
+        ``[{"name", "r", "K", "op", "threshold", "measured", "per_shape", "passed"}]``; ``measured``
+        and ``passed`` are None when the run did not measure the needed configurations.
+    """
+    out = []
+    for name, r, op, threshold in TARGETS:
+        measured, per_shape = _ratio(results, r, name)
+        passed = None
+        if measured is not None:
+            passed = bool(measured >= threshold if op == ">=" else measured <= threshold)
+        out.append(
+            {
+                "name": name,
+                "r": r,
+                "K": "1->8" if "K=8" in name else TARGET_K,
+                "op": op,
+                "threshold": threshold,
+                "measured": measured,
+                "per_shape": per_shape,
+                "passed": passed,
+            }
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------- printing
+_SHORT = {"base": "base", "lora": "lora", "ilora": "ilora", "moe_lora": "moe", "crab_loop": "crab",
+          "crab_plus_loop": "crab+"}
+
+
+def format_table(result: dict) -> str:
+    """The result as a text table: base layer ms, then each adapter's overhead ms (and layer ms)."""
+    head = f"{'d_in x d_out':>12} {'r':>4} {'K':>2} {'base ms':>9} |" + "".join(
+        f" {_SHORT[a] + ' ovh':>10}" for a in ADAPTERS
+    ) + " | ilora/lora layer  crab/ilora  crab+/ilora ovh"
+    lines = [
+        f"adapter layer forward+backward, fp32 CPU ({result['threads']} threads), N = {result['tokens']} tokens, "
+        f"median of {result['repeats']} interleaved rounds; ovh = layer ms - base ms",
+        head,
+        "-" * len(head),
+    ]
+    for e in result["results"]:
+        t, o = e["times_ms"], e["overhead_ms"]
+
+        def ratio(a: float, b: float) -> str:
+            return f"{a / b:6.2f}" if b > 0 else "   inf"
+
+        lines.append(
+            f"{e['d_in']:>5} x {e['d_out']:<4} {e['r']:>4} {e['K']:>2} {t['base']:>9.1f} |"
+            + "".join(f" {o[a]:>10.1f}" for a in ADAPTERS)
+            + f" | {ratio(t['ilora'], t['lora']):>16}  {ratio(o['crab_loop'], o['ilora']):>10}"
+            + f"  {ratio(o['crab_plus_loop'], o['ilora']):>11}"
+        )
+    return "\n".join(lines)
+
+
+def format_targets(targets: list[dict]) -> str:
+    """One ``PASS``/``FAIL``/``SKIP`` line per target with the measured ratio."""
+    lines = []
+    for t in targets:
+        label = f"{t['name']} (r={t['r']}, K={t['K']}) {t['op']} {t['threshold']:g}"
+        if t["passed"] is None:
+            lines.append(f"SKIP  {label}: not measured in this run")
+            continue
+        shapes = ", ".join(f"{s} {v:.2f}" for s, v in t["per_shape"].items())
+        lines.append(f"{'PASS' if t['passed'] else 'FAIL'}  {label}: measured {t['measured']:.2f} [{shapes}]")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- CLI
+def _shape(text: str) -> tuple[int, int]:
+    parts = text.lower().replace("×", "x").replace(":", "x").split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"shape {text!r}: expected IN x OUT, e.g. 4096x1024")
+    return int(parts[0]), int(parts[1])
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m avmt bench", description="Benchmarks.")
+    sub = parser.add_subparsers(dest="benchmark", required=True)
+    p = sub.add_parser(
+        "adapters",
+        help="forward+backward time of one adapted linear layer per adapter (CPU, fp32)",
+        description="Forward+backward time of one adapted linear layer: frozen base, peft LoRA, I-LoRA, MoE-LoRA "
+        "and the per-head loops of Crab / Crab+; interleaved rounds, medians, overhead over the base layer, "
+        "and the I-LoRA speed targets at K = 3.",
+    )
+    p.add_argument("--json", type=Path, default=None, help="write the result as JSON to this path")
+    p.add_argument("--quick", action="store_true",
+                   help=f"one small shape ({QUICK_SHAPES[0][0]}x{QUICK_SHAPES[0][1]}, {QUICK_TOKENS} tokens), "
+                   f"{QUICK_REPEATS} rounds (smoke test; timings meaningless)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help=f"timed rounds after one warm-up round (default {DEFAULT_REPEATS}, --quick {QUICK_REPEATS})")
+    p.add_argument("--shapes", type=_shape, nargs="+", default=None,
+                   help="layer shapes IN x OUT (default: " + " ".join(f"{i}x{o}" for i, o in DEFAULT_SHAPES) + ")")
+    p.add_argument("--ranks", type=int, nargs="+", default=list(DEFAULT_RANKS), help="LoRA ranks r")
+    p.add_argument("--heads", type=int, nargs="+", default=list(DEFAULT_HEADS), help="head counts K")
+    p.add_argument("--tokens", type=int, default=None, help=f"tokens N (default {DEFAULT_TOKENS}, --quick {QUICK_TOKENS})")
+    p.add_argument("--seed", type=int, default=0, help="seed of inputs and parameters")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """``python -m avmt bench adapters ...``: run, print the table and the target lines; returns the result."""
+    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    shapes = args.shapes or list(QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
+    tokens = args.tokens or (QUICK_TOKENS if args.quick else DEFAULT_TOKENS)
+    repeats = args.repeats if args.repeats is not None else (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
+    n_cfg = len(shapes) * len(args.ranks) * len(args.heads)
+    print(
+        f"bench adapters: {n_cfg} configurations x {len(VARIANTS)} variants, {tokens} tokens, "
+        f"1 warm-up + {repeats} rounds, {torch.get_num_threads()} threads",
+        flush=True,
+    )
+    result = run_adapters(shapes, args.ranks, args.heads, tokens, repeats, args.seed,
+                          progress=lambda line: print(line, flush=True))
+    result["quick"] = bool(args.quick)
+    result["command"] = "python -m avmt bench " + " ".join(list(sys.argv[1:] if argv is None else argv))
+    print(format_table(result))
+    errs = [
+        (e["d_in"], e["d_out"], e["r"], e["K"], name, err)
+        for e in result["results"]
+        for name, err in e["max_rel_err"].items()
+        if err > 1e-3
+    ]
+    for d_in, d_out, r, k, name, err in errs:
+        print(f"WARNING: {name} differs from ilora at {d_in}x{d_out} r={r} K={k}: max rel err {err:.2e}")
+    print(f"targets at K = {TARGET_K} (ratios of sums over shapes; per shape in brackets):")
+    print(format_targets(result["targets"]))
+    print(f"elapsed {result['elapsed_s']:.0f} s")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
