@@ -67,6 +67,10 @@ DEFAULT_RANKS: tuple[int, ...] = (8, 128)
 DEFAULT_HEADS: tuple[int, ...] = (1, 3, 8)
 DEFAULT_TOKENS = 2048
 DEFAULT_REPEATS = 3
+# One intra-op thread by default: on a small machine shared with other busy processes, every
+# multi-threaded op waits at its OpenMP barrier for a descheduled thread (a [2048, 3] softmax took
+# ~7 ms instead of ~0.15 ms on 2 oversubscribed cores), which times the scheduler, not the layer.
+DEFAULT_THREADS = 1
 QUICK_SHAPES: tuple[tuple[int, int], ...] = ((256, 256),)
 QUICK_TOKENS = 128
 QUICK_REPEATS = 2
@@ -500,23 +504,33 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, nargs="+", default=list(DEFAULT_HEADS), help="head counts K")
     p.add_argument("--tokens", type=int, default=None, help=f"tokens N (default {DEFAULT_TOKENS}, --quick {QUICK_TOKENS})")
     p.add_argument("--seed", type=int, default=0, help="seed of inputs and parameters")
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                   help=f"torch intra-op threads (default {DEFAULT_THREADS}; 0 = leave torch's default)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """``python -m avmt bench adapters ...``: run, print the table and the target lines; returns the result."""
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
     shapes = args.shapes or list(QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
     tokens = args.tokens or (QUICK_TOKENS if args.quick else DEFAULT_TOKENS)
     repeats = args.repeats if args.repeats is not None else (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
     n_cfg = len(shapes) * len(args.ranks) * len(args.heads)
-    print(
-        f"bench adapters: {n_cfg} configurations x {len(VARIANTS)} variants, {tokens} tokens, "
-        f"1 warm-up + {repeats} rounds, {torch.get_num_threads()} threads",
-        flush=True,
-    )
-    result = run_adapters(shapes, args.ranks, args.heads, tokens, repeats, args.seed,
-                          progress=lambda line: print(line, flush=True))
+    threads_before = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        print(
+            f"bench adapters: {n_cfg} configurations x {len(VARIANTS)} variants, {tokens} tokens, "
+            f"1 warm-up + {repeats} rounds, {torch.get_num_threads()} thread(s)",
+            flush=True,
+        )
+        result = run_adapters(shapes, args.ranks, args.heads, tokens, repeats, args.seed,
+                              progress=lambda line: print(line, flush=True))
+    finally:
+        torch.set_num_threads(threads_before)
     result["quick"] = bool(args.quick)
     result["command"] = "python -m avmt bench " + " ".join(list(sys.argv[1:] if argv is None else argv))
     print(format_table(result))

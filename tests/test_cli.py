@@ -48,7 +48,7 @@ def shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def fitted(shards, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("run")
-    run_cli(
+    result = run_cli(
         "fit",
         "-c",
         str(EXPERIMENTS / "ilora.yaml"),
@@ -57,7 +57,25 @@ def fitted(shards, tmp_path_factory) -> Path:
         *TINY,
         cwd=work,
     )
+    (work / "fit.log").write_text(result.stdout + result.stderr)
     return work / "runs" / "ilora" / "version_0"
+
+
+def test_fit_prints_trainable_parameters_per_adapter_family_and_scope(fitted):
+    log = (fitted.parent.parent.parent / "fit.log").read_text()
+    assert "adapter ILoRA [llm]" in log and "vision connector" in log and "total trainable" in log
+
+
+@pytest.mark.parametrize("experiment", ["lora", "moe_lora"])
+def test_every_adapter_experiment_fits(experiment, shards, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_cli("fit", "-c", str(EXPERIMENTS / f"{experiment}.yaml"), f"--data.root={shards}", *TINY, cwd=tmp_path)
+    run_dir = tmp_path / "runs" / experiment / "version_0"
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0})
+    events.Reload()
+    assert ("router/heatmap" in events.Tags()["images"]) == (experiment == "moe_lora")
 
 
 def test_data_synth_writes_every_split(shards):
@@ -80,6 +98,9 @@ def test_fit_writes_checkpoint_config_and_tensorboard_scalars(fitted):
     expected |= {"val/ave/segment_accuracy", "val/ave/parse_failure_rate", "val/avqa/accuracy"}
     assert expected <= scalars, sorted(expected - scalars)
     assert any(tag.startswith("config") for tag in events.Tags()["tensors"]), events.Tags()["tensors"]
+    router = [tag for tag in scalars if tag.startswith("router/ave/")]
+    assert any(tag.endswith("/head2") for tag in router) and "router/ave/entropy" in scalars, router[:5]
+    assert "router/heatmap" in events.Tags()["images"]
     final = json.loads((fitted / "final_metrics.json").read_text())
     assert "majority_baseline/segment_accuracy" in final["ave"]
     assert "majority_baseline/accuracy" in final["avqa"]

@@ -78,6 +78,36 @@ def _validate_routing_args(
             raise ValueError(f"{name} must be >= 0, got {c!r}")
 
 
+class _BaseAndDown(torch.autograd.Function):
+    """``y0 = x Wᵀ + b`` and ``zl = x [A; R]ᵀ`` as one autograd node (PyTorch path, no dropout).
+
+    Shapes: ``x [N, in]``, ``W [out, in]``, ``b [out] | None``, ``ar [r+K, in]`` → ``y0 [N, out]``,
+    ``zl [N, r+K]``. Same values as two ``F.linear``; the point is the backward: both input
+    gradients go into one buffer (``dx = dy0 W``, then ``dx += dzl · ar`` in place) instead of two
+    ``[N, in]`` tensors that autograd then adds, and ``dW`` / ``db`` are computed only when needed.
+    """
+
+    @staticmethod
+    def forward(ctx, x2, weight, bias, ar):  # noqa: D102
+        ctx.save_for_backward(x2, weight, ar)
+        ctx.has_bias = bias is not None
+        return F.linear(x2, weight, bias), F.linear(x2, ar)
+
+    @staticmethod
+    def backward(ctx, dy0, dzl):  # noqa: D102
+        x2, weight, ar = ctx.saved_tensors
+        dx = dw = db = dar = None
+        if ctx.needs_input_grad[0]:
+            dx = dy0.mm(weight).addmm_(dzl, ar)  # [N, in]
+        if ctx.needs_input_grad[1]:
+            dw = dy0.t().mm(x2)  # [out, in]
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy0.sum(0)  # [out]
+        if ctx.needs_input_grad[3]:
+            dar = dzl.t().mm(x2)  # [r+K, in]
+        return dx, dw, db, dar
+
+
 class ILoRALinear(RoutedLayer):
     """A frozen ``nn.Linear`` plus an I-LoRA update (shared A, ``num_heads`` routed B-heads).
 
@@ -227,23 +257,36 @@ class ILoRALinear(RoutedLayer):
         """Whether ``base_layer`` is exactly an ``nn.Linear`` without hooks: its output is then a fresh
         tensor that nothing else holds or saves for backward, so the update can be added in place."""
         b = self.base_layer
-        return type(b) is nn.Linear and not (b._forward_hooks or b._forward_pre_hooks)
+        hooks = b._forward_hooks or b._forward_pre_hooks
+        global_hooks = nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+        return type(b) is nn.Linear and not (hooks or global_hooks)
 
     def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x2 = x.reshape(-1, self.in_features)  # [N, in]
         n, k, r = x2.shape[0], self.num_heads, self.r
         plain = self._plain_base
-        # a plain nn.Linear gives the same values on x2 as on x; on x2 its output is not a view,
-        # so the in-place addmm_ below needs no CopySlices (a full copy of dy) in backward
-        y0 = self.base_layer(x2 if plain else x)
         a = self.lora_A.to(dtype)
         rt = self.lora_router.to(dtype)
-        if self._dropout_active:  # A sees drop(x), the router sees x: two GEMMs
-            z = F.linear(self.lora_dropout(x2), a)  # [N, r]
-            logits = F.linear(x2, rt)  # [N, K]
-        else:  # one pass over x for both
-            z, logits = F.linear(x2, torch.cat([a, rt], dim=0)).split([r, k], dim=-1)
+        base = self.base_layer
+        if (
+            plain
+            and not self._dropout_active
+            and not torch.is_autocast_enabled(x.device.type)
+            and base.weight.dtype == dtype
+            and (base.bias is None or base.bias.dtype == dtype)
+        ):  # base GEMM and the [A; R] GEMM in one node: one dx buffer in backward
+            y0, zl = _BaseAndDown.apply(x2, base.weight, base.bias, torch.cat([a, rt], dim=0))
+            z, logits = zl.split([r, k], dim=-1)
+        else:
+            # a plain nn.Linear gives the same values on x2 as on x; on x2 its output is not a view,
+            # so the in-place addmm_ below needs no CopySlices (a full copy of dy) in backward
+            y0 = base(x2 if plain else x)
+            if self._dropout_active:  # A sees drop(x), the router sees x: two GEMMs
+                z = F.linear(self.lora_dropout(x2), a)  # [N, r]
+                logits = F.linear(x2, rt)  # [N, K]
+            else:  # one pass over x for both
+                z, logits = F.linear(x2, torch.cat([a, rt], dim=0)).split([r, k], dim=-1)
         probs, w = route(logits, self.temperature, self.top_k)  # fp32 [N, K]
         self._after_routing(logits, probs, w)
         h = (w.to(z.dtype).unsqueeze(-1) * z.unsqueeze(1)).reshape(n, k * r)  # [N, K·r]
