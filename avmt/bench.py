@@ -1,7 +1,8 @@
 """``python -m avmt bench adapters``: forward+backward time of one adapted linear layer, per adapter.
 
     python -m avmt bench adapters [--json PATH] [--quick] [--repeats N] [--shapes 1024x1024 4096x1024 ...]
-                                  [--ranks 8 128] [--heads 1 3 8] [--tokens 2048]
+                                  [--ranks 8 128] [--heads 1 3 8] [--tokens 2048] [--threads 1]
+                                  [--clock cpu|wall] [--seed 0]
 
 For every layer shape ``d_in x d_out``, rank ``r`` and head count ``K`` it times one training step
 of the layer (forward, then backward of a fixed ``dy``; ``x`` requires grad, the base weight is
@@ -18,14 +19,23 @@ for these variants, all on the same frozen base ``nn.Linear`` and the same ``x [
 
 ``crab_loop``, ``crab_plus_loop`` and (at K = 1) ``lora`` get the same parameters as ``ilora``; their
 outputs are compared with it once before timing (``max_rel_err`` in the JSON). Dropout is 0 in every
-variant (so all do the same work), router statistics and auxiliary losses are off, and routing is
-dense (no top-k).
+variant (so all do the same work), router statistics and auxiliary losses are off, routing is dense
+(no top-k), ``alpha = 2 r``.
 
-Everything runs in one process, fp32 on the CPU. The measurement is interleaved: one untimed warm-up
-round, then ``--repeats`` rounds; each round runs every variant of every configuration once, in an
-order that rotates from round to round, so that load from other processes spreads over all variants.
-A variant's time is the median over rounds; its *overhead* is that median minus the median time of
-``base`` in the same run and configuration. Ratios between variants of one run are what count.
+Measurement. Everything runs in one process, fp32 on the CPU, one intra-op thread by default
+(``--threads``), timed on the process's CPU-time clock by default (``--clock cpu``: time while other
+processes hold the core does not count; wall-clock times are in the JSON too). After an untimed
+warm-up step of every variant, ``--repeats`` rounds each run every variant of every configuration
+once, the adapters in an order that rotates from round to round, and the frozen base layer before
+and after every adapter step (``base, a1, base, a2, …, a5, base``). Other processes on a shared
+machine slow everything down by up to ~50 % in phases lasting seconds, so an adapter step is
+compared with the base steps next to it in time: its sample is ``t_adapter / mean(t_base before,
+t_base after)``; a sample is *stable* when those two base steps agree within 5 % (the load did not
+change during it). Adapters left with fewer than 2 stable samples get up to ``--repeats`` extra
+``(base, adapter, base)`` samples. An adapter's *relative time* is the median of its stable samples
+(of all, if none is stable); its layer time is that times the base layer's time (the median of all
+base steps of that layer shape), and its *overhead* is its layer time minus the base layer's time,
+``(relative time - 1) · base time``. Ratios between variants of one run are what count.
 
 Finally the targets of the I-LoRA issue are checked at K = 3 (ratios of the overheads summed over
 the measured shapes; the per-shape ratios are printed too) and printed as PASS/FAIL lines.
@@ -42,7 +52,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,19 +60,24 @@ from torch import nn
 
 __all__ = [
     "VARIANTS",
+    "ADAPTERS",
     "DEFAULT_SHAPES",
+    "TARGETS",
     "CrabLoopLinear",
     "CrabPlusLoopLinear",
     "build_variants",
     "run_adapters",
     "check_targets",
     "format_table",
+    "format_targets",
     "main",
 ]
 
 VARIANTS: tuple[str, ...] = ("base", "lora", "ilora", "moe_lora", "crab_loop", "crab_plus_loop")
 ADAPTERS: tuple[str, ...] = VARIANTS[1:]
-DEFAULT_SHAPES: tuple[tuple[int, int], ...] = ((1024, 1024), (2048, 2048), (4096, 4096), (4096, 1024))
+# 4096x4096 (Crab's q/k/v/o at LLaMA-7B width) costs as much as the other four together on one CPU
+# core; measure it with --shapes 4096x4096 (the default run must stay within a few minutes).
+DEFAULT_SHAPES: tuple[tuple[int, int], ...] = ((1024, 1024), (2048, 2048), (4096, 1024), (1024, 4096))
 DEFAULT_RANKS: tuple[int, ...] = (8, 128)
 DEFAULT_HEADS: tuple[int, ...] = (1, 3, 8)
 DEFAULT_TOKENS = 2048
@@ -75,6 +90,12 @@ QUICK_SHAPES: tuple[tuple[int, int], ...] = ((256, 256),)
 QUICK_TOKENS = 128
 QUICK_REPEATS = 2
 ALPHA_PER_RANK = 2.0  # alpha = 2 r (Crab: r = 8, alpha = 16; Crab+: r = 128, alpha = 256)
+CLOCKS: tuple[str, ...] = ("cpu", "wall")
+# a sample counts as stable when the base steps before and after it differ by at most this fraction
+# (otherwise the load changed during it); adapters with fewer than MIN_STABLE stable samples after
+# the rounds get up to `repeats` extra (base, adapter, base) samples
+STABLE_TOL = 0.05
+MIN_STABLE = 2
 
 
 # ---------------------------------------------------------------------------- reference loop forms
@@ -217,13 +238,39 @@ class _Config:
     d_out: int
     r: int
     K: int
+    variants: dict[str, nn.Module]
     steps: dict[str, Callable[[], torch.Tensor]]
-    rounds: dict[str, list[float]]
-    max_rel_err: dict[str, float]
+    x: torch.Tensor
+    max_rel_err: dict[str, float] = field(default_factory=dict)
+    # per round: ms of each adapter step on the chosen clock and on the wall clock, base steps around them
+    step_ms: dict[str, list[float]] = field(default_factory=lambda: {v: [] for v in VARIANTS})
+    wall_ms: dict[str, list[float]] = field(default_factory=lambda: {v: [] for v in VARIANTS})
+    rel: dict[str, list[float]] = field(default_factory=lambda: {a: [] for a in ADAPTERS})
+    stable: dict[str, list[bool]] = field(default_factory=lambda: {a: [] for a in ADAPTERS})
+
+    def sample(self, name: str, t: float, before: float, after: float) -> None:
+        """Record ``t / mean(before, after)``; stable when the two base steps agree within STABLE_TOL."""
+        mean = max(0.5 * (before + after), 1e-9)
+        self.rel[name].append(t / mean)
+        self.stable[name].append(abs(before - after) <= STABLE_TOL * mean)
+
+    def relative(self, name: str) -> float:
+        """Median of the stable samples of ``name`` (of all samples when none is stable)."""
+        good = [x for x, ok in zip(self.rel[name], self.stable[name]) if ok]
+        return statistics.median(good or self.rel[name])
 
 
 def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((a.detach() - ref.detach()).abs().max() / ref.detach().abs().max().clamp_min(1e-30))
+    return float((a - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+@torch.no_grad()
+def _check_outputs(cfg: _Config, rows: int = 64) -> dict[str, float]:
+    """Max relative difference of the loops (and LoRA at K = 1) from ``ilora`` on ``rows`` tokens."""
+    x = cfg.x[:rows].detach()
+    ref = cfg.variants["ilora"](x)
+    names = ["crab_loop", "crab_plus_loop"] + (["lora"] if cfg.K == 1 else [])
+    return {name: _rel_err(cfg.variants[name](x), ref) for name in names}
 
 
 # ---------------------------------------------------------------------------- the run
@@ -234,27 +281,38 @@ def run_adapters(
     tokens: int = DEFAULT_TOKENS,
     repeats: int = DEFAULT_REPEATS,
     seed: int = 0,
+    clock: str = "cpu",
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Time every variant on every ``(shape, r, K)``; returns the JSON-able result.
+    """Time every variant on every ``(shape, r, K)`` (see the module docstring); returns the JSON-able result.
 
     Args:
         shapes: ``(d_in, d_out)`` pairs of the adapted linear layer.
         ranks, heads: the r and K values (every combination with every shape).
         tokens: N, rows of ``x [N, d_in]``.
-        repeats: timed rounds (after one untimed warm-up round); medians are over these.
+        repeats: timed rounds; medians are over these.
         seed: seed of the inputs and parameters.
+        clock: ``"cpu"`` (``time.process_time``) or ``"wall"`` (``time.perf_counter``); both are
+            recorded, ``clock`` is the one the results use.
         progress: called with a short line after each round (e.g. ``print``).
 
     Returns:
-        ``{"results": [{"d_in", "d_out", "r", "K", "times_ms": {variant: median ms},
-        "overhead_ms": {adapter: times_ms[adapter] - times_ms["base"]}, "rounds_ms": {variant: [ms]},
-        "max_rel_err": {...}}, ...], "targets": [...], ...}`` (see :func:`check_targets`).
+        ``{"results": [{"d_in", "d_out", "r", "K", "times_ms": {variant: ms}, "overhead_ms":
+        {adapter: times_ms[adapter] - times_ms["base"]}, "relative": {adapter: median of
+        t_adapter / t_base around it over the stable samples}, "rel_rounds": {adapter: [samples: one per
+        round, then the extra ones]}, "stable": {adapter: [bool per sample]}, "rounds_ms": {variant:
+        [ms of each step, in order]}, "wall_rounds_ms": {...}, "max_rel_err": {...}}, ...], "targets": [...], ...}``
+        where ``times_ms["base"]`` is the median of every base step of that shape and
+        ``times_ms[adapter] = relative[adapter] · times_ms["base"]`` (see :func:`check_targets`).
     """
     if repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {repeats}")
     if tokens < 1:
         raise ValueError(f"--tokens must be >= 1, got {tokens}")
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {'|'.join(CLOCKS)}, got {clock!r}")
+    if not shapes or not ranks or not heads:
+        raise ValueError("give at least one shape, one rank and one head count")
     for d_in, d_out in shapes:
         if d_in < 1 or d_out < 1:
             raise ValueError(f"shape {d_in}x{d_out}: dimensions must be >= 1")
@@ -277,46 +335,73 @@ def run_adapters(
             for k in heads:
                 variants = build_variants(base, r, k, seed=seed + 1000 * si + 10 * r + k)
                 steps = {name: _make_step(m, x, dy) for name, m in variants.items()}
-                configs.append(_Config(d_in, d_out, r, k, steps, {v: [] for v in VARIANTS}, {}))
+                cfg = _Config(d_in, d_out, r, k, variants, steps, x)
+                cfg.max_rel_err = _check_outputs(cfg)
+                configs.append(cfg)
+    with torch.enable_grad():
+        for step in configs[0].steps.values():  # warm-up: first calls (library init, allocator)
+            step()
 
-    def one_round(index: int, timed: bool) -> None:
+    def timed(cfg: _Config, name: str) -> float:
+        c0, w0 = time.process_time(), time.perf_counter()
+        cfg.steps[name]()
+        c1, w1 = time.process_time(), time.perf_counter()
+        ms = ((c1 - c0) if clock == "cpu" else (w1 - w0)) * 1e3
+        cfg.step_ms[name].append(ms)
+        cfg.wall_ms[name].append((w1 - w0) * 1e3)
+        return ms
+
+    def one_round(index: int) -> None:
         for ci, cfg in enumerate(configs):
-            offset = (index + ci) % len(VARIANTS)
-            order = VARIANTS[offset:] + VARIANTS[:offset]
-            outputs: dict[str, torch.Tensor] = {}
-            for name in order:
-                t0 = time.perf_counter()
-                y = cfg.steps[name]()
-                dt = time.perf_counter() - t0
-                if timed:
-                    cfg.rounds[name].append(dt * 1e3)
-                elif name in ("ilora", "crab_loop", "crab_plus_loop") or (name == "lora" and cfg.K == 1):
-                    outputs[name] = y.detach()
-                del y
-            if not timed:  # the warm-up round checks that the loops (and LoRA at K = 1) equal I-LoRA
-                for name, y in outputs.items():
-                    if name != "ilora":
-                        cfg.max_rel_err[name] = _rel_err(y, outputs["ilora"])
+            offset = (index + ci) % len(ADAPTERS)
+            before = timed(cfg, "base")
+            for name in ADAPTERS[offset:] + ADAPTERS[:offset]:
+                t = timed(cfg, name)
+                after = timed(cfg, "base")
+                cfg.sample(name, t, before, after)
+                before = after
+
+    def top_up() -> int:
+        extra = 0
+        for cfg in configs:
+            for name in ADAPTERS:
+                for _ in range(repeats):
+                    if sum(cfg.stable[name]) >= MIN_STABLE:
+                        break
+                    before = timed(cfg, "base")
+                    t = timed(cfg, name)
+                    cfg.sample(name, t, before, timed(cfg, "base"))
+                    extra += 1
+        return extra
 
     gc_was_enabled = gc.isenabled()
     gc.collect()
-    gc.disable()
+    gc.disable()  # no collector pauses inside a timed step; collected between rounds
     try:
         with torch.enable_grad():
-            for index in range(repeats + 1):
+            for index in range(repeats):
                 t0 = time.perf_counter()
-                one_round(index, timed=index > 0)
+                one_round(index)
                 if progress is not None:
-                    what = "warm-up round" if index == 0 else f"round {index}/{repeats}"
-                    progress(f"  {what}: {time.perf_counter() - t0:.1f} s")
+                    progress(f"  round {index + 1}/{repeats}: {time.perf_counter() - t0:.1f} s")
                 gc.collect()
+            t0 = time.perf_counter()
+            extra = top_up()
+            if progress is not None:
+                progress(f"  {extra} extra samples where the load changed: {time.perf_counter() - t0:.1f} s")
     finally:
         if gc_was_enabled:
             gc.enable()
 
+    base_ms = {
+        shape: statistics.median([t for c in configs if (c.d_in, c.d_out) == shape for t in c.step_ms["base"]])
+        for shape in {(c.d_in, c.d_out) for c in configs}
+    }
     results = []
     for cfg in configs:
-        times = {v: statistics.median(cfg.rounds[v]) for v in VARIANTS}
+        b = base_ms[(cfg.d_in, cfg.d_out)]
+        relative = {a: cfg.relative(a) for a in ADAPTERS}
+        times = {"base": b, **{a: relative[a] * b for a in ADAPTERS}}
         results.append(
             {
                 "d_in": cfg.d_in,
@@ -325,7 +410,11 @@ def run_adapters(
                 "K": cfg.K,
                 "times_ms": times,
                 "overhead_ms": {a: times[a] - times["base"] for a in ADAPTERS},
-                "rounds_ms": cfg.rounds,
+                "relative": relative,
+                "rel_rounds": cfg.rel,
+                "stable": cfg.stable,
+                "rounds_ms": cfg.step_ms,
+                "wall_rounds_ms": cfg.wall_ms,
                 "max_rel_err": cfg.max_rel_err,
             }
         )
@@ -333,17 +422,20 @@ def run_adapters(
 
     return {
         "benchmark": "adapters",
-        "description": "median ms of one forward+backward of an adapted linear layer (fp32, CPU); "
-        "overhead = adapter layer time - frozen base layer time of the same run",
+        "description": "ms of one forward+backward of an adapted linear layer (fp32, CPU): base = median of "
+        "the frozen base layer's steps; adapter = median of its stable samples t_adapter / mean(t_base just "
+        "before, just after) times base; overhead = adapter layer time - base layer time",
+        "stable_tol": STABLE_TOL,
+        "min_stable": MIN_STABLE,
         "device": "cpu",
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
+        "clock": clock,
         "dtype": "float32",
         "torch": torch.__version__,
         "peft": peft.__version__,
         "tokens": tokens,
         "repeats": repeats,
-        "warmup_rounds": 1,
         "alpha_per_rank": ALPHA_PER_RANK,
         "dropout": 0.0,
         "variants": list(VARIANTS),
@@ -357,7 +449,7 @@ def run_adapters(
 
 
 # ---------------------------------------------------------------------------- targets
-# (name, r, what, threshold): see check_targets
+# (name, r, op, threshold): see check_targets
 TARGETS: tuple[tuple[str, int, str, float], ...] = (
     ("overhead crab_loop / ilora", 8, ">=", 5.0),
     ("overhead crab_loop / ilora", 128, ">=", 2.0),
@@ -370,12 +462,15 @@ TARGETS: tuple[tuple[str, int, str, float], ...] = (
 TARGET_K = 3
 
 
-def _ratio(results: list[dict], r: int, name: str) -> tuple[float | None, dict[str, float]]:
-    """(ratio of the sums over shapes, per-shape ratios) of target ``name`` at rank ``r``."""
+def _ratio(results: list[dict], r: int, name: str) -> tuple[float | None, dict[str, float | None]]:
+    """(ratio of the sums over shapes, per-shape ratios) of target ``name`` at rank ``r``.
+
+    A ratio whose denominator is <= 0 (an overhead below the noise) is None.
+    """
     by_key = {(e["d_in"], e["d_out"], e["r"], e["K"]): e for e in results}
     shapes = sorted({(e["d_in"], e["d_out"]) for e in results if e["r"] == r})
     num = den = 0.0
-    per_shape: dict[str, float] = {}
+    per_shape: dict[str, float | None] = {}
     for d_in, d_out in shapes:
         if name == "overhead ilora K=8 / K=1":
             hi, lo = by_key.get((d_in, d_out, r, 8)), by_key.get((d_in, d_out, r, 1))
@@ -391,10 +486,10 @@ def _ratio(results: list[dict], r: int, name: str) -> tuple[float | None, dict[s
             else:
                 a, b = e["overhead_ms"][name.split()[1]], e["overhead_ms"]["ilora"]
         num, den = num + a, den + b
-        per_shape[f"{d_in}x{d_out}"] = a / b if b > 0 else math.inf
+        per_shape[f"{d_in}x{d_out}"] = a / b if b > 0 else None
     if not per_shape:
         return None, {}
-    return (num / den if den > 0 else math.inf), per_shape
+    return (num / den if den > 0 else None), per_shape
 
 
 def check_targets(results: list[dict]) -> list[dict]:
@@ -407,7 +502,8 @@ def check_targets(results: list[dict]) -> list[dict]:
 
     Returns:
         ``[{"name", "r", "K", "op", "threshold", "measured", "per_shape", "passed"}]``; ``measured``
-        and ``passed`` are None when the run did not measure the needed configurations.
+        and ``passed`` are None when the run did not measure the needed configurations (or the
+        denominator was <= 0, i.e. below the noise).
     """
     out = []
     for name, r, op, threshold in TARGETS:
@@ -435,42 +531,48 @@ _SHORT = {"base": "base", "lora": "lora", "ilora": "ilora", "moe_lora": "moe", "
           "crab_plus_loop": "crab+"}
 
 
+def _num(v: float | None, width: int = 0, digits: int = 2) -> str:
+    return f"{'n/a' if v is None or not math.isfinite(v) else f'{v:.{digits}f}':>{width}}"
+
+
 def format_table(result: dict) -> str:
-    """The result as a text table: base layer ms, then each adapter's overhead ms (and layer ms)."""
-    head = f"{'d_in x d_out':>12} {'r':>4} {'K':>2} {'base ms':>9} |" + "".join(
+    """The result as a text table: base layer ms, each adapter's overhead ms, and three ratios."""
+    head = f"{'d_in x d_out':>12} {'r':>4} {'K':>2} {'base ms':>8} |" + "".join(
         f" {_SHORT[a] + ' ovh':>10}" for a in ADAPTERS
-    ) + " | ilora/lora layer  crab/ilora  crab+/ilora ovh"
+    ) + " | ilora/lora layer  crab/ilora ovh  crab+/ilora ovh"
     lines = [
-        f"adapter layer forward+backward, fp32 CPU ({result['threads']} threads), N = {result['tokens']} tokens, "
-        f"median of {result['repeats']} interleaved rounds; ovh = layer ms - base ms",
+        f"adapter layer forward+backward, fp32 CPU, {result['threads']} thread(s), N = {result['tokens']} tokens, "
+        f"{result['clock']} clock, {result['repeats']} rounds; ms, ovh = layer - base "
+        f"(* = no stable sample: the load changed during every one)",
         head,
         "-" * len(head),
     ]
     for e in result["results"]:
         t, o = e["times_ms"], e["overhead_ms"]
 
-        def ratio(a: float, b: float) -> str:
-            return f"{a / b:6.2f}" if b > 0 else "   inf"
+        def ratio(a: float, b: float) -> float | None:
+            return a / b if b > 0 else None
 
         lines.append(
-            f"{e['d_in']:>5} x {e['d_out']:<4} {e['r']:>4} {e['K']:>2} {t['base']:>9.1f} |"
-            + "".join(f" {o[a]:>10.1f}" for a in ADAPTERS)
-            + f" | {ratio(t['ilora'], t['lora']):>16}  {ratio(o['crab_loop'], o['ilora']):>10}"
-            + f"  {ratio(o['crab_plus_loop'], o['ilora']):>11}"
+            f"{e['d_in']:>5} x {e['d_out']:<4} {e['r']:>4} {e['K']:>2} {t['base']:>8.1f} |"
+            + "".join(f" {o[a]:>9.1f}{' ' if any(e['stable'][a]) else '*'}" for a in ADAPTERS)
+            + f" | {_num(ratio(t['ilora'], t['lora']), 16)}  {_num(ratio(o['crab_loop'], o['ilora']), 14)}"
+            + f"  {_num(ratio(o['crab_plus_loop'], o['ilora']), 15)}"
         )
     return "\n".join(lines)
 
 
 def format_targets(targets: list[dict]) -> str:
-    """One ``PASS``/``FAIL``/``SKIP`` line per target with the measured ratio."""
+    """One ``PASS``/``FAIL``/``SKIP`` line per target with the measured ratio (and per shape)."""
     lines = []
     for t in targets:
         label = f"{t['name']} (r={t['r']}, K={t['K']}) {t['op']} {t['threshold']:g}"
         if t["passed"] is None:
-            lines.append(f"SKIP  {label}: not measured in this run")
+            why = "not measured in this run" if not t["per_shape"] else "denominator <= 0 (below the noise)"
+            lines.append(f"SKIP  {label}: {why}")
             continue
-        shapes = ", ".join(f"{s} {v:.2f}" for s, v in t["per_shape"].items())
-        lines.append(f"{'PASS' if t['passed'] else 'FAIL'}  {label}: measured {t['measured']:.2f} [{shapes}]")
+        shapes = ", ".join(f"{s} {_num(v)}" for s, v in t["per_shape"].items())
+        lines.append(f"{'PASS' if t['passed'] else 'FAIL'}  {label}: measured {_num(t['measured'])} [{shapes}]")
     return "\n".join(lines)
 
 
@@ -497,21 +599,26 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"one small shape ({QUICK_SHAPES[0][0]}x{QUICK_SHAPES[0][1]}, {QUICK_TOKENS} tokens), "
                    f"{QUICK_REPEATS} rounds (smoke test; timings meaningless)")
     p.add_argument("--repeats", type=int, default=None,
-                   help=f"timed rounds after one warm-up round (default {DEFAULT_REPEATS}, --quick {QUICK_REPEATS})")
+                   help=f"timed rounds (default {DEFAULT_REPEATS}, --quick {QUICK_REPEATS})")
     p.add_argument("--shapes", type=_shape, nargs="+", default=None,
                    help="layer shapes IN x OUT (default: " + " ".join(f"{i}x{o}" for i, o in DEFAULT_SHAPES) + ")")
     p.add_argument("--ranks", type=int, nargs="+", default=list(DEFAULT_RANKS), help="LoRA ranks r")
     p.add_argument("--heads", type=int, nargs="+", default=list(DEFAULT_HEADS), help="head counts K")
-    p.add_argument("--tokens", type=int, default=None, help=f"tokens N (default {DEFAULT_TOKENS}, --quick {QUICK_TOKENS})")
-    p.add_argument("--seed", type=int, default=0, help="seed of inputs and parameters")
+    p.add_argument("--tokens", type=int, default=None,
+                   help=f"tokens N (default {DEFAULT_TOKENS}, --quick {QUICK_TOKENS})")
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                    help=f"torch intra-op threads (default {DEFAULT_THREADS}; 0 = leave torch's default)")
+    p.add_argument("--clock", choices=CLOCKS, default="cpu",
+                   help="cpu: CPU time of the process (default; with several threads it sums them, spin-waits "
+                   "included); wall: elapsed time")
+    p.add_argument("--seed", type=int, default=0, help="seed of inputs and parameters")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """``python -m avmt bench adapters ...``: run, print the table and the target lines; returns the result."""
-    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0, got {args.threads}")
     shapes = args.shapes or list(QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
@@ -524,25 +631,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
     try:
         print(
             f"bench adapters: {n_cfg} configurations x {len(VARIANTS)} variants, {tokens} tokens, "
-            f"1 warm-up + {repeats} rounds, {torch.get_num_threads()} thread(s)",
+            f"{repeats} rounds, {torch.get_num_threads()} thread(s), {args.clock} clock",
             flush=True,
         )
-        result = run_adapters(shapes, args.ranks, args.heads, tokens, repeats, args.seed,
+        result = run_adapters(shapes, args.ranks, args.heads, tokens, repeats, args.seed, args.clock,
                               progress=lambda line: print(line, flush=True))
     finally:
         torch.set_num_threads(threads_before)
     result["quick"] = bool(args.quick)
-    result["command"] = "python -m avmt bench " + " ".join(list(sys.argv[1:] if argv is None else argv))
+    result["command"] = "python -m avmt bench " + " ".join(argv)
     print(format_table(result))
-    errs = [
-        (e["d_in"], e["d_out"], e["r"], e["K"], name, err)
-        for e in result["results"]
-        for name, err in e["max_rel_err"].items()
-        if err > 1e-3
-    ]
-    for d_in, d_out, r, k, name, err in errs:
-        print(f"WARNING: {name} differs from ilora at {d_in}x{d_out} r={r} K={k}: max rel err {err:.2e}")
-    print(f"targets at K = {TARGET_K} (ratios of sums over shapes; per shape in brackets):")
+    for e in result["results"]:
+        for name, err in e["max_rel_err"].items():
+            if err > 1e-3:
+                print(f"WARNING: {name} differs from ilora at {e['d_in']}x{e['d_out']} r={e['r']} K={e['K']}: "
+                      f"max rel err {err:.2e}")
+    print(f"targets at K = {TARGET_K} (ratio of the sums over shapes; per shape in brackets):")
     print(format_targets(result["targets"]))
     print(f"elapsed {result['elapsed_s']:.0f} s")
     if args.json is not None:

@@ -49,6 +49,9 @@ class AVModel(nn.Module):
         adapter: injected into the LLM (and the encoders when its scopes say so); ``None``
             trains only the connectors and the new token rows.
         num_segments: T, the number of video segments / audio windows per clip.
+        segment_embedding: add a learned embedding of the segment index to every media token
+            (shared by video and audio, so the tokens of one second carry the same time code);
+            it tells the LLM *when* a token was seen or heard, which temporal answers need.
     """
 
     def __init__(
@@ -60,6 +63,7 @@ class AVModel(nn.Module):
         audio_connector: Connector,
         adapter: Adapter | None = None,
         num_segments: int = 10,
+        segment_embedding: bool = True,
     ) -> None:
         super().__init__()
         self.llm = llm
@@ -78,6 +82,9 @@ class AVModel(nn.Module):
             "<video>": llm.placeholder_id("<video>"),
             "<audio>": llm.placeholder_id("<audio>"),
         }
+        self.segment_embedding = nn.Embedding(num_segments, llm.hidden_size) if segment_embedding else None
+        if self.segment_embedding is not None:
+            nn.init.normal_(self.segment_embedding.weight, std=0.5)
         self.placeholder_lengths = {
             "<video>": vision_connector.num_tokens(num_segments),
             "<audio>": audio_connector.num_tokens(num_segments),
@@ -167,7 +174,15 @@ class AVModel(nn.Module):
             frames = frames[:, frames_per_segment // 2 :: frames_per_segment]
         video_tokens = self.vision_connector(self.vision_encoder(frames))
         audio_tokens = self.audio_connector(self.audio_encoder(audio, self.num_segments))
-        return {"<video>": video_tokens, "<audio>": audio_tokens}
+        return {"<video>": self._add_time_codes(video_tokens), "<audio>": self._add_time_codes(audio_tokens)}
+
+    def _add_time_codes(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[C, T·n, D]`` connector tokens (segment by segment) plus their segment's embedding."""
+        if self.segment_embedding is None:
+            return tokens
+        per_segment = tokens.shape[1] // self.num_segments
+        codes = self.segment_embedding.weight.repeat_interleave(per_segment, dim=0)  # [T·n, D]
+        return tokens + codes.to(tokens.dtype)
 
     def embed(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor], clip_index: torch.Tensor) -> torch.Tensor:
         """LLM input embeddings with media tokens spliced in at the placeholder positions.

@@ -33,6 +33,7 @@ class AVModule(L.LightningModule):
         vision_connector, audio_connector: connector plugins (one per modality, as in Crab).
         adapter: adapter plugin (LoRA, MoE-LoRA, I-LoRA) or ``None``.
         num_segments: T, segments per clip (must match the data).
+        segment_embedding: add a learned segment-index (time) embedding to every media token.
         learning_rate: peak AdamW learning rate.
         weight_decay: AdamW weight decay.
         warmup_ratio: fraction of the training steps with linear warm-up (cosine decay after).
@@ -52,6 +53,7 @@ class AVModule(L.LightningModule):
         audio_connector: Connector,
         adapter: Adapter | None = None,
         num_segments: int = 10,
+        segment_embedding: bool = True,
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.03,
@@ -63,7 +65,8 @@ class AVModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.model = AVModel(
-            llm, vision_encoder, audio_encoder, vision_connector, audio_connector, adapter, num_segments=num_segments
+            llm, vision_encoder, audio_encoder, vision_connector, audio_connector, adapter,
+            num_segments=num_segments, segment_embedding=segment_embedding,
         )
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay

@@ -290,7 +290,10 @@ class ILoRALinear(RoutedLayer):
         probs, w = route(logits, self.temperature, self.top_k)  # fp32 [N, K]
         self._after_routing(logits, probs, w)
         h = (w.to(z.dtype).unsqueeze(-1) * z.unsqueeze(1)).reshape(n, k * r)  # [N, K·r]
-        b_t = self.stacked_B(h.dtype).t()  # [K·r, out]: one GEMM over the stacked heads
+        # the stacked heads as a contiguous [K·r, out] (row k·r + j = lora_B[k, :, j], i.e.
+        # stacked_B().t()): one GEMM over all heads, and addmm's backward then takes the fast
+        # hᵀ·dy form for the B gradient instead of (dyᵀ·h)ᵀ
+        b_t = self.lora_B.to(h.dtype).permute(0, 2, 1).reshape(k * r, self.out_features)
         if plain and y0.dtype == h.dtype:
             # y0 += s · h B: no [N, out] temporary in forward, and addmm's backward passes dy
             # through to y0 unchanged and applies s on the small [N, K·r] / [K·r, out] gradients

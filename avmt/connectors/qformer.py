@@ -22,6 +22,10 @@ class QFormerConnector(Connector):
         cross_attention_frequency: a cross-attention block every this many layers (1 = every
             layer; BLIP-2 uses 2).
         dropout: hidden and attention dropout inside the Q-Former.
+        initializer_range: std of the Q-Former's initial weights and queries; ``None`` =
+            ``hidden_size ** -0.5`` (fan-in scaled). BLIP-2's fixed 0.02 suits width 768; at the
+            tiny default width it leaves the cross-attention so weak that the outputs barely
+            depend on the features, and training from scratch stalls.
     """
 
     def __init__(
@@ -33,6 +37,7 @@ class QFormerConnector(Connector):
         intermediate_size: int = 128,
         cross_attention_frequency: int = 1,
         dropout: float = 0.0,
+        initializer_range: float | None = None,
     ) -> None:
         super().__init__()
         if num_queries < 1:
@@ -46,6 +51,7 @@ class QFormerConnector(Connector):
         self.intermediate_size = int(intermediate_size)
         self.cross_attention_frequency = int(cross_attention_frequency)
         self.dropout = float(dropout)
+        self.initializer_range = float(initializer_range) if initializer_range is not None else self.hidden_size**-0.5
 
     def _build(self, in_dim: int, out_dim: int) -> None:
         from transformers import Blip2QFormerConfig, Blip2QFormerModel
@@ -59,6 +65,7 @@ class QFormerConnector(Connector):
             attention_probs_dropout_prob=self.dropout,
             cross_attention_frequency=self.cross_attention_frequency,
             encoder_hidden_size=in_dim,
+            initializer_range=self.initializer_range,
         )
         self.input_norm = nn.LayerNorm(in_dim)
         init = torch.randn(1, self.num_queries, self.hidden_size) * config.initializer_range

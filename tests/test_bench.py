@@ -1,0 +1,123 @@
+"""``python -m avmt bench adapters --quick``: structure of the result (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+from torch import nn
+
+from avmt.bench import ADAPTERS, TARGETS, VARIANTS, CrabLoopLinear, CrabPlusLoopLinear, build_variants, main
+from avmt.cli import main as cli_main
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """The --quick run through the real CLI entry point, and the JSON it wrote."""
+    path = tmp_path_factory.mktemp("bench") / "adapters.json"
+    threads = torch.get_num_threads()
+    cli_main(["bench", "adapters", "--quick", "--json", str(path)])
+    assert torch.get_num_threads() == threads  # --threads is restored afterwards
+    return json.loads(path.read_text())
+
+
+def test_quick_times_every_variant_and_overhead_is_time_minus_base(quick):
+    assert quick["benchmark"] == "adapters" and quick["quick"] is True
+    assert quick["variants"] == list(VARIANTS)
+    assert quick["repeats"] == 2 and quick["threads"] == 1 and quick["clock"] == "cpu"
+    results = quick["results"]
+    assert {(e["r"], e["K"]) for e in results} == {(r, k) for r in (8, 128) for k in (1, 3, 8)}
+    # the base layer is timed before and after every adapter step; its time pools every base step of the shape
+    all_base = [t for e in results for t in e["rounds_ms"]["base"]]
+    for ci, e in enumerate(results):
+        assert set(e["times_ms"]) == set(VARIANTS) and set(e["overhead_ms"]) == set(ADAPTERS)
+        assert e["times_ms"]["base"] == pytest.approx(statistics.median(all_base))
+        assert all(t > 0 for v in VARIANTS for t in e["rounds_ms"][v] + e["wall_rounds_ms"][v])
+        extra = 0
+        for a in ADAPTERS:
+            n = len(e["rounds_ms"][a])  # 2 rounds, then up to 2 extra samples while fewer than 2 are stable
+            assert 2 <= n <= 4 and len(e["rel_rounds"][a]) == len(e["stable"][a]) == n
+            assert n == 2 or sum(e["stable"][a][:-1]) < 2
+            extra += n - 2
+            good = [x for x, ok in zip(e["rel_rounds"][a], e["stable"][a]) if ok] or e["rel_rounds"][a]
+            assert e["relative"][a] == pytest.approx(statistics.median(good))
+            assert e["times_ms"][a] == pytest.approx(e["relative"][a] * e["times_ms"]["base"])
+            assert e["overhead_ms"][a] == pytest.approx(e["times_ms"][a] - e["times_ms"]["base"])
+        assert len(e["rounds_ms"]["base"]) == 2 * (len(ADAPTERS) + 1) + 2 * extra
+        # each sample is the adapter step over the mean of the base steps just before and after it,
+        # in an adapter order that rotates with the round and the configuration
+        for i in range(2):
+            offset = (i + ci) % len(ADAPTERS)
+            order = ADAPTERS[offset:] + ADAPTERS[:offset]
+            base_steps = e["rounds_ms"]["base"][i * (len(ADAPTERS) + 1) : (i + 1) * (len(ADAPTERS) + 1)]
+            for j, a in enumerate(order):
+                ref = e["rounds_ms"][a][i] / (0.5 * (base_steps[j] + base_steps[j + 1]))
+                assert e["rel_rounds"][a][i] == pytest.approx(ref)
+        # the loop forms (and LoRA at K = 1) compute the same layer as I-LoRA
+        expected = {"crab_loop", "crab_plus_loop"} | ({"lora"} if e["K"] == 1 else set())
+        assert set(e["max_rel_err"]) == expected
+        assert all(err < 1e-4 for err in e["max_rel_err"].values()), e["max_rel_err"]
+
+
+def test_quick_targets_section(quick):
+    targets = quick["targets"]
+    assert [(t["name"], t["r"], t["op"], t["threshold"]) for t in targets] == [tuple(x) for x in TARGETS]
+    e = {(x["r"], x["K"]): x for x in quick["results"]}
+    for t in targets:
+        assert isinstance(t["passed"], bool) or (t["passed"] is None and t["measured"] is None)
+        assert list(t["per_shape"]) == ["256x256"]
+        if t["measured"] is None:
+            continue
+        assert t["passed"] == (t["measured"] >= t["threshold"] if t["op"] == ">=" else t["measured"] <= t["threshold"])
+        # one shape: the ratio of sums is that shape's ratio, computed from the table's numbers
+        if t["name"].startswith("layer"):
+            ref = e[(t["r"], 3)]["times_ms"]["ilora"] / e[(t["r"], 3)]["times_ms"]["lora"]
+        elif "K=8" in t["name"]:
+            ref = e[(8, 8)]["overhead_ms"]["ilora"] / e[(8, 1)]["overhead_ms"]["ilora"]
+        else:
+            ovh = e[(t["r"], 3)]["overhead_ms"]
+            ref = ovh[t["name"].split()[1]] / ovh["ilora"]
+        assert t["measured"] == pytest.approx(ref)
+
+
+def test_subset_run_skips_unmeasured_targets(capsys):
+    result = main(["adapters", "--quick", "--repeats", "1", "--ranks", "8", "--heads", "3", "--shapes", "64x32"])
+    out = capsys.readouterr().out
+    assert "64 x 32" in out and ("PASS" in out or "FAIL" in out)
+    assert [e["K"] for e in result["results"]] == [3]
+    by_name = {(t["name"], t["r"]): t for t in result["targets"]}
+    assert by_name[("overhead crab_loop / ilora", 128)]["passed"] is None
+    assert by_name[("overhead ilora K=8 / K=1", 8)]["passed"] is None
+    assert "SKIP  overhead ilora K=8 / K=1" in out
+
+
+def test_bad_arguments():
+    with pytest.raises(SystemExit):
+        main(["adapters", "--shapes", "1024by1024"])
+    with pytest.raises(ValueError, match="repeats"):
+        main(["adapters", "--quick", "--repeats", "0"])
+
+
+def test_loop_forms_match_the_formula():
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10, bias=False)
+    x = torch.randn(2, 5, 12)
+    for cls in (CrabLoopLinear, CrabPlusLoopLinear):
+        layer = cls(base, r=4, alpha=8.0, num_heads=3)
+        w = torch.softmax(layer.lora_route(x), dim=-1)
+        z = x @ layer.lora_A.weight.t()
+        ref = base(x) + 2.0 * sum(w[..., k : k + 1] * (z @ layer.lora_B[k].weight.t()) for k in range(3))
+        torch.testing.assert_close(layer(x), ref)
+
+
+def test_build_variants_share_the_frozen_base():
+    base = nn.Linear(16, 8, bias=False)
+    variants = build_variants(base, r=4, num_heads=2)
+    assert set(variants) == set(VARIANTS)
+    assert not base.weight.requires_grad
+    for name, module in variants.items():
+        if name != "base":
+            assert any(m is base for m in module.modules())
+            assert any(p.requires_grad for p in module.parameters())
