@@ -78,6 +78,14 @@ def _validate_routing_args(
             raise ValueError(f"{name} must be >= 0, got {c!r}")
 
 
+def _autocast_may_be_on(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (True for device types autocast does not know, e.g. meta)."""
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except RuntimeError:
+        return True
+
+
 class _BaseAndDown(torch.autograd.Function):
     """``y0 = x Wᵀ + b`` and ``zl = x [A; R]ᵀ`` as one autograd node (PyTorch path, no dropout).
 
@@ -259,7 +267,7 @@ class ILoRALinear(RoutedLayer):
         b = self.base_layer
         hooks = b._forward_hooks or b._forward_pre_hooks
         global_hooks = nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
-        return type(b) is nn.Linear and not (hooks or global_hooks)
+        return type(b) is nn.Linear and "forward" not in b.__dict__ and not (hooks or global_hooks)
 
     def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -272,7 +280,7 @@ class ILoRALinear(RoutedLayer):
         if (
             plain
             and not self._dropout_active
-            and not torch.is_autocast_enabled(x.device.type)
+            and not _autocast_may_be_on(x.device.type)
             and base.weight.dtype == dtype
             and (base.bias is None or base.bias.dtype == dtype)
         ):  # base GEMM and the [A; R] GEMM in one node: one dx buffer in backward
