@@ -32,10 +32,11 @@ machine slow everything down by up to ~50 % in phases lasting seconds, so an ada
 compared with the base steps next to it in time: its sample is ``t_adapter / mean(t_base before,
 t_base after)``; a sample is *stable* when those two base steps agree within 5 % (the load did not
 change during it). Adapters left with fewer than 2 stable samples get up to ``--repeats`` extra
-``(base, adapter, base)`` samples. An adapter's *relative time* is the median of its stable samples
-(of all, if none is stable); its layer time is that times the base layer's time (the median of all
-base steps of that layer shape), and its *overhead* is its layer time minus the base layer's time,
-``(relative time - 1) · base time``. Ratios between variants of one run are what count.
+samples (passes of ``base, a, base, a', …, base`` over them). An adapter's *relative time* is the
+median of its stable samples (of all, if none is stable); its layer time is that times the base
+layer's time (the median of all base steps of that layer shape), and its *overhead* is its layer
+time minus the base layer's time, ``(relative time - 1) · base time``. Ratios between variants of
+one run are what count.
 
 Finally the targets of the I-LoRA issue are checked at K = 3 (ratios of the overheads summed over
 the measured shapes; the per-shape ratios are printed too) and printed as PASS/FAIL lines.
@@ -93,7 +94,7 @@ ALPHA_PER_RANK = 2.0  # alpha = 2 r (Crab: r = 8, alpha = 16; Crab+: r = 128, al
 CLOCKS: tuple[str, ...] = ("cpu", "wall")
 # a sample counts as stable when the base steps before and after it differ by at most this fraction
 # (otherwise the load changed during it); adapters with fewer than MIN_STABLE stable samples after
-# the rounds get up to `repeats` extra (base, adapter, base) samples
+# the rounds get up to `repeats` extra samples
 STABLE_TOL = 0.05
 MIN_STABLE = 2
 
@@ -178,12 +179,15 @@ def build_variants(base: nn.Linear, r: int, num_heads: int, seed: int = 0) -> di
 
     ilora = ILoRALinear(base, r=r, alpha=alpha, num_heads=num_heads, dropout=0.0, kernel="torch")
     ilora.track_router_stats = False
-    moe = MoELoRALinear(base, r=r, alpha=alpha, num_experts=num_heads, dropout=0.0, top_k=None, switch_coef=0.0)
+    moe = MoELoRALinear(
+        base, r=r, alpha=alpha, num_experts=num_heads, dropout=0.0, top_k=None, switch_coef=0.0
+    )
     moe.track_router_stats = False
     crab = CrabLoopLinear(base, r, alpha, num_heads)
     crab_plus = CrabPlusLoopLinear(base, r, alpha, num_heads)
     holder = _OneLayer(base)
-    inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=["proj"]), holder)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=["proj"])
+    inject_adapter_in_model(config, holder)
     lora = holder.proj
     with torch.no_grad():
         nn.init.normal_(ilora.lora_B, std=b_std)
@@ -218,7 +222,10 @@ def _trainable(module: nn.Module) -> list[nn.Parameter]:
 
 
 def _make_step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """One training step of ``module``: grads reset to None, ``y = module(x)``, ``y.backward(dy)``; returns y."""
+    """One training step of ``module``: grads reset to None, ``y = module(x)``, ``y.backward(dy)``.
+
+    ``x [N, in]`` (requires grad), ``dy [N, out]``; the step returns ``y [N, out]``.
+    """
     params = _trainable(module)
 
     def step() -> torch.Tensor:
@@ -301,7 +308,8 @@ def run_adapters(
         {adapter: times_ms[adapter] - times_ms["base"]}, "relative": {adapter: median of
         t_adapter / t_base around it over the stable samples}, "rel_rounds": {adapter: [samples: one per
         round, then the extra ones]}, "stable": {adapter: [bool per sample]}, "rounds_ms": {variant:
-        [ms of each step, in order]}, "wall_rounds_ms": {...}, "max_rel_err": {...}}, ...], "targets": [...], ...}``
+        [ms of each step, in order]}, "wall_rounds_ms": {...}, "max_rel_err": {...}}, ...],
+        "targets": [...], ...}``
         where ``times_ms["base"]`` is the median of every base step of that shape and
         ``times_ms[adapter] = relative[adapter] · times_ms["base"]`` (see :func:`check_targets`).
     """
@@ -364,13 +372,16 @@ def run_adapters(
     def top_up() -> int:
         extra = 0
         for cfg in configs:
-            for name in ADAPTERS:
-                for _ in range(repeats):
-                    if sum(cfg.stable[name]) >= MIN_STABLE:
-                        break
-                    before = timed(cfg, "base")
+            for _ in range(repeats):  # passes of base, a1, base, a2, ... over the adapters still short
+                short = [a for a in ADAPTERS if sum(cfg.stable[a]) < MIN_STABLE]
+                if not short:
+                    break
+                before = timed(cfg, "base")
+                for name in short:
                     t = timed(cfg, name)
-                    cfg.sample(name, t, before, timed(cfg, "base"))
+                    after = timed(cfg, "base")
+                    cfg.sample(name, t, before, after)
+                    before = after
                     extra += 1
         return extra
 
@@ -393,10 +404,10 @@ def run_adapters(
         if gc_was_enabled:
             gc.enable()
 
-    base_ms = {
-        shape: statistics.median([t for c in configs if (c.d_in, c.d_out) == shape for t in c.step_ms["base"]])
-        for shape in {(c.d_in, c.d_out) for c in configs}
-    }
+    base_steps: dict[tuple[int, int], list[float]] = {}
+    for c in configs:
+        base_steps.setdefault((c.d_in, c.d_out), []).extend(c.step_ms["base"])
+    base_ms = {shape: statistics.median(steps) for shape, steps in base_steps.items()}
     results = []
     for cfg in configs:
         b = base_ms[(cfg.d_in, cfg.d_out)]
@@ -541,7 +552,8 @@ def format_table(result: dict) -> str:
         f" {_SHORT[a] + ' ovh':>10}" for a in ADAPTERS
     ) + " | ilora/lora layer  crab/ilora ovh  crab+/ilora ovh"
     lines = [
-        f"adapter layer forward+backward, fp32 CPU, {result['threads']} thread(s), N = {result['tokens']} tokens, "
+        f"adapter layer forward+backward, fp32 CPU, {result['threads']} thread(s), "
+        f"N = {result['tokens']} tokens, "
         f"{result['clock']} clock, {result['repeats']} rounds; ms, ovh = layer - base "
         f"(* = no stable sample: the load changed during every one)",
         head,
@@ -572,7 +584,8 @@ def format_targets(targets: list[dict]) -> str:
             lines.append(f"SKIP  {label}: {why}")
             continue
         shapes = ", ".join(f"{s} {_num(v)}" for s, v in t["per_shape"].items())
-        lines.append(f"{'PASS' if t['passed'] else 'FAIL'}  {label}: measured {_num(t['measured'])} [{shapes}]")
+        verdict = "PASS" if t["passed"] else "FAIL"
+        lines.append(f"{verdict}  {label}: measured {_num(t['measured'])} [{shapes}]")
     return "\n".join(lines)
 
 
@@ -590,18 +603,20 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "adapters",
         help="forward+backward time of one adapted linear layer per adapter (CPU, fp32)",
-        description="Forward+backward time of one adapted linear layer: frozen base, peft LoRA, I-LoRA, MoE-LoRA "
-        "and the per-head loops of Crab / Crab+; interleaved rounds, medians, overhead over the base layer, "
-        "and the I-LoRA speed targets at K = 3.",
+        description="Forward+backward time of one adapted linear layer: frozen base, peft LoRA, I-LoRA, "
+        "MoE-LoRA and the per-head loops of Crab / Crab+; interleaved rounds, medians, overhead over the "
+        "base layer, and the I-LoRA speed targets at K = 3.",
     )
     p.add_argument("--json", type=Path, default=None, help="write the result as JSON to this path")
     p.add_argument("--quick", action="store_true",
-                   help=f"one small shape ({QUICK_SHAPES[0][0]}x{QUICK_SHAPES[0][1]}, {QUICK_TOKENS} tokens), "
+                   help=f"one small shape ({QUICK_SHAPES[0][0]}x{QUICK_SHAPES[0][1]}, "
+                   f"{QUICK_TOKENS} tokens), "
                    f"{QUICK_REPEATS} rounds (smoke test; timings meaningless)")
     p.add_argument("--repeats", type=int, default=None,
                    help=f"timed rounds (default {DEFAULT_REPEATS}, --quick {QUICK_REPEATS})")
     p.add_argument("--shapes", type=_shape, nargs="+", default=None,
-                   help="layer shapes IN x OUT (default: " + " ".join(f"{i}x{o}" for i, o in DEFAULT_SHAPES) + ")")
+                   help="layer shapes IN x OUT (default: "
+                   + " ".join(f"{i}x{o}" for i, o in DEFAULT_SHAPES) + ")")
     p.add_argument("--ranks", type=int, nargs="+", default=list(DEFAULT_RANKS), help="LoRA ranks r")
     p.add_argument("--heads", type=int, nargs="+", default=list(DEFAULT_HEADS), help="head counts K")
     p.add_argument("--tokens", type=int, default=None,
@@ -609,14 +624,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                    help=f"torch intra-op threads (default {DEFAULT_THREADS}; 0 = leave torch's default)")
     p.add_argument("--clock", choices=CLOCKS, default="cpu",
-                   help="cpu: CPU time of the process (default; with several threads it sums them, spin-waits "
-                   "included); wall: elapsed time")
+                   help="cpu: CPU time of the process (default; with several threads it sums them, "
+                   "spin-waits included); wall: elapsed time")
     p.add_argument("--seed", type=int, default=0, help="seed of inputs and parameters")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """``python -m avmt bench adapters ...``: run, print the table and the target lines; returns the result."""
+    """``python -m avmt bench adapters ...``: run, print the table and the targets; returns the result."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     if args.threads < 0:
@@ -644,8 +659,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for e in result["results"]:
         for name, err in e["max_rel_err"].items():
             if err > 1e-3:
-                print(f"WARNING: {name} differs from ilora at {e['d_in']}x{e['d_out']} r={e['r']} K={e['K']}: "
-                      f"max rel err {err:.2e}")
+                where = f"{e['d_in']}x{e['d_out']} r={e['r']} K={e['K']}"
+                print(f"WARNING: {name} differs from ilora at {where}: max rel err {err:.2e}")
     print(f"targets at K = {TARGET_K} (ratio of the sums over shapes; per shape in brackets):")
     print(format_targets(result["targets"]))
     print(f"elapsed {result['elapsed_s']:.0f} s")

@@ -45,7 +45,9 @@ def test_quick_times_every_variant_and_overhead_is_time_minus_base(quick):
             assert e["relative"][a] == pytest.approx(statistics.median(good))
             assert e["times_ms"][a] == pytest.approx(e["relative"][a] * e["times_ms"]["base"])
             assert e["overhead_ms"][a] == pytest.approx(e["times_ms"][a] - e["times_ms"]["base"])
-        assert len(e["rounds_ms"]["base"]) == 2 * (len(ADAPTERS) + 1) + 2 * extra
+        # extra samples come in passes of base, a, base, a', ..., base over the adapters still short
+        assert 2 * (len(ADAPTERS) + 1) + extra + (extra > 0) <= len(e["rounds_ms"]["base"])
+        assert len(e["rounds_ms"]["base"]) <= 2 * (len(ADAPTERS) + 1) + 2 * extra
         # each sample is the adapter step over the mean of the base steps just before and after it,
         # in an adapter order that rotates with the round and the configuration
         for i in range(2):
@@ -70,7 +72,8 @@ def test_quick_targets_section(quick):
         assert list(t["per_shape"]) == ["256x256"]
         if t["measured"] is None:
             continue
-        assert t["passed"] == (t["measured"] >= t["threshold"] if t["op"] == ">=" else t["measured"] <= t["threshold"])
+        ok = t["measured"] >= t["threshold"] if t["op"] == ">=" else t["measured"] <= t["threshold"]
+        assert t["passed"] == ok
         # one shape: the ratio of sums is that shape's ratio, computed from the table's numbers
         if t["name"].startswith("layer"):
             ref = e[(t["r"], 3)]["times_ms"]["ilora"] / e[(t["r"], 3)]["times_ms"]["lora"]
@@ -83,7 +86,8 @@ def test_quick_targets_section(quick):
 
 
 def test_subset_run_skips_unmeasured_targets(capsys):
-    result = main(["adapters", "--quick", "--repeats", "1", "--ranks", "8", "--heads", "3", "--shapes", "64x32"])
+    argv = ["adapters", "--quick", "--repeats", "1", "--ranks", "8", "--heads", "3", "--shapes", "64x32"]
+    result = main(argv)
     out = capsys.readouterr().out
     assert "64 x 32" in out and ("PASS" in out or "FAIL" in out)
     assert [e["K"] for e in result["results"]] == [3]

@@ -79,7 +79,7 @@ def _validate_routing_args(
 
 
 def _autocast_may_be_on(device_type: str) -> bool:
-    """Whether autocast is on for ``device_type`` (True for device types autocast does not know, e.g. meta)."""
+    """Whether autocast is on for ``device_type`` (True where autocast does not know the type, e.g. meta)."""
     try:
         return bool(torch.is_autocast_enabled(device_type))
     except RuntimeError:
@@ -300,8 +300,9 @@ class ILoRALinear(RoutedLayer):
         h = (w.to(z.dtype).unsqueeze(-1) * z.unsqueeze(1)).reshape(n, k * r)  # [N, K·r]
         # the stacked heads as a contiguous [K·r, out] (row k·r + j = lora_B[k, :, j], i.e.
         # stacked_B().t()): one GEMM over all heads, and addmm's backward then takes the fast
-        # hᵀ·dy form for the B gradient instead of (dyᵀ·h)ᵀ
-        b_t = self.lora_B.to(h.dtype).permute(0, 2, 1).reshape(k * r, self.out_features)
+        # hᵀ·dy form for the B gradient instead of (dyᵀ·h)ᵀ (with K = 1 the reshape is a
+        # transposed view, hence the explicit contiguous())
+        b_t = self.lora_B.to(h.dtype).permute(0, 2, 1).reshape(k * r, self.out_features).contiguous()
         if plain and y0.dtype == h.dtype:
             # y0 += s · h B: no [N, out] temporary in forward, and addmm's backward passes dy
             # through to y0 unchanged and applies s on the small [N, K·r] / [K·r, out] gradients
