@@ -310,6 +310,8 @@ class AVModule(L.LightningModule):
         report["vision encoder"] = trainable(model.vision_encoder)
         report["audio encoder"] = trainable(model.audio_encoder)
         report["llm (new token rows and other non-adapter weights)"] = trainable(model.llm)
+        if model.segment_embedding is not None:
+            report["segment time codes"] = trainable(model.segment_embedding)
         report["total trainable"] = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return report
 
