@@ -11,8 +11,6 @@ from __future__ import annotations
 import importlib
 import inspect
 
-import torch
-
 # kind -> (module holding the implementations, base class name in that module)
 PLUGIN_KINDS: dict[str, tuple[str, str]] = {
     "vision_encoder": ("avmt.encoders", "VisionEncoder"),
@@ -76,9 +74,3 @@ def check_class_path(kind: str, class_path: str, key: str) -> None:
         f"(or any importable subclass of {PLUGIN_KINDS[kind][0]}.{PLUGIN_KINDS[kind][1]})"
     )
 
-
-def freeze(module: torch.nn.Module) -> None:
-    """Set ``requires_grad=False`` on every parameter of ``module`` and put it in eval mode."""
-    for parameter in module.parameters():
-        parameter.requires_grad_(False)
-    module.eval()

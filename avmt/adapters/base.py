@@ -236,7 +236,14 @@ class Adapter(nn.Module):
                 p.requires_grad_(True)
 
     def _inject(self, scope: str, module: nn.Module, names: list[str]) -> dict[str, nn.Module]:
-        """Adapt the modules ``names`` of ``module``; return ``{relative name: adapted layer}``."""
+        """Adapt the modules ``names`` of ``module``; return ``{relative name: adapted layer}``.
+
+        By default each ``nn.Linear`` is replaced by :meth:`_make_layer` of it.
+        """
+        return {n: self._replace(module, n, self._make_layer) for n in names}
+
+    def _make_layer(self, base: nn.Linear) -> nn.Module:
+        """The adapted layer that replaces ``base`` (adapters that replace modules implement it)."""
         raise NotImplementedError
 
     @staticmethod

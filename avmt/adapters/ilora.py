@@ -409,9 +409,6 @@ class ILoRA(Adapter):
         layer.train(base.training)
         return layer
 
-    def _inject(self, scope: str, module: nn.Module, names: list[str]) -> dict[str, nn.Module]:
-        return {n: self._replace(module, n, self._make_layer) for n in names}
-
     def set_kernel(self, kernel: str) -> None:
         """Switch every layer to ``kernel`` in ``auto|triton|torch`` (e.g. for benchmarks)."""
         if kernel not in KERNELS:

@@ -259,9 +259,6 @@ class MoELoRA(Adapter):
         layer.train(base.training)
         return layer
 
-    def _inject(self, scope: str, module: nn.Module, names: list[str]) -> dict[str, nn.Module]:
-        return {n: self._replace(module, n, self._make_layer) for n in names}
-
     def set_task_ids(self, task_ids: torch.Tensor | None) -> None:
         """Task id of each sample of the next batch, ``LongTensor [B]`` with values in ``[0, num_tasks)``.
 

@@ -9,7 +9,6 @@ nothing about the model.
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import zlib
@@ -249,8 +248,3 @@ class AVDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test")
-
-    def num_batches(self, split: str) -> int | None:
-        """Batches per epoch of ``split`` when the clip count is known."""
-        count = self.counts.get(split)
-        return None if count is None else math.ceil(count / self.clips_per_batch)
