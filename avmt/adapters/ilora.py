@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Adapter
-from .routing import RoutedLayer, route
+from .routing import RoutedAdapter, RoutedLoRALinear, route
 
 __all__ = ["ILoRALinear", "ILoRA", "KERNELS"]
 
@@ -56,67 +55,12 @@ def _auto_kernel():
     return _AUTO_KERNEL["module"]
 
 
-def _validate_routing_args(
-    num_heads: int,
-    temperature: float,
-    top_k: int | None,
-    kernel: str,
-    balance_coef: float,
-    switch_coef: float,
-    z_loss_coef: float,
-) -> None:
-    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
-        raise ValueError(f"num_heads must be a positive integer, got {num_heads!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= num_heads):
-        raise ValueError(f"top_k must be None or an integer in [1, num_heads={num_heads}], got {top_k!r}")
+def _validate_kernel(kernel: str) -> None:
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {'|'.join(KERNELS)}, got {kernel!r}")
-    for name, c in (("balance_coef", balance_coef), ("switch_coef", switch_coef), ("z_loss_coef", z_loss_coef)):
-        if not c >= 0:
-            raise ValueError(f"{name} must be >= 0, got {c!r}")
 
 
-def _autocast_may_be_on(device_type: str) -> bool:
-    """Whether autocast is on for ``device_type`` (True where autocast does not know the type, e.g. meta)."""
-    try:
-        return bool(torch.is_autocast_enabled(device_type))
-    except RuntimeError:
-        return True
-
-
-class _BaseAndDown(torch.autograd.Function):
-    """``y0 = x Wᵀ + b`` and ``zl = x [A; R]ᵀ`` as one autograd node (PyTorch path, no dropout).
-
-    Shapes: ``x [N, in]``, ``W [out, in]``, ``b [out] | None``, ``ar [r+K, in]`` → ``y0 [N, out]``,
-    ``zl [N, r+K]``. Same values as two ``F.linear``; the point is the backward: both input
-    gradients go into one buffer (``dx = dy0 W``, then ``dx += dzl · ar`` in place) instead of two
-    ``[N, in]`` tensors that autograd then adds, and ``dW`` / ``db`` are computed only when needed.
-    """
-
-    @staticmethod
-    def forward(ctx, x2, weight, bias, ar):  # noqa: D102
-        ctx.save_for_backward(x2, weight, ar)
-        ctx.has_bias = bias is not None
-        return F.linear(x2, weight, bias), F.linear(x2, ar)
-
-    @staticmethod
-    def backward(ctx, dy0, dzl):  # noqa: D102
-        x2, weight, ar = ctx.saved_tensors
-        dx = dw = db = dar = None
-        if ctx.needs_input_grad[0]:
-            dx = dy0.mm(weight).addmm_(dzl, ar)  # [N, in]
-        if ctx.needs_input_grad[1]:
-            dw = dy0.t().mm(x2)  # [out, in]
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy0.sum(0)  # [out]
-        if ctx.needs_input_grad[3]:
-            dar = dzl.t().mm(x2)  # [r+K, in]
-        return dx, dw, db, dar
-
-
-class ILoRALinear(RoutedLayer):
+class ILoRALinear(RoutedLoRALinear):
     """A frozen ``nn.Linear`` plus an I-LoRA update (shared A, ``num_heads`` routed B-heads).
 
     Args:
@@ -153,62 +97,22 @@ class ILoRALinear(RoutedLayer):
         switch_coef: float = 0.0,
         z_loss_coef: float = 0.0,
     ) -> None:
-        super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"ILoRALinear adapts an nn.Linear, got {type(base).__name__}")
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise ValueError(f"r must be a positive integer, got {r!r}")
-        if not alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {alpha!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        _validate_routing_args(num_heads, temperature, top_k, kernel, balance_coef, switch_coef, z_loss_coef)
-        self.base_layer = base
-        self.in_features = base.in_features
-        self.out_features = base.out_features
-        self.r = r
-        self.alpha = float(alpha)
-        self.num_heads = num_heads
-        self.scaling = float(alpha) / r
-        self.temperature = float(temperature)
-        self.top_k = top_k
+        _validate_kernel(kernel)
+        super().__init__(
+            base, r, alpha, num_heads, dropout, temperature, top_k, balance_coef, switch_coef, z_loss_coef
+        )
         self.kernel = kernel
-        self.balance_coef = float(balance_coef)
-        self.switch_coef = float(switch_coef)
-        self.z_loss_coef = float(z_loss_coef)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        w = base.weight
-        kw = {"device": w.device, "dtype": w.dtype if w.dtype.is_floating_point else torch.float32}
+        kw = self._param_kwargs()
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(num_heads, self.out_features, r, **kw))
         self.lora_router = nn.Parameter(torch.empty(num_heads, self.in_features, **kw))
         self.reset_lora_parameters()
-        self._init_routing()
 
     def reset_lora_parameters(self) -> None:
         """A and the router: kaiming-uniform (a=√5, as peft / nn.Linear); B: zeros."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.kaiming_uniform_(self.lora_router, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The frozen base weight ``[out, in]`` (for code that inspects ``module.weight``)."""
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        """The frozen base bias ``[out]`` or None."""
-        return self.base_layer.bias
-
-    def stacked_B(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The heads as one matrix ``[out, K·r]``: column ``k·r + j`` is ``lora_B[k, :, j]``."""
-        b = self.lora_B if dtype is None else self.lora_B.to(dtype)
-        return b.permute(1, 0, 2).reshape(self.out_features, self.num_heads * self.r)
-
-    @property
-    def _dropout_active(self) -> bool:
-        return self.training and isinstance(self.lora_dropout, nn.Dropout) and self.lora_dropout.p > 0
 
     # ------------------------------------------------------------------ dispatch
     def _select_kernel(self, x: torch.Tensor):
@@ -260,57 +164,15 @@ class ILoRALinear(RoutedLayer):
             return self._forward_kernel(fused, x, self.base_layer(x))
         return self._forward_torch(x)
 
-    @property
-    def _plain_base(self) -> bool:
-        """Whether ``base_layer`` is exactly an ``nn.Linear`` without hooks: its output is then a fresh
-        tensor that nothing else holds or saves for backward, so the update can be added in place."""
-        b = self.base_layer
-        hooks = b._forward_hooks or b._forward_pre_hooks
-        global_hooks = nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
-        return type(b) is nn.Linear and "forward" not in b.__dict__ and not (hooks or global_hooks)
+    def _down_weight(self) -> torch.Tensor:
+        return self.lora_A  # [r, in], shared by the heads
 
-    def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x2 = x.reshape(-1, self.in_features)  # [N, in]
-        n, k, r = x2.shape[0], self.num_heads, self.r
-        plain = self._plain_base
-        a = self.lora_A.to(dtype)
-        rt = self.lora_router.to(dtype)
-        base = self.base_layer
-        if (
-            plain
-            and not self._dropout_active
-            and not _autocast_may_be_on(x.device.type)
-            and base.weight.dtype == dtype
-            and (base.bias is None or base.bias.dtype == dtype)
-        ):  # base GEMM and the [A; R] GEMM in one node: one dx buffer in backward
-            y0, zl = _BaseAndDown.apply(x2, base.weight, base.bias, torch.cat([a, rt], dim=0))
-            z, logits = zl.split([r, k], dim=-1)
-        else:
-            # a plain nn.Linear gives the same values on x2 as on x; on x2 its output is not a view,
-            # so the in-place addmm_ below needs no CopySlices (a full copy of dy) in backward
-            y0 = base(x2 if plain else x)
-            if self._dropout_active:  # A sees drop(x), the router sees x: two GEMMs
-                z = F.linear(self.lora_dropout(x2), a)  # [N, r]
-                logits = F.linear(x2, rt)  # [N, K]
-            else:  # one pass over x for both
-                z, logits = F.linear(x2, torch.cat([a, rt], dim=0)).split([r, k], dim=-1)
-        probs, w = route(logits, self.temperature, self.top_k)  # fp32 [N, K]
-        self._after_routing(logits, probs, w)
-        h = (w.to(z.dtype).unsqueeze(-1) * z.unsqueeze(1)).reshape(n, k * r)  # [N, K·r]
-        # the stacked heads as a contiguous [K·r, out] (row k·r + j = lora_B[k, :, j], i.e.
-        # stacked_B().t()): one GEMM over all heads, and addmm's backward then takes the fast
-        # hᵀ·dy form for the B gradient instead of (dyᵀ·h)ᵀ (with K = 1 the reshape is a
-        # transposed view, hence the explicit contiguous())
-        b_t = self.lora_B.to(h.dtype).permute(0, 2, 1).reshape(k * r, self.out_features).contiguous()
-        if plain and y0.dtype == h.dtype:
-            # y0 += s · h B: no [N, out] temporary in forward, and addmm's backward passes dy
-            # through to y0 unchanged and applies s on the small [N, K·r] / [K·r, out] gradients
-            y = y0.addmm_(h, b_t, alpha=self.scaling)
-        else:
-            y0 = y0.reshape(n, self.out_features)
-            y = torch.addmm(y0, h.to(y0.dtype), b_t.to(y0.dtype), alpha=self.scaling)
-        return y.view(*x.shape[:-1], self.out_features)
+    def _router_weight(self) -> torch.Tensor:
+        return self.lora_router  # [K, in]
+
+    def _mix(self, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        # h[n, k·r + j] = w[n, k] · z[n, j]
+        return (w.unsqueeze(-1) * z.unsqueeze(1)).reshape(z.shape[0], self.num_heads * self.r)
 
     def _forward_kernel(self, fused, x: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -346,7 +208,7 @@ class ILoRALinear(RoutedLayer):
         )
 
 
-class ILoRA(Adapter):
+class ILoRA(RoutedAdapter):
     """I-LoRA adapter plugin: replaces each matching ``nn.Linear`` by an :class:`ILoRALinear`.
 
     Args:
@@ -380,39 +242,21 @@ class ILoRA(Adapter):
         z_loss_coef: float = 0.0,
         track_router_stats: bool = True,
     ) -> None:
-        super().__init__(target_modules=target_modules, scopes=scopes, r=r, alpha=alpha, dropout=dropout)
-        _validate_routing_args(num_heads, temperature, top_k, kernel, balance_coef, switch_coef, z_loss_coef)
+        _validate_kernel(kernel)
+        super().__init__(
+            target_modules, scopes, r, alpha, dropout, num_heads, temperature, top_k,
+            balance_coef, switch_coef, z_loss_coef, track_router_stats,
+        )
         self.num_heads = num_heads
-        self.temperature = float(temperature)
-        self.top_k = top_k
         self.kernel = kernel
-        self.balance_coef = float(balance_coef)
-        self.switch_coef = float(switch_coef)
-        self.z_loss_coef = float(z_loss_coef)
-        self.track_router_stats = bool(track_router_stats)
 
     def _make_layer(self, base: nn.Linear) -> ILoRALinear:
-        layer = ILoRALinear(
-            base,
-            r=self.r,
-            alpha=self.alpha,
-            num_heads=self.num_heads,
-            dropout=self.dropout,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            kernel=self.kernel,
-            balance_coef=self.balance_coef,
-            switch_coef=self.switch_coef,
-            z_loss_coef=self.z_loss_coef,
-        )
-        layer.track_router_stats = self.track_router_stats
-        layer.train(base.training)
-        return layer
+        layer = ILoRALinear(base, num_heads=self.num_heads, kernel=self.kernel, **self._layer_options())
+        return self._finish_layer(layer, base)
 
     def set_kernel(self, kernel: str) -> None:
         """Switch every layer to ``kernel`` in ``auto|triton|torch`` (e.g. for benchmarks)."""
-        if kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {'|'.join(KERNELS)}, got {kernel!r}")
+        _validate_kernel(kernel)
         self.kernel = kernel
         for layer in self._injected.values():
             layer.kernel = kernel

@@ -20,12 +20,9 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .base import Adapter
-from .ilora import _validate_routing_args
-from .routing import RoutedLayer, route
+from .routing import RoutedAdapter, RoutedLoRALinear
 
 __all__ = ["MoELoRALinear", "MoELoRA", "GATES"]
 
@@ -39,7 +36,7 @@ def _validate_gate(gate: str, num_tasks: int | None) -> None:
         raise ValueError(f"gate='task' needs num_tasks >= 1 (the number of tasks), got {num_tasks!r}")
 
 
-class MoELoRALinear(RoutedLayer):
+class MoELoRALinear(RoutedLoRALinear):
     """A frozen ``nn.Linear`` plus a mixture of ``num_experts`` LoRA experts.
 
     Args:
@@ -74,34 +71,15 @@ class MoELoRALinear(RoutedLayer):
         switch_coef: float = 0.001,
         z_loss_coef: float = 0.0,
     ) -> None:
-        super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"MoELoRALinear adapts an nn.Linear, got {type(base).__name__}")
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise ValueError(f"r must be a positive integer, got {r!r}")
-        if not alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {alpha!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        _validate_routing_args(num_experts, temperature, top_k, "torch", balance_coef, switch_coef, z_loss_coef)
         _validate_gate(gate, num_tasks)
-        self.base_layer = base
-        self.in_features = base.in_features
-        self.out_features = base.out_features
-        self.r = r
-        self.alpha = float(alpha)
-        self.num_experts = self.num_heads = num_experts
-        self.scaling = float(alpha) / r
-        self.top_k = top_k
-        self.temperature = float(temperature)
+        super().__init__(
+            base, r, alpha, num_experts, dropout, temperature, top_k, balance_coef, switch_coef, z_loss_coef,
+            count_name="num_experts",
+        )
+        self.num_experts = num_experts
         self.gate = gate
         self.num_tasks = num_tasks
-        self.balance_coef = float(balance_coef)
-        self.switch_coef = float(switch_coef)
-        self.z_loss_coef = float(z_loss_coef)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        w = base.weight
-        kw = {"device": w.device, "dtype": w.dtype if w.dtype.is_floating_point else torch.float32}
+        kw = self._param_kwargs()
         self.lora_A = nn.Parameter(torch.empty(num_experts, r, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(num_experts, self.out_features, r, **kw))
         if gate == "token":
@@ -110,7 +88,6 @@ class MoELoRALinear(RoutedLayer):
             self.lora_task_gate = nn.Parameter(torch.zeros(num_tasks, num_experts, **kw))
         self._task_ids: torch.Tensor | None = None
         self.reset_lora_parameters()
-        self._init_routing()
 
     def reset_lora_parameters(self) -> None:
         """Each A_k and the router: kaiming-uniform (a=√5, fan-in = in); B and the task gate: zeros."""
@@ -122,16 +99,6 @@ class MoELoRALinear(RoutedLayer):
             else:
                 nn.init.zeros_(self.lora_task_gate)
         nn.init.zeros_(self.lora_B)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The frozen base weight ``[out, in]``."""
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        """The frozen base bias ``[out]`` or None."""
-        return self.base_layer.bias
 
     def set_task_ids(self, task_ids: torch.Tensor | None) -> None:
         """Task id per sample ``[B]`` (or per token ``[N]``) used by the task gate of the next forwards."""
@@ -156,37 +123,23 @@ class MoELoRALinear(RoutedLayer):
             f"(expected one per sample = {lead[0] if lead else 1} or one per token = {n})"
         )
 
-    @property
-    def _dropout_active(self) -> bool:
-        return self.training and isinstance(self.lora_dropout, nn.Dropout) and self.lora_dropout.p > 0
+    def _down_weight(self) -> torch.Tensor:
+        return self.lora_A.reshape(self.num_experts * self.r, self.in_features)  # stacked A [K·r, in]
 
-    def stacked_B(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The experts' B as one matrix ``[out, K·r]`` (column ``k·r + j`` = ``lora_B[k, :, j]``)."""
-        b = self.lora_B if dtype is None else self.lora_B.to(dtype)
-        return b.permute(1, 0, 2).reshape(self.out_features, self.num_experts * self.r)
+    def _router_weight(self) -> torch.Tensor | None:
+        return self.lora_router if self.gate == "token" else None
+
+    def _gate_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_task_gate[self._token_task_ids(x)]  # [N, K]
+
+    def _mix(self, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        # expert k's input z[:, k·r:(k+1)·r] weighted by w[:, k]
+        n, k = z.shape[0], self.num_experts
+        return (z.view(n, k, self.r) * w.unsqueeze(-1)).reshape(n, k * self.r)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in]`` → ``y [..., out]`` = base(x) + s · Σ_k w_k B_k A_k drop(x)."""
-        y0 = self.base_layer(x)
-        dtype = x.dtype
-        x2 = x.reshape(-1, self.in_features)  # [N, in]
-        n, k, r = x2.shape[0], self.num_experts, self.r
-        a = self.lora_A.to(dtype).reshape(k * r, self.in_features)  # stacked A [K·r, in]
-        if self.gate == "token":
-            rt = self.lora_router.to(dtype)
-            if self._dropout_active:
-                z = F.linear(self.lora_dropout(x2), a)  # [N, K·r]
-                logits = F.linear(x2, rt)  # [N, K]
-            else:
-                z, logits = F.linear(x2, torch.cat([a, rt], dim=0)).split([k * r, k], dim=-1)
-        else:
-            z = F.linear(self.lora_dropout(x2), a)
-            logits = self.lora_task_gate[self._token_task_ids(x)]  # [N, K]
-        probs, w = route(logits, self.temperature, self.top_k)  # fp32 [N, K]
-        self._after_routing(logits, probs, w)
-        h = (z.reshape(n, k, r) * w.to(z.dtype).unsqueeze(-1)).reshape(n, k * r)
-        delta = F.linear(h, self.stacked_B(h.dtype))  # [N, out]
-        return torch.add(y0, delta.reshape(y0.shape).to(y0.dtype), alpha=self.scaling)
+        return self._forward_torch(x)
 
     def extra_repr(self) -> str:
         return (
@@ -196,7 +149,7 @@ class MoELoRALinear(RoutedLayer):
         )
 
 
-class MoELoRA(Adapter):
+class MoELoRA(RoutedAdapter):
     """MoE-LoRA adapter plugin: replaces each matching ``nn.Linear`` by a :class:`MoELoRALinear`.
 
     Args:
@@ -227,37 +180,20 @@ class MoELoRA(Adapter):
         z_loss_coef: float = 0.0,
         track_router_stats: bool = True,
     ) -> None:
-        super().__init__(target_modules=target_modules, scopes=scopes, r=r, alpha=alpha, dropout=dropout)
-        _validate_routing_args(num_experts, temperature, top_k, "torch", balance_coef, switch_coef, z_loss_coef)
         _validate_gate(gate, num_tasks)
+        super().__init__(
+            target_modules, scopes, r, alpha, dropout, num_experts, temperature, top_k,
+            balance_coef, switch_coef, z_loss_coef, track_router_stats, count_name="num_experts",
+        )
         self.num_experts = num_experts
-        self.top_k = top_k
-        self.temperature = float(temperature)
         self.gate = gate
         self.num_tasks = num_tasks
-        self.balance_coef = float(balance_coef)
-        self.switch_coef = float(switch_coef)
-        self.z_loss_coef = float(z_loss_coef)
-        self.track_router_stats = bool(track_router_stats)
 
     def _make_layer(self, base: nn.Linear) -> MoELoRALinear:
         layer = MoELoRALinear(
-            base,
-            r=self.r,
-            alpha=self.alpha,
-            num_experts=self.num_experts,
-            dropout=self.dropout,
-            top_k=self.top_k,
-            temperature=self.temperature,
-            gate=self.gate,
-            num_tasks=self.num_tasks,
-            balance_coef=self.balance_coef,
-            switch_coef=self.switch_coef,
-            z_loss_coef=self.z_loss_coef,
+            base, num_experts=self.num_experts, gate=self.gate, num_tasks=self.num_tasks, **self._layer_options()
         )
-        layer.track_router_stats = self.track_router_stats
-        layer.train(base.training)
-        return layer
+        return self._finish_layer(layer, base)
 
     def set_task_ids(self, task_ids: torch.Tensor | None) -> None:
         """Task id of each sample of the next batch, ``LongTensor [B]`` with values in ``[0, num_tasks)``.
