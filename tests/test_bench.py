@@ -9,7 +9,17 @@ import pytest
 import torch
 from torch import nn
 
-from avmt.bench import ADAPTERS, TARGETS, VARIANTS, CrabLoopLinear, CrabPlusLoopLinear, build_variants, main
+from avmt.bench import (
+    ADAPTERS,
+    TARGETS,
+    VARIANTS,
+    CrabLoopLinear,
+    CrabPlusLoopLinear,
+    build_variants,
+    check_targets,
+    format_targets,
+    main,
+)
 from avmt.cli import main as cli_main
 
 
@@ -97,11 +107,49 @@ def test_subset_run_skips_unmeasured_targets(capsys):
     assert "SKIP  overhead ilora K=8 / K=1" in out
 
 
+def test_k_growth_work_share_hand_computed():
+    # base step 100 ms for 4 N d_in d_out = 4 * 500 * 1000 * 2000 = 4 GFLOP -> 40 GFLOP/s; K = 1 -> 8 adds
+    # 6 * N * r * d_out * 7 = 6 * 500 * 8 * 2000 * 7 = 0.336 GFLOP -> 8.4 ms = 84 % of the 10 ms K = 1 overhead
+    def entry(k, overhead):
+        return {"d_in": 1000, "d_out": 2000, "r": 8, "K": k, "times_ms": {"base": 100.0},
+                "overhead_ms": {"ilora": overhead}}
+
+    targets = check_targets([entry(1, 10.0), entry(8, 30.0)], tokens=500)
+    growth = next(t for t in targets if "K=8" in t["name"])
+    assert growth["measured"] == pytest.approx(3.0) and growth["passed"] is False
+    shape = growth["k_work"]["per_shape"]["1000x2000"]
+    assert shape["gemm_gflops"] == pytest.approx(40.0)
+    assert shape["delta_gflop"] == pytest.approx(0.336)
+    assert shape["delta_ms"] == pytest.approx(8.4)
+    assert growth["k_work"]["share"] == pytest.approx(0.84)
+    assert all("k_work" not in t for t in targets if "K=8" not in t["name"])
+    text = format_targets(targets)
+    assert "FAIL  overhead ilora K=8 / K=1" in text
+    assert "take 8.4 ms" in text and "1000x2000 40" in text and "= 84 % of" in text and "allows 25 %" in text
+    # without the token count there is no work estimate
+    assert "k_work" not in next(t for t in check_targets([entry(1, 10.0), entry(8, 30.0)]) if "K=8" in t["name"])
+
+
+def test_bfloat16_run_builds_every_variant_in_bfloat16(capsys):
+    argv = ["adapters", "--quick", "--repeats", "1", "--ranks", "8", "--heads", "1", "--shapes", "64x32",
+            "--dtype", "bfloat16"]
+    result = main(argv)
+    assert result["dtype"] == "bfloat16" and "bfloat16 CPU" in capsys.readouterr().out
+    (e,) = result["results"]
+    assert set(e["max_rel_err"]) == {"crab_loop", "crab_plus_loop", "lora"}
+    assert all(err < 3e-2 for err in e["max_rel_err"].values()), e["max_rel_err"]
+    base = nn.Linear(16, 8, bias=False).to(torch.bfloat16)
+    for name, module in build_variants(base, r=4, num_heads=2).items():
+        assert {p.dtype for p in module.parameters()} == {torch.bfloat16}, name
+
+
 def test_bad_arguments():
     with pytest.raises(SystemExit):
         main(["adapters", "--shapes", "1024by1024"])
     with pytest.raises(ValueError, match="repeats"):
         main(["adapters", "--quick", "--repeats", "0"])
+    with pytest.raises(SystemExit):
+        main(["adapters", "--quick", "--dtype", "float16"])
 
 
 def test_loop_forms_match_the_formula():
