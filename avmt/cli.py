@@ -14,12 +14,15 @@ from typing import Any
 
 import yaml
 from jsonargparse import ArgumentParser
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from avmt.plugins import MODULE_ARGUMENTS, PLUGIN_KINDS, check_class_path, list_plugins
 
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+# what a wrong config or a missing file raises: one line on stderr and exit 2 (AVMT_DEBUG=1: traceback);
+# Lightning says so with MisconfigurationException (e.g. enable_checkpointing=false with a ModelCheckpoint)
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, MisconfigurationException)
 
 
 class ConfigToTensorBoard(SaveConfigCallback):

@@ -179,6 +179,15 @@ def test_missing_shard_folder_names_path_and_command(tmp_path):
     assert "python -m avmt data synth" in result.stderr
 
 
+def test_lightning_misconfiguration_is_one_line(tmp_path):
+    result = run_cli(
+        "fit", "-c", str(EXPERIMENTS / "ilora.yaml"), "--trainer.enable_checkpointing=false", cwd=tmp_path, check=False
+    )
+    assert result.returncode == 2
+    assert "avmt: error: Trainer was configured with `enable_checkpointing=False`" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_unknown_task_lists_the_tasks(tmp_path):
     result = run_cli(
         "validate", "-c", str(EXPERIMENTS / "ilora.yaml"), "--data.tasks=[ave,nosuchtask]", cwd=tmp_path, check=False
