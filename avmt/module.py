@@ -81,7 +81,7 @@ class AVModule(L.LightningModule):
         self.task_metrics = nn.ModuleDict({name: task.metrics() for name, task in self.tasks.items()})
         self._answers: dict[str, list[Any]] = defaultdict(list)
         self._generated: dict[str, int] = defaultdict(int)
-        self._examples: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        self._examples: dict[str, list[tuple[str, str, str]]] = defaultdict(list)  # prompt, target, answer
         self._router_sums: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
         self._router_batches: dict[str, int] = defaultdict(int)
         self.final_metrics: dict[str, dict[str, float]] = {}
@@ -217,7 +217,7 @@ class AVModule(L.LightningModule):
             by_task[name][1].append(batch["answer"][i])
             self._answers[name].append(batch["answer"][i])
             if len(self._examples[name]) < 3:
-                self._examples[name].append((batch["prompt"][i], text))
+                self._examples[name].append((batch["prompt"][i], batch["target"][i], text))
         for name, (predictions, answers) in by_task.items():
             self.task_metrics[name].update(predictions, answers)
 
@@ -236,7 +236,9 @@ class AVModule(L.LightningModule):
             }
             logger = self.logger
             if logger is not None and hasattr(logger.experiment, "add_text"):
-                text = "\n\n".join(f"**prompt** {p}\n\n**answer** {a}" for p, a in self._examples[name])
+                text = "\n\n".join(
+                    f"**prompt** {p}\n\n**target** {t}\n\n**answer** {a}" for p, t, a in self._examples[name]
+                )
                 logger.experiment.add_text(f"{stage}/{name}/examples", text, self.global_step)
             collection.reset()
         self._answers.clear()

@@ -95,14 +95,18 @@ def test_fit_writes_checkpoint_config_and_tensorboard_scalars(fitted):
     expected = {"train/loss", "lr-AdamW", "val/loss"}
     for task in ("ave", "avvp", "avqa", "action", "emotion", "avcap"):
         expected |= {f"train/loss/{task}", f"val/loss/{task}"}
-    expected |= {"val/ave/segment_accuracy", "val/ave/parse_failure_rate", "val/avqa/accuracy"}
+    expected |= {"val/ave/segment_accuracy", "val/ave/class_accuracy", "val/ave/range_iou",
+                 "val/ave/parse_failure_rate", "val/avqa/accuracy"}
     assert expected <= scalars, sorted(expected - scalars)
     assert any(tag.startswith("config") for tag in events.Tags()["tensors"]), events.Tags()["tensors"]
+    examples = events.Tensors("val/ave/examples/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert examples.count("**prompt**") == examples.count("**target** <event>") == examples.count("**answer**") > 0
     router = [tag for tag in scalars if tag.startswith("router/ave/")]
     assert any(tag.endswith("/head2") for tag in router) and "router/ave/entropy" in scalars, router[:5]
     assert "router/heatmap" in events.Tags()["images"]
     final = json.loads((fitted / "final_metrics.json").read_text())
     assert "majority_baseline/segment_accuracy" in final["ave"]
+    assert {"class_accuracy", "range_iou", "majority_baseline/range_iou"} <= set(final["ave"])
     assert "majority_baseline/accuracy" in final["avqa"]
 
 

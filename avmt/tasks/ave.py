@@ -18,7 +18,7 @@ from avmt.tasks.base import (
     object_sentence,
     ordered_objects,
 )
-from avmt.tasks.metrics import BACKGROUND, ParseFailureRate, SegmentAccuracy
+from avmt.tasks.metrics import BACKGROUND, EventClassAccuracy, ParseFailureRate, RangeIoU, SegmentAccuracy
 
 _RANGE_RE = re.compile(r"^(\d+)\s*[,\s]\s*(\d+)$")
 
@@ -39,7 +39,8 @@ class AVETask(Task):
     """Name the event that is both audible and visible and give its ``[start, end)`` range.
 
     Target: ``<event> {class} </event> <range> s,e </range>``. Answer:
-    ``{"class": str, "range": [s, e], "num_segments": T}``. Metric: AVE segment accuracy.
+    ``{"class": str, "range": [s, e], "num_segments": T}``. Metric: AVE segment accuracy; the
+    event class accuracy and the range IoU say which half of it (what or when) is wrong.
     """
 
     name = "ave"
@@ -83,9 +84,14 @@ class AVETask(Task):
             return None
 
     def metrics(self) -> MetricCollection:
-        """{"segment_accuracy", "parse_failure_rate"}."""
+        """{"segment_accuracy", "class_accuracy", "range_iou", "parse_failure_rate"}."""
         return self._collection(
-            {"segment_accuracy": SegmentAccuracy(), "parse_failure_rate": ParseFailureRate()}
+            {
+                "segment_accuracy": SegmentAccuracy(),
+                "class_accuracy": EventClassAccuracy(),
+                "range_iou": RangeIoU(),
+                "parse_failure_rate": ParseFailureRate(),
+            }
         )
 
     def answer_to_pred(self, answer: dict) -> dict:

@@ -49,7 +49,14 @@ def test_ave_majority_hand_checked():
     out = get_task("ave").majority_baseline(answers)
     # best constant: violin over [3, 7): 9 + 9 + 4 (dog's 2 segments and 4 violin segments wrong) = 22 of 30.
     # For comparison: violin [2, 7) 10 + 8 + 3 = 21; all background 5 + 5 + 8 = 18.
-    assert out == {"segment_accuracy": pytest.approx(22 / 30), "parse_failure_rate": 0.0}
+    # class: violin, 2 of 3. Range IoU: [2, 7) scores 1, 4/6 and 0 (as does [2, 8): 5/6, 5/6, 0) = 5/9;
+    # [3, 7) only 4/5, 4/5, 0; any range reaching [0, 2) loses more on the two violin clips.
+    assert out == {
+        "segment_accuracy": pytest.approx(22 / 30),
+        "class_accuracy": pytest.approx(2 / 3),
+        "range_iou": pytest.approx(5 / 9),
+        "parse_failure_rate": 0.0,
+    }
 
 
 def test_avvp_majority():

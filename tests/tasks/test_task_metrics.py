@@ -14,6 +14,8 @@ from avmt.tasks.metrics import (
     LabelMacroF1,
     ParseFailureRate,
     SegmentAccuracy,
+    EventClassAccuracy,
+    RangeIoU,
     avvp_video_scores,
 )
 
@@ -65,6 +67,28 @@ def test_segment_accuracy_empty_cases():
     assert value(m) == pytest.approx(18 / 20)
     m.reset()
     assert value(m) == 0.0  # no samples
+
+
+def test_event_class_accuracy_and_range_iou_hand_computed():
+    gt = {"class": "violin", "range": [2, 7], "num_segments": 10}
+    no_event = {"class": "violin", "range": [4, 4], "num_segments": 10}
+    preds = [
+        {"class": "violin", "range": [3, 7]},  # class right; IoU 4/5
+        {"class": "dog", "range": [2, 7]},  # class wrong; IoU 1
+        None,  # parse failure: wrong, IoU 0
+        {"class": "violin", "range": [0, 99]},  # clipped to [0, 10): class right; IoU 5/10
+        {"class": "background", "range": [0, 10]},  # labels nothing: background (wrong); IoU 0
+        {"class": "background", "range": [0, 10]},  # on a clip without event: right; two empty sets, IoU 1
+        {"class": "dog", "range": [1, 3]},  # on a clip without event: wrong; IoU 0
+    ]
+    targets = [gt] * 5 + [no_event] * 2
+    classes, ious = EventClassAccuracy(), RangeIoU()
+    classes.update(preds, targets)
+    ious.update(preds, targets)
+    assert value(classes) == pytest.approx(3 / 7)
+    assert value(ious) == pytest.approx((0.8 + 1.0 + 0.0 + 0.5 + 0.0 + 1.0 + 0.0) / 7)
+    classes.reset()
+    assert value(classes) == 0.0
 
 
 # ---- AVVP -------------------------------------------------------------------------------------
@@ -232,7 +256,7 @@ def test_ave_collection_keys():
     m = get_task("ave").metrics()
     m.update([None], [{"class": "violin", "range": [2, 7], "num_segments": 10}])
     out = {k: float(v) for k, v in m.compute().items()}
-    assert out == {"segment_accuracy": 0.0, "parse_failure_rate": 1.0}
+    assert out == {"segment_accuracy": 0.0, "class_accuracy": 0.0, "range_iou": 0.0, "parse_failure_rate": 1.0}
 
 
 # ---- captions ---------------------------------------------------------------------------------
@@ -270,7 +294,7 @@ def test_caption_normalization_and_empty_cases():
 
 
 def test_states_are_sum_reduced_and_reset():
-    for metric in (ParseFailureRate(), SegmentAccuracy(), AVVPF1()):
+    for metric in (ParseFailureRate(), SegmentAccuracy(), EventClassAccuracy(), RangeIoU(), AVVPF1()):
         names = [getattr(fx, "__name__", "") for fx in metric._reductions.values()]
         assert names and all(n in ("_sum", "sum", "dim_zero_sum") for n in names)
     m = get_task("ave").metrics()
