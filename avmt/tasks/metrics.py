@@ -130,7 +130,43 @@ def _labeled_mask(cls: str | None, rng: Sequence[int] | None, num_segments: int)
     return [label is not None for label in _segment_labels(cls, rng, num_segments)]
 
 
-class EventClassAccuracy(Metric):
+class _MeanOverClips(Metric):
+    """Mean over clips of a per-clip score in [0, 1] (a None prediction scores 0)."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("score_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def _score(self, pred: dict, target: dict) -> float:
+        raise NotImplementedError
+
+    def update(self, preds: Sequence[dict | None], targets: Sequence[dict]) -> None:
+        """Add the scores of N (pred, target) pairs."""
+        _check_lengths(preds, targets)
+        for pred, target in zip(preds, targets):
+            self.total += 1
+            if pred is not None:
+                self.score_sum += self._score(pred, target)
+
+    def compute(self) -> Tensor:
+        """Sum of scores / clips, float64 scalar."""
+        return _ratio(self.score_sum, self.total)
+
+
+def _masks(pred: dict, target: dict) -> tuple[list[bool], list[bool]]:
+    num_segments = int(target["num_segments"])
+    return (
+        _labeled_mask(pred.get("class"), pred.get("range"), num_segments),
+        _labeled_mask(target.get("class"), target.get("range"), num_segments),
+    )
+
+
+class EventClassAccuracy(_MeanOverClips):
     """AVE diagnostic: fraction of clips whose event class is right, whatever the range.
 
     An answer that labels no segment (class "background", an empty range) means background; a
@@ -138,65 +174,23 @@ class EventClassAccuracy(Metric):
     event" from "when" in :class:`SegmentAccuracy`, where a wrong class makes every segment wrong.
     """
 
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, preds: Sequence[dict | None], targets: Sequence[dict]) -> None:
-        """Count the N predictions whose class (or background) matches the target's."""
-        _check_lengths(preds, targets)
-        for pred, target in zip(preds, targets):
-            self.total += 1
-            if pred is None:
-                continue
-            num_segments = int(target["num_segments"])
-            gt = target.get("class") if any(_labeled_mask(target.get("class"), target.get("range"), num_segments)) else BACKGROUND
-            pr = pred.get("class") if any(_labeled_mask(pred.get("class"), pred.get("range"), num_segments)) else BACKGROUND
-            self.correct += int(gt == pr)
-
-    def compute(self) -> Tensor:
-        """Right classes / clips, float64 scalar."""
-        return _ratio(self.correct, self.total)
+    def _score(self, pred: dict, target: dict) -> float:
+        pr, gt = _masks(pred, target)
+        predicted = pred.get("class") if any(pr) else BACKGROUND
+        return float(predicted == (target.get("class") if any(gt) else BACKGROUND))
 
 
-class RangeIoU(Metric):
+class RangeIoU(_MeanOverClips):
     """AVE diagnostic: mean temporal IoU of the predicted and the target range, whatever the class.
 
     Ranges are segment sets ``[s, e)`` clipped to ``[0, T)``; an answer that labels nothing has the
     empty set, and two empty sets have IoU 1. A None prediction scores 0. Mean over clips.
     """
 
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("iou_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, preds: Sequence[dict | None], targets: Sequence[dict]) -> None:
-        """Add the IoU of each of the N (pred, target) range pairs."""
-        _check_lengths(preds, targets)
-        for pred, target in zip(preds, targets):
-            self.total += 1
-            if pred is None:
-                continue
-            num_segments = int(target["num_segments"])
-            gt = _labeled_mask(target.get("class"), target.get("range"), num_segments)
-            pr = _labeled_mask(pred.get("class"), pred.get("range"), num_segments)
-            union = sum(g or p for g, p in zip(gt, pr))
-            inter = sum(g and p for g, p in zip(gt, pr))
-            self.iou_sum += 1.0 if union == 0 else inter / union
-
-    def compute(self) -> Tensor:
-        """Sum of IoUs / clips, float64 scalar."""
-        return _ratio(self.iou_sum, self.total)
+    def _score(self, pred: dict, target: dict) -> float:
+        pr, gt = _masks(pred, target)
+        union = sum(g or p for g, p in zip(gt, pr))
+        return 1.0 if union == 0 else sum(g and p for g, p in zip(gt, pr)) / union
 
 
 # --------------------------------------------------------------------------------------------
