@@ -362,7 +362,9 @@ class RoutedLoRALinear(RoutedLayer):
         router = None if router is None else router.to(dtype)
         m = down.shape[0]
         base = self.base_layer
-        logits = None
+        # D sees drop(x) and the router sees x, so they share one GEMM over x only without dropout
+        joint = router is not None and not self._dropout_active
+        stacked = torch.cat([down, router], dim=0) if joint else down  # [m (+ K), in]
         if (
             plain
             and not self._dropout_active
@@ -370,24 +372,17 @@ class RoutedLoRALinear(RoutedLayer):
             and base.weight.dtype == dtype
             and (base.bias is None or base.bias.dtype == dtype)
         ):  # base GEMM and the [D; R] GEMM in one node: one dx buffer in backward
-            stacked = down if router is None else torch.cat([down, router], dim=0)
             y0, zl = _BaseAndDown.apply(x2, base.weight, base.bias, stacked)
         else:
             # a plain nn.Linear gives the same values on x2 as on x; on x2 its output is not a view,
             # so the in-place addmm_ below needs no CopySlices (a full copy of dy) in backward
             y0 = base(x2 if plain else x)
-            if self._dropout_active or router is None:  # D sees drop(x), the router sees x
-                zl = F.linear(self.lora_dropout(x2), down)  # [N, m]
-                if router is not None:
-                    logits = F.linear(x2, router)  # [N, K]
-            else:  # one pass over x for both
-                zl = F.linear(x2, torch.cat([down, router], dim=0))
-        if router is None:
-            z, logits = zl, self._gate_logits(x)
-        elif logits is None:
+            zl = F.linear(self.lora_dropout(x2), stacked)  # the dropout is inactive when joint
+        if joint:
             z, logits = zl.split([m, k], dim=-1)
         else:
             z = zl
+            logits = self._gate_logits(x) if router is None else F.linear(x2, router)  # [N, K]
         probs, w = route(logits, self.temperature, self.top_k)  # [N, K], fp32 or wider
         self._after_routing(logits, probs, w)
         h = self._mix(z, w.to(z.dtype))  # [N, K·r]
