@@ -53,13 +53,9 @@ class AVCapTask(Task):
 
     def parse(self, text: Any) -> str | None:
         """The generated text with whitespace collapsed; None if not a string or empty."""
-        try:
-            if not isinstance(text, str):
-                return None
-            out = " ".join(text.split())
-            return out or None
-        except Exception:  # never raises
+        if not isinstance(text, str):
             return None
+        return " ".join(text.split()) or None
 
     def metrics(self) -> MetricCollection:
         """{"bleu4", "rouge_l", "parse_failure_rate"}."""

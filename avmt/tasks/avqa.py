@@ -531,10 +531,7 @@ class AVQATask(Task):
 
     def parse(self, text: Any) -> str | None:
         """The normalized content of the ``<answer>`` tag, or None."""
-        try:
-            return extract_tag(text, "answer")
-        except Exception:  # never raises
-            return None
+        return extract_tag(text, "answer")  # never raises
 
     def metrics(self) -> MetricCollection:
         """{"accuracy", "accuracy/{type}" for every question type, "parse_failure_rate"}."""

@@ -513,10 +513,7 @@ class LabelTask(Task):
 
     def parse(self, text: Any) -> str | None:
         """The normalized content of the ``<answer>`` tag (e.g. "moving left"), or None."""
-        try:
-            return extract_tag(text, "answer")
-        except Exception:  # never raises
-            return None
+        return extract_tag(text, "answer")  # never raises
 
     def metrics(self) -> MetricCollection:
         """{"accuracy", "macro_f1", "parse_failure_rate"}."""
