@@ -10,13 +10,20 @@ Members of a sample (WebDataset key = clip id, e.g. ``train-00000042``), sorted 
 
 - ``{key}.audio.flac``: mono PCM-16 FLAC (float = int16 / 32768),
 - ``{key}.frames.png``: all T*F frames tiled horizontally in one RGB PNG (``H x (T*F*W)``),
-- ``{key}.scene.json``: the scene graph (schema version 1, see ``avmt.data.synth``).
+- ``{key}.masks.png``: the object-id maps of the same T*F frames (0 background, ``id + 1`` where
+  object ``id`` is drawn), tiled the same way in one 8-bit grayscale ("L") PNG (``H x (T*F*W)``),
+- ``{key}.scene.json``: the scene graph (schema version 2, see ``avmt.data.synth``).
 
-The tars are byte-identical for the same seed and config (fixed mtime/uid/gid/uname, sorted
-members, ustar format), readable with plain ``tar`` and stock ``webdataset``.  Reading never
-unpickles anything: only the three members above are decoded (PIL, soundfile, json); any other
+Reading yields :class:`avmt.data.sample.Clip` s (``key``, ``frames``, ``audio``, ``scene``,
+``masks``).  The tars are byte-identical for the same seed and config (fixed mtime/uid/gid/uname,
+sorted members, ustar format), readable with plain ``tar`` and stock ``webdataset``.  Reading never
+unpickles anything: only the four members above are decoded (PIL, soundfile, json); any other
 member is ignored with a warning, and a corrupt sample is skipped, counted in a
 :class:`CorruptSampleCounter` and reported with a :class:`CorruptSampleWarning` naming its key.
+
+Shards of an older version (AVSynth v1: no masks) are refused with a message that says how to
+regenerate them (:func:`check_shard_version`; an old sample met while reading is a corrupt sample
+of reason ``"old schema"``); :func:`ensure_shards` regenerates them by itself.
 """
 
 from __future__ import annotations
@@ -31,19 +38,25 @@ import threading
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from avmt.data.synth import (
     GENERATOR_VERSION,
     SCHEMA_VERSION,
+    SYNTH_COMMAND,
     SynthConfig,
     generate_scene,
+    old_schema_message,
     render_clip,
+    render_masks,
     scene_seed,
     validate_scene,
 )
+
+if TYPE_CHECKING:  # imported lazily at run time (it imports torch)
+    from avmt.data.sample import Clip
 
 __all__ = [
     "SHARD_FORMAT_VERSION",
@@ -58,18 +71,19 @@ __all__ = [
     "synthesize",
     "ensure_shards",
     "read_manifest",
+    "check_shard_version",
     "list_shards",
     "iter_clips",
     "clip_from_scene",
     "clip_from_index",
 ]
 
-#: Version of the shard layout (members, encodings, manifest).
-SHARD_FORMAT_VERSION = 1
+#: Version of the shard layout (members, encodings, manifest).  v2 added ``masks.png``.
+SHARD_FORMAT_VERSION = 2
 #: Sample members, in the (sorted) order they are written.
-MEMBERS: tuple[str, ...] = ("audio.flac", "frames.png", "scene.json")
-#: How a user makes the shards (the CLI's ``data synth`` subcommand).
-SYNTH_COMMAND = "python -m avmt data synth --out {root} --clips N --seed S"
+MEMBERS: tuple[str, ...] = ("audio.flac", "frames.png", "masks.png", "scene.json")
+# SYNTH_COMMAND (how a user makes the shards, the CLI's ``data synth`` subcommand) is defined in
+# avmt.data.synth, so that the scene validator can say it too, and re-exported here.
 MANIFEST = "manifest.json"
 _TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z: fixed, so the tars are reproducible
 _PCM_SCALE = 32768.0
@@ -143,28 +157,48 @@ def _quantize(audio: np.ndarray) -> np.ndarray:
     return np.clip(np.round(np.asarray(audio, dtype=np.float64) * _PCM_SCALE), -32768, 32767).astype(np.int16)
 
 
-def encode_clip(scene: dict, frames: np.ndarray, audio: np.ndarray) -> dict[str, bytes]:
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    # no mode argument: PIL infers RGB from [h, w, 3] uint8 and L from [h, w] uint8
+    Image.fromarray(array).save(out, format="PNG", compress_level=6)
+    return out.getvalue()
+
+
+def encode_clip(scene: dict, frames: np.ndarray, audio: np.ndarray, masks: np.ndarray) -> dict[str, bytes]:
     """Encode one clip into its shard members (``MEMBERS`` -> bytes).
 
     Args:
         scene: scene graph (JSON-able dict).
         frames: ``uint8 [N, 3, H, W]`` (N = T*F), stored as one PNG of ``H x (N*W)`` RGB pixels.
         audio: ``float [S]`` in [-1, 1), stored as mono PCM-16 FLAC at ``scene["sample_rate"]``.
+        masks: ``uint8 [N, H, W]`` object-id maps (``synth.render_masks``), stored as one 8-bit
+            grayscale PNG of ``H x (N*W)`` pixels.
     """
     import soundfile as sf
-    from PIL import Image
 
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1] != 3:
         raise ValueError(f"frames must be uint8 [N, 3, H, W], got {frames.dtype} {frames.shape}")
     n, _, h, w = frames.shape
+    masks = np.asarray(masks)
+    if masks.dtype != np.uint8 or masks.shape != (n, h, w):
+        raise ValueError(
+            f"masks must be uint8 [N, H, W] = [{n}, {h}, {w}] like the frames, "
+            f"got {masks.dtype} {masks.shape}"
+        )
     tiled = np.ascontiguousarray(frames.transpose(2, 0, 3, 1).reshape(h, n * w, 3))
-    png = io.BytesIO()
-    Image.fromarray(tiled, mode="RGB").save(png, format="PNG", compress_level=6)
+    tiled_masks = np.ascontiguousarray(masks.transpose(1, 0, 2).reshape(h, n * w))
     flac = io.BytesIO()
     sf.write(flac, _quantize(audio), int(scene["sample_rate"]), format="FLAC", subtype="PCM_16")
     text = json.dumps(scene, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-    return {"audio.flac": flac.getvalue(), "frames.png": png.getvalue(), "scene.json": text.encode("utf-8")}
+    return {
+        "audio.flac": flac.getvalue(),
+        "frames.png": _png(tiled),
+        "masks.png": _png(tiled_masks),
+        "scene.json": text.encode("utf-8"),
+    }
 
 
 def _expected_sizes(scene: dict) -> tuple[int, int, int, int, int]:
@@ -178,6 +212,16 @@ def _expected_sizes(scene: dict) -> tuple[int, int, int, int, int]:
     return T * F, H, W, S, sr
 
 
+def _check_not_old(data: bytes, key: str) -> None:
+    """Raise the ``"old schema"`` error when ``data`` is a scene of an older schema version."""
+    try:
+        version = json.loads(data.decode("utf-8")).get("version")
+    except Exception:  # noqa: BLE001 - unreadable: not this check's business
+        return
+    if isinstance(version, int) and not isinstance(version, bool) and version < SCHEMA_VERSION:
+        raise CorruptSampleError("old schema", old_schema_message(version, f"sample {key!r}"))
+
+
 def _decode_scene(data: bytes, key: str) -> dict:
     try:
         scene = json.loads(data.decode("utf-8"))
@@ -185,6 +229,9 @@ def _decode_scene(data: bytes, key: str) -> dict:
         raise CorruptSampleError("bad scene.json", f"not JSON ({exn})") from None
     if not isinstance(scene, dict):
         raise CorruptSampleError("bad scene.json", f"expected an object, got {type(scene).__name__}")
+    version = scene.get("version")
+    if isinstance(version, int) and not isinstance(version, bool) and version < SCHEMA_VERSION:
+        raise CorruptSampleError("old schema", old_schema_message(version, f"sample {key!r}"))
     try:
         validate_scene(scene)
     except ValueError as exn:
@@ -217,6 +264,32 @@ def _decode_frames(data: bytes, n: int, h: int, w: int) -> np.ndarray:
     return np.ascontiguousarray(arr.reshape(h, n, w, 3).transpose(1, 3, 0, 2))
 
 
+def _decode_masks(data: bytes, n: int, h: int, w: int, num_objects: int) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as img:
+            if img.size != (n * w, h) or img.mode != "L":
+                raise CorruptSampleError(
+                    "wrong shape",
+                    f"masks.png is {img.mode} {img.size[0]}x{img.size[1]}, "
+                    f"expected L {n * w}x{h} like the frames",
+                )
+            img.load()
+            arr = np.asarray(img, dtype=np.uint8)
+    except CorruptSampleError:
+        raise
+    except Exception as exn:  # noqa: BLE001 - PIL raises many types on bad data
+        raise CorruptSampleError("bad masks.png", str(exn)) from None
+    top = int(arr.max(initial=0))
+    if top > num_objects:
+        raise CorruptSampleError(
+            "bad masks.png",
+            f"object id {top - 1} (value {top}) in masks.png, but the scene has {num_objects} objects",
+        )
+    return np.ascontiguousarray(arr.reshape(h, n, w).transpose(1, 0, 2))
+
+
 def _decode_audio(data: bytes, s: int, sr: int) -> np.ndarray:
     import soundfile as sf
 
@@ -237,26 +310,40 @@ def _decode_audio(data: bytes, s: int, sr: int) -> np.ndarray:
     return pcm.astype(np.float32) / np.float32(_PCM_SCALE)
 
 
-def decode_sample(sample: dict[str, Any]) -> dict:
-    """Decode a raw WebDataset sample (``__key__`` + member bytes) into a Clip.
+def decode_sample(sample: dict[str, Any]) -> Clip:
+    """Decode a raw WebDataset sample (``__key__`` + member bytes) into a
+    :class:`~avmt.data.sample.Clip`: ``key``, ``frames`` (uint8 tensor ``[T*F, 3, H, W]``),
+    ``audio`` (float32 tensor ``[S]``), ``scene`` (dict) and ``masks`` (uint8 tensor
+    ``[T*F, H, W]``, 0 background, ``id + 1`` where object ``id`` is drawn).
 
-    Returns ``{"key": str, "frames": uint8 tensor [T*F, 3, H, W], "audio": float32 tensor [S],
-    "scene": dict}``.  Raises :class:`CorruptSampleError` on any problem; members other than
-    ``MEMBERS`` are not decoded.
+    Raises :class:`CorruptSampleError` on any problem (reason ``"missing {member}"``, ``"bad
+    {member}"``, ``"wrong shape"`` or ``"old schema"``); members other than ``MEMBERS`` are not
+    decoded.  A v1 sample (no ``masks.png``, scene version 1) is ``"old schema"``.
     """
     import torch
+
+    from avmt.data.sample import Clip
 
     key = sample.get("__key__")
     if not isinstance(key, str):
         raise CorruptSampleError("missing key", "sample without __key__")
-    for member in MEMBERS:
-        if not isinstance(sample.get(member), (bytes, bytearray)):
-            raise CorruptSampleError(f"missing {member}", f"no {member} member")
+    missing = [m for m in MEMBERS if not isinstance(sample.get(m), (bytes, bytearray))]
+    if missing:
+        if "scene.json" not in missing:  # a v1 sample is reported as old, not as one without masks.png
+            _check_not_old(sample["scene.json"], key)
+        raise CorruptSampleError(f"missing {missing[0]}", f"no {missing[0]} member")
     scene = _decode_scene(sample["scene.json"], key)
     n, h, w, s, sr = _expected_sizes(scene)
     frames = _decode_frames(sample["frames.png"], n, h, w)
+    masks = _decode_masks(sample["masks.png"], n, h, w, len(scene["objects"]))
     audio = _decode_audio(sample["audio.flac"], s, sr)
-    return {"key": key, "frames": torch.from_numpy(frames), "audio": torch.from_numpy(audio), "scene": scene}
+    return Clip(
+        key=key,
+        frames=torch.from_numpy(frames),
+        audio=torch.from_numpy(audio),
+        scene=scene,
+        masks=torch.from_numpy(masks),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,26 +351,29 @@ def decode_sample(sample: dict[str, Any]) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def clip_from_scene(scene: dict, cfg: SynthConfig | None = None) -> dict:
-    """Render ``scene`` into a Clip in memory, equal to what its shard sample decodes to.
-
-    Returns ``{"key": str, "frames": uint8 tensor [T*F, 3, H, W], "audio": float32 tensor [S]
-    (quantized to PCM-16 like the shards), "scene": dict}``.
-    """
+def clip_from_scene(scene: dict, cfg: SynthConfig | None = None) -> Clip:
+    """Render ``scene`` into a :class:`~avmt.data.sample.Clip` in memory, equal to what its shard
+    sample decodes to: ``frames`` uint8 ``[T*F, 3, H, W]``, ``audio`` float32 ``[S]`` (quantized
+    to PCM-16 like the shards), ``scene`` (a JSON round-tripped copy) and ``masks`` uint8
+    ``[T*F, H, W]`` (rendered object-id maps)."""
     import torch
 
+    from avmt.data.sample import Clip
+
     frames, audio = render_clip(scene, cfg)
+    masks = render_masks(scene, cfg)
     audio = _quantize(audio).astype(np.float32) / np.float32(_PCM_SCALE)
     scene = json.loads(json.dumps(scene))
-    return {
-        "key": scene["clip_id"],
-        "frames": torch.from_numpy(frames),
-        "audio": torch.from_numpy(audio),
-        "scene": scene,
-    }
+    return Clip(
+        key=scene["clip_id"],
+        frames=torch.from_numpy(frames),
+        audio=torch.from_numpy(audio),
+        scene=scene,
+        masks=torch.from_numpy(masks),
+    )
 
 
-def clip_from_index(index: int, split: str, seed: int, cfg: SynthConfig | None = None) -> dict:
+def clip_from_index(index: int, split: str, seed: int, cfg: SynthConfig | None = None) -> Clip:
     """Generate and render clip ``index`` of ``split`` in memory (see :func:`clip_from_scene`)."""
     cfg = cfg or SynthConfig()
     return clip_from_scene(generate_scene(index, split, seed, cfg), cfg)
@@ -298,7 +388,7 @@ def _make_sample(job: tuple[int, str, int, SynthConfig]) -> tuple[str, dict[str,
     index, split, seed, cfg = job
     scene = generate_scene(index, split, seed, cfg)
     frames, audio = render_clip(scene, cfg)
-    return scene["clip_id"], encode_clip(scene, frames, audio)
+    return scene["clip_id"], encode_clip(scene, frames, audio, render_masks(scene, cfg))
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -443,6 +533,38 @@ def read_manifest(out_dir: str | os.PathLike) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def check_shard_version(root: str | os.PathLike) -> None:
+    """Refuse shards of another version: read ``{root}/manifest.json`` when present and raise
+    ``ValueError`` when its ``schema_version`` or ``format_version`` differs from this avmt's.
+
+    The message names the folder, says what the shards are (e.g. AVSynth v1) and what this avmt
+    reads (v2: masks, multi-source scenes, expressions), and gives the command that regenerates
+    them.  No manifest (or an unreadable one, or one of another format): nothing is checked.
+    """
+    manifest = read_manifest(root)
+    if manifest is None or manifest.get("format", "avsynth-webdataset") != "avsynth-webdataset":
+        return
+    schema, fmt = manifest.get("schema_version"), manifest.get("format_version")
+    if schema == SCHEMA_VERSION and fmt == SHARD_FORMAT_VERSION:
+        return
+    command = SYNTH_COMMAND.format(root=root)
+    found = f"schema_version {schema!r}, format_version {fmt!r}"
+    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (schema, fmt))
+    if ints and (schema > SCHEMA_VERSION or fmt > SHARD_FORMAT_VERSION):
+        raise ValueError(
+            f"the shards in '{root}' are newer ({found}) than this version of avmt reads (AVSynth "
+            f"v{SCHEMA_VERSION}, format v{SHARD_FORMAT_VERSION}): upgrade avmt, or regenerate them with: "
+            f"{command}"
+        )
+    known = isinstance(schema, int) and not isinstance(schema, bool)
+    what = f"AVSynth v{schema}" if known else "of an unknown AVSynth version"
+    raise ValueError(
+        f"the shards in '{root}' are {what} ({found}); this version of avmt reads AVSynth "
+        f"v{SCHEMA_VERSION} shards (format v{SHARD_FORMAT_VERSION}: object masks, multi-source scenes, "
+        f"referring expressions). Regenerate them with: {command}"
+    )
+
+
 @contextlib.contextmanager
 def _dir_lock(root: Path) -> Iterator[None]:
     """Exclusive lock on ``root/.lock`` (so concurrent ranks generate once); no-op without fcntl."""
@@ -468,9 +590,10 @@ def ensure_shards(
     progress: bool = True,
     clips_per_shard: int = 256,
 ) -> dict[str, list[Path]]:
-    """Shards of ``clips`` under ``out_dir``: reused when the manifest matches (versions, seed,
-    cfg, clip counts, shard size) and every listed shard exists, else (re)generated with
-    :func:`synthesize`.  Safe to call on every start and from several processes at once."""
+    """Shards of ``clips`` under ``out_dir``: reused when the manifest matches (format, schema and
+    generator versions, seed, cfg, clip counts, shard size) and every listed shard exists, else
+    (re)generated with :func:`synthesize` (so AVSynth v1 shards are replaced by v2 ones).  Safe to
+    call on every start and from several processes at once."""
     cfg = cfg or SynthConfig()
     _check_clips(clips)
     root = Path(out_dir)
@@ -497,8 +620,11 @@ def list_shards(folder: str | os.PathLike) -> list[Path]:
     Raises:
         FileNotFoundError: the folder is missing or holds no ``.tar`` file; the message names
             the folder and the command that makes the shards.
+        ValueError: ``{folder}/../manifest.json`` says the shards are of another version
+            (:func:`check_shard_version`).
     """
     folder = Path(folder)
+    check_shard_version(folder.parent)
     if not folder.is_dir():
         problem = "does not exist" if not folder.exists() else "is not a folder"
     else:
@@ -526,7 +652,7 @@ def iter_clips(
     *,
     split_by_node: bool = False,
     split_by_worker: bool = False,
-) -> Iterator[dict]:
+) -> Iterator[Clip]:
     """Clips of the shards, in order, read with stock ``webdataset``.
 
     Args:
@@ -536,13 +662,17 @@ def iter_clips(
         split_by_worker: keep only this DataLoader worker's share (``wds.split_by_worker``).
 
     Yields:
-        ``{"key": str, "frames": uint8 tensor [T*F, 3, H, W], "audio": float32 tensor [S],
-        "scene": dict}``.  A corrupt sample (bad PNG/FLAC/JSON, missing member, wrong shape,
-        unreadable tar) is skipped with a :class:`CorruptSampleWarning` naming its key and counted
-        in ``counter``; members other than ``MEMBERS`` are never decoded (warned once per suffix).
+        :class:`~avmt.data.sample.Clip` s (see :func:`decode_sample`): ``key``, ``frames`` uint8
+        ``[T*F, 3, H, W]``, ``audio`` float32 ``[S]``, ``scene`` dict, ``masks`` uint8
+        ``[T*F, H, W]``.  A corrupt sample (bad PNG/FLAC/JSON, missing member, wrong shape, old
+        schema, unreadable tar) is skipped with a :class:`CorruptSampleWarning` naming its key and
+        counted in ``counter``; members other than ``MEMBERS`` are never decoded (warned once
+        per suffix).
 
     Raises:
         FileNotFoundError: a shard or the folder is missing (before iteration starts).
+        ValueError: the manifest next to the shards (``{shard}/../../manifest.json``) says they
+            are of another version, e.g. AVSynth v1 (:func:`check_shard_version`).
     """
     paths = _as_shard_list(shard_paths)
     missing = [str(p) for p in paths if not p.is_file()]
@@ -551,13 +681,15 @@ def iter_clips(
             f"shard file(s) not found: {missing[:5]}{' ...' if len(missing) > 5 else ''}. "
             f"Make the AVSynth shards with: {SYNTH_COMMAND.format(root=paths[0].parent.parent)}"
         )
+    for root in dict.fromkeys(p.parent.parent for p in paths):
+        check_shard_version(root)
     counter = counter if counter is not None else CorruptSampleCounter()
     return _iter_clips([str(p) for p in paths], counter, split_by_node, split_by_worker)
 
 
 def _iter_clips(
     urls: list[str], counter: CorruptSampleCounter, by_node: bool, by_worker: bool
-) -> Iterator[dict]:
+) -> Iterator[Clip]:
     """webdataset's own tar iteration and grouping (``tar_file_expander`` + ``group_by_keys``, the
     stages ``wds.WebDataset`` is built from) over shard files this generator opens and closes."""
     import webdataset as wds

@@ -1,16 +1,21 @@
 """AVSynth: procedurally generated audio-visual scenes with exact ground truth.
 
-A scene is a small graph (JSON, schema version 1, see ``CONTRACTS``): 1-3 sound objects, each with
-a class, colour, shape, screen cell (``position`` x ``row``), motion, visible and sounding segment
-intervals, loudness and exact per-segment boxes, plus a scene mood.  Exactly one object is the
-audio-visual event (visible *and* sounding over one contiguous interval of >= 2 segments); the
-others are audio-only, visual-only, or visible and sounding but never at the same time.
+A scene is a small graph (JSON, schema version 2, see :func:`generate_scene`): 1-3 sound objects,
+each with a class, colour, shape, screen cell (``position`` x ``row``), motion, visible and
+sounding segment intervals, loudness, exact per-segment boxes and a region description, plus a
+scene mood and a list of referring expressions.  A *single-source* scene (the v1 kind) has exactly
+one audio-visual object, the event (visible *and* sounding over one contiguous interval of >= 2
+segments); the others are audio-only, visual-only, or visible and sounding but never at the same
+time.  A *multi-source* scene (``SynthConfig.multi_source``; AVSBench MS3-like) has two or three
+co-sources, each seen and heard over one common contiguous range, which overlap in >= 2 segments,
+and no single event (``av_event`` and ``action`` are ``null``).
 
 Everything is a pure function of ``(seed, split, index)`` and the :class:`SynthConfig`:
 
 >>> cfg = SynthConfig(frame_size=32)
 >>> scene = generate_scene(7, "train", 0, cfg)
 >>> frames, audio = render_clip(scene, cfg)     # uint8 [T*F, 3, H, W], float32 [S]
+>>> masks = render_masks(scene, cfg)            # uint8 [T*F, H, W]: 0 background, id + 1
 
 Rendering is vectorized numpy.  Each class has its own appearance (shape + texture + default
 colour) and audio signature (harmonic partials on a fundamental, or a noise band, with an
@@ -30,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from avmt.data import vocab
+from avmt.intervals import mask_to_ranges, ranges_to_mask
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -41,6 +47,14 @@ __all__ = [
     "BACKGROUND_RGB",
     "TEXTURES",
     "LOUDNESS_LEVELS",
+    "SYNTH_COMMAND",
+    "DESCRIPTION_TEMPLATE",
+    "MOTION_PHRASES",
+    "EXPRESSION_TEMPLATES",
+    "ORDINALS",
+    "describe_object",
+    "is_multi_source",
+    "old_schema_message",
     "scene_seed",
     "validate_scene",
     "clip_id",
@@ -51,14 +65,19 @@ __all__ = [
     "render_masks",
     "object_audio",
     "mood_audio",
-    "ranges_to_mask",
-    "mask_to_ranges",
 ]
 
-SCHEMA_VERSION = 1
+#: Version of the scene graph.  v2 added ``objects[i]["description"]``, ``expressions``, multi-source
+#: scenes (``av_event`` / ``action`` null) and exact object masks in the shards; v1 is not read.
+SCHEMA_VERSION = 2
 #: Bump whenever the generator's output for a given (seed, split, index, cfg) changes, so that
 #: cached shards (``avmt.data.shards.ensure_shards``) are regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
+#: How a user makes AVSynth shards (the CLI's ``data synth`` subcommand); ``{root}`` is the folder.
+SYNTH_COMMAND = "python -m avmt data synth --out {root} --clips N --seed S"
+#: Namespace of :func:`scene_seed`.  Frozen at v1 so that the scene seeds, and with them every
+#: v1 field of a single-source scene, stay what AVSynth v1 generated.
+_SEED_NAMESPACE = "avsynth/v1"
 
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")
 
@@ -155,6 +174,39 @@ CLASS_STYLES: dict[str, ClassStyle] = {
     "horn": ClassStyle("ring", "orange", "hstripes", 233.08, ((1, 1.0), (2, 0.7), (3, 0.5))),
 }
 
+# --------------------------------------------------------------------------------------------
+# Words: region descriptions and referring expressions
+# --------------------------------------------------------------------------------------------
+
+#: Region description of a visible object, e.g. "a red violin at the top left, moving right";
+#: ``{motion}`` is the object's ``MOTION_PHRASES`` entry.
+DESCRIPTION_TEMPLATE = "a {color} {class} at the {row} {position}, {motion}"
+#: How each motion of ``vocab.MOTIONS`` reads in a description.
+MOTION_PHRASES: dict[str, str] = {
+    "static": "standing still",
+    "moving left": "moving left",
+    "moving right": "moving right",
+    "moving up": "moving up",
+    "moving down": "moving down",
+    "pulsing": "pulsing",
+}
+#: Words of the order expressions, by rank of sounding onset.
+ORDINALS: tuple[str, ...] = ("first", "second", "third")
+#: Every referring-expression template (Ref-AVS-like), by kind.  Slots: ``{color}``, ``{class}``,
+#: ``{where}`` (a ``vocab.POSITION_PHRASES`` value) and ``{ordinal}`` (an ``ORDINALS`` word).
+#: The ``null_*`` kinds refer to nothing (target: an empty mask); the others to one object that
+#: is visible at some time and sounding at some time.
+EXPRESSION_TEMPLATES: dict[str, str] = {
+    "attribute": "the {color} {class} {where}",
+    "sounding": "the sounding {class}",
+    "makes_sound": "the {class} that makes a sound",
+    "order": "the object that starts sounding {ordinal}",
+    "loudest": "the loudest object",
+    "quietest": "the quietest sounding object",
+    "null_absent": "the sounding {class} {where}",
+    "null_silent": "the {color} {class} {where} that makes a sound",
+}
+
 # Mood bed: notes per second, semitone offsets of the repeating pattern (relative to the base
 # pitch), and whether each note is a dissonant dyad (a second tone one semitone up).
 _MOOD_BASE_HZ = 523.25
@@ -207,6 +259,13 @@ class SynthConfig:
         object_level: RMS amplitude of a sounding object at loudness 1.0 (peak capped at 4x).
         mood_level: peak amplitude of the quiet mood bed (tempo + pitch contour).
         visual_noise: standard deviation of Gaussian pixel noise, as a fraction of 255 (0 = clean).
+        multi_source: probability in [0, 1] that a scene is a multi-source scene (AVSBench
+            MS3-like: 2-3 co-sources, each seen and heard over one contiguous range, overlapping
+            in >= ``min_event_segments`` segments, plus at most one silent visible or audio-only
+            object; no single ``av_event``).  Needs ``max_objects >= 2`` when > 0.  The coin is
+            drawn from its own random stream, so with 0.0 (the default) every scene is exactly
+            the single-source scene AVSynth v1 generated (plus the v2 fields), and with p > 0
+            the scenes that are not multi-source are too.
     """
 
     num_classes: int = 8
@@ -223,6 +282,7 @@ class SynthConfig:
     object_level: float = 0.12
     mood_level: float = 0.04
     visual_noise: float = 0.0
+    multi_source: float = 0.0
 
     def __post_init__(self) -> None:
         _check_int("max_objects", self.max_objects, 1, 3)
@@ -249,6 +309,12 @@ class SynthConfig:
         _check_float("object_level", self.object_level, 0.0, 1.0, lo_open=True)
         _check_float("mood_level", self.mood_level, 0.0, 1.0)
         _check_float("visual_noise", self.visual_noise, 0.0, 1.0)
+        _check_float("multi_source", self.multi_source, 0.0, 1.0)
+        if self.multi_source > 0 and self.max_objects < 2:
+            raise ValueError(
+                f"SynthConfig.multi_source ({self.multi_source}) > 0 needs max_objects >= 2 "
+                f"(a multi-source scene has >= 2 co-sources), got max_objects={self.max_objects}"
+            )
         if not isinstance(self.random_colors, (bool, np.bool_)):
             raise ValueError(f"SynthConfig.random_colors must be a bool, got {self.random_colors!r}")
 
@@ -299,28 +365,13 @@ def scene_seed(seed: int, split: str, index: int) -> int:
         raise ValueError(f"clip index must be an int >= 0, got {index!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise ValueError(f"seed must be an int, got {seed!r}")
-    digest = hashlib.sha256(f"avsynth/v{SCHEMA_VERSION}/{int(seed)}/{split}/{int(index)}".encode()).digest()
+    digest = hashlib.sha256(f"{_SEED_NAMESPACE}/{int(seed)}/{split}/{int(index)}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 53) - 1)
 
 
 def clip_id(split: str, index: int) -> str:
     """Clip key ``"{split}-{index:08d}"`` (no dots: it is a WebDataset key)."""
     return f"{split}-{int(index):08d}"
-
-
-def ranges_to_mask(ranges: list[list[int]], num_segments: int) -> np.ndarray:
-    """``[[s, e), ...]`` -> bool mask ``[num_segments]``."""
-    mask = np.zeros(num_segments, dtype=bool)
-    for start, end in ranges:
-        mask[start:end] = True
-    return mask
-
-
-def mask_to_ranges(mask: np.ndarray) -> list[list[int]]:
-    """bool mask ``[T]`` -> sorted, non-overlapping, non-adjacent ``[[s, e), ...]``."""
-    padded = np.concatenate([[0], np.asarray(mask, dtype=np.int8), [0]])
-    edges = np.flatnonzero(np.diff(padded))
-    return [[int(s), int(e)] for s, e in zip(edges[0::2], edges[1::2])]
 
 
 def _random_mask(rng: np.random.Generator, num_segments: int, allowed: np.ndarray) -> np.ndarray:
@@ -378,34 +429,154 @@ def _distractor_intervals(rng: np.random.Generator, cfg: SynthConfig) -> tuple[l
     return mask_to_ranges(mask), []  # visual-only
 
 
+def _multi_source_intervals(
+    rng: np.random.Generator, cfg: SynthConfig, n_obj: int
+) -> list[tuple[list, list]]:
+    """Visible and sounding ranges of the objects of a multi-source scene (generation order).
+
+    The first 2 (or, with 3 objects, sometimes 3) are co-sources: each is visible and sounding over
+    the same contiguous range, a common core of >= ``min_event_segments`` segments extended on
+    either side by a random amount.  A third non-co-source object is visual-only or audio-only.
+    """
+    T = cfg.num_segments
+    length = int(rng.integers(cfg.min_event_segments, T + 1))
+    start = int(rng.integers(0, T - length + 1))
+    end = start + length
+    kind = int(rng.integers(3)) if n_obj == 3 else 0  # 0: third co-source; 1: visual-only; 2: audio-only
+    n_co = 3 if n_obj == 3 and kind == 0 else 2
+    intervals: list[tuple[list, list]] = []
+    for _ in range(n_co):
+        lo = start - int(rng.integers(0, start + 1))
+        hi = end + int(rng.integers(0, T - end + 1))
+        intervals.append(([[lo, hi]], [[lo, hi]]))
+    if n_obj > n_co:
+        ranges = mask_to_ranges(_random_mask(rng, T, np.ones(T, dtype=bool)))
+        intervals.append((ranges, []) if kind == 1 else ([], ranges))
+    return intervals
+
+
+def describe_object(obj: dict) -> str | None:
+    """Region description of ``obj`` (``DESCRIPTION_TEMPLATE``), ``None`` when it is never visible."""
+    if not obj["visible"]:
+        return None
+    return DESCRIPTION_TEMPLATE.format(
+        color=obj["color"], row=obj["row"], position=obj["position"], motion=MOTION_PHRASES[obj["motion"]],
+        **{"class": obj["class"]},
+    )
+
+
+def is_multi_source(scene: dict) -> bool:
+    """True for a multi-source scene (no single audio-visual event: ``av_event`` is null)."""
+    return scene.get("av_event") is None
+
+
+def _expression(kind: str, obj: dict | None = None, **slots: str) -> str:
+    if obj is not None:
+        where = vocab.POSITION_PHRASES[obj["position"]]
+        slots = {"color": obj["color"], "class": obj["class"], "where": where, **slots}
+    return EXPRESSION_TEMPLATES[kind].format(**slots)
+
+
+def _expressions(scene: dict, classes: tuple[str, ...]) -> list[dict]:
+    """Referring expressions ``{"text", "object"}`` of a scene (see :func:`generate_scene`)."""
+    rng = np.random.default_rng([scene["seed"], 7])
+    objects = scene["objects"]
+    referents = [o for o in objects if o["visible"] and o["sounding"]]
+    referent_ids = {o["id"] for o in referents}
+    out: list[dict] = []
+    # attribute: one per referent (classes are distinct in a scene, so each names one object)
+    for obj in referents:
+        kind = ("attribute", "sounding", "makes_sound")[int(rng.integers(3))]
+        out.append({"text": _expression(kind, obj), "object": obj["id"]})
+    # order and loudness rank every sounding object (an audio-only one too, so that the words stay
+    # true of the audio); an expression is made for each rank a referent holds
+    sounding = [o for o in objects if o["sounding"]]
+    if len(sounding) >= 2:
+        onsets = [o["sounding"][0][0] for o in sounding]
+        if len(set(onsets)) == len(onsets):
+            for rank, obj in enumerate(sorted(sounding, key=lambda o: o["sounding"][0][0])):
+                if obj["id"] in referent_ids:
+                    out.append({"text": _expression("order", ordinal=ORDINALS[rank]), "object": obj["id"]})
+        loudest = max(sounding, key=lambda o: o["loudness"])
+        quietest = min(sounding, key=lambda o: o["loudness"])
+        if loudest["id"] in referent_ids:
+            out.append({"text": _expression("loudest"), "object": loudest["id"]})
+        if quietest["id"] in referent_ids:
+            out.append({"text": _expression("quietest"), "object": quietest["id"]})
+    # null: a sounding class that is not in the scene (or, when every class of the config is, a
+    # class of the scene in a column where it is not), and every silent visible object
+    present = {o["class"] for o in objects}
+    absent = [c for c in classes if c not in present]
+    if absent:
+        name = absent[int(rng.integers(len(absent)))]
+        column = vocab.POSITIONS[int(rng.integers(len(vocab.POSITIONS)))]
+    else:
+        obj = objects[int(rng.integers(len(objects)))]
+        name = obj["class"]
+        others = [c for c in vocab.POSITIONS if c != obj["position"]]
+        column = others[int(rng.integers(len(others)))]
+    where = vocab.POSITION_PHRASES[column]
+    out.append({"text": _expression("null_absent", **{"class": name, "where": where}), "object": None})
+    for obj in objects:
+        if obj["visible"] and not obj["sounding"]:
+            out.append({"text": _expression("null_silent", obj), "object": None})
+    return out
+
+
 def generate_scene(index: int, split: str, seed: int, cfg: SynthConfig | None = None) -> dict:
-    """Scene graph (JSON-able dict, schema version 1) of clip ``index`` of ``split``.
+    """Scene graph (JSON-able dict, schema version 2) of clip ``index`` of ``split``.
 
-    Deterministic in ``(index, split, seed, cfg)``.  ``objects[i]["boxes"]`` holds T entries:
-    the exact rendered box ``[x1, y1, x2, y2]`` (ints normalized to 0..1000, union over the
-    segment's F frames) or ``None`` where the object is not visible.
+    Deterministic in ``(index, split, seed, cfg)``.  Fields: ``version``, ``clip_id``, ``split``,
+    ``seed`` (the scene seed), the clip geometry (``num_segments``, ``segment_seconds``,
+    ``frames_per_segment``, ``frame_size`` ``[H, W]``, ``sample_rate``, ``noise_level``),
+    ``mood``, ``objects``, ``av_event`` ``{"object", "class", "range"}`` (``null`` in a
+    multi-source scene), ``action`` (the AV object's motion; ``null`` in a multi-source scene) and
+    ``expressions``.
 
-    Conventions beyond the contract: objects have distinct classes and distinct screen cells
-    (so they never overlap); sounding objects get distinct loudness values from
-    ``LOUDNESS_LEVELS`` and never-sounding objects loudness 0.0; never-visible objects have
-    motion ``"static"``; the AV object may be visible (or sounding) longer than ``av_event.range``
-    on either side, but never both on the same side.
+    Each object: ``id`` (its index), ``class``, ``color``, ``shape``, ``position``, ``row``,
+    ``motion``, ``visible`` and ``sounding`` (sorted, separate ``[start, end)`` segment ranges),
+    ``loudness``, ``boxes`` (T entries: the exact rendered box ``[x1, y1, x2, y2]``, ints
+    normalized to 0..1000, of the union of the segment's F frame masks, or ``None`` where the
+    object is not visible) and ``description`` (``DESCRIPTION_TEMPLATE``, ``None`` for a
+    never-visible object).
+
+    ``expressions`` (Ref-AVS-like) is a list of ``{"text", "object"}``; ``object`` is the id of
+    an object visible at some time and sounding at some time (a *referent*), or ``None`` when
+    the expression refers to nothing (the target is an empty mask).  Texts are
+    ``EXPRESSION_TEMPLATES`` filled in: one attribute expression per referent (its phrasing
+    drawn), order ("the object that starts sounding second") and loudness ("the loudest
+    object", "the quietest sounding object") expressions for the referents among >= 2 sounding
+    objects (ranked over *all* sounding objects, so an audio-only one takes its rank; order only
+    when the onsets are distinct), one null expression naming a sounding class absent from the
+    scene, and one null expression per silent visible object.
+
+    Conventions beyond the schema: objects have distinct classes and distinct screen cells
+    (so they never overlap and the masks are exact); sounding objects get distinct loudness values
+    from ``LOUDNESS_LEVELS`` and never-sounding objects loudness 0.0; never-visible objects have
+    motion ``"static"``; the AV object of a single-source scene may be visible (or sounding) longer
+    than ``av_event.range`` on either side, but never both on the same side.  New fields draw from
+    their own random streams, so a single-source scene's v1 fields are those AVSynth v1 generated.
     """
     cfg = cfg or SynthConfig()
     sseed = scene_seed(seed, split, index)
     rng = np.random.default_rng(sseed)
     T = cfg.num_segments
     classes = cfg.classes
+    multi = cfg.multi_source > 0 and float(np.random.default_rng([sseed, 6]).random()) < cfg.multi_source
 
     mood = vocab.MOODS[int(rng.integers(len(vocab.MOODS)))]
-    n_obj = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+    n_obj = int(rng.integers(max(2, cfg.min_objects) if multi else cfg.min_objects, cfg.max_objects + 1))
     class_idx = rng.choice(len(classes), size=n_obj, replace=False)
     cells = rng.choice(len(vocab.POSITIONS) * len(vocab.ROWS), size=n_obj, replace=False)
 
-    av_vis, av_snd, av_range = _av_intervals(rng, cfg)
-    intervals = [([av_vis], [av_snd])]
-    for _ in range(n_obj - 1):
-        intervals.append(_distractor_intervals(rng, cfg))
+    if multi:
+        intervals = _multi_source_intervals(rng, cfg, n_obj)
+        av_range = None
+    else:
+        av_vis, av_snd, av_range = _av_intervals(rng, cfg)
+        intervals = [([av_vis], [av_snd])]
+        for _ in range(n_obj - 1):
+            intervals.append(_distractor_intervals(rng, cfg))
 
     order = rng.permutation(n_obj)  # order[k] = which generated object gets id k
     loud_pool = list(rng.permutation(len(LOUDNESS_LEVELS)))
@@ -420,7 +591,7 @@ def generate_scene(index: int, split: str, seed: int, cfg: SynthConfig | None = 
         motion = vocab.MOTIONS[int(rng.integers(len(vocab.MOTIONS)))] if visible else "static"
         loudness = float(LOUDNESS_LEVELS[int(loud_pool.pop())]) if sounding else 0.0
         cell = int(cells[gen])
-        if gen == 0:
+        if gen == 0 and not multi:
             av_id = new_id
         objects.append(
             {
@@ -435,6 +606,7 @@ def generate_scene(index: int, split: str, seed: int, cfg: SynthConfig | None = 
                 "sounding": [list(r) for r in sounding],
                 "loudness": loudness,
                 "boxes": [None] * T,
+                "description": None,
             }
         )
 
@@ -451,11 +623,16 @@ def generate_scene(index: int, split: str, seed: int, cfg: SynthConfig | None = 
         "mood": mood,
         "noise_level": float(cfg.noise_level),
         "objects": objects,
-        "av_event": {"object": av_id, "class": objects[av_id]["class"], "range": list(av_range)},
-        "action": objects[av_id]["motion"],
+        "av_event": None
+        if multi
+        else {"object": av_id, "class": objects[av_id]["class"], "range": list(av_range)},
+        "action": None if multi else objects[av_id]["motion"],
+        "expressions": [],
     }
     for obj in objects:
         obj["boxes"] = _object_boxes(scene, obj)
+        obj["description"] = describe_object(obj)
+    scene["expressions"] = _expressions(scene, classes)
     return scene
 
 
@@ -465,10 +642,11 @@ def generate_scene(index: int, split: str, seed: int, cfg: SynthConfig | None = 
 
 _OBJECT_KEYS = (
     "id", "class", "color", "shape", "position", "row", "motion", "visible", "sounding", "loudness", "boxes",
+    "description",
 )  # fmt: skip
 _TOP_KEYS = (
     "version", "clip_id", "split", "seed", "num_segments", "segment_seconds", "frames_per_segment",
-    "frame_size", "sample_rate", "mood", "noise_level", "objects", "av_event", "action",
+    "frame_size", "sample_rate", "mood", "noise_level", "objects", "av_event", "action", "expressions",
 )  # fmt: skip
 
 
@@ -489,16 +667,29 @@ def _check_ranges(where: str, ranges: Any, T: int) -> np.ndarray:
     return ranges_to_mask(ranges, T)
 
 
+def old_schema_message(version: Any, where: str = "this scene") -> str:
+    """What to say about data of an older schema ``version``: it is not read; how to regenerate."""
+    return (
+        f"{where} is AVSynth schema v{version}, which is no longer read: this version of avmt reads "
+        f"AVSynth v{SCHEMA_VERSION} (object masks, multi-source scenes, referring expressions). "
+        f"Regenerate the data with: {SYNTH_COMMAND.format(root='DIR')}"
+    )
+
+
 def validate_scene(scene: Any) -> None:
-    """Check a scene graph against the schema-v1 contract (fields, vocabularies, ranges, boxes,
-    exactly one audio-visual event); raise ``ValueError`` saying what is wrong."""
+    """Check a scene graph against the schema-v2 contract (fields, vocabularies, ranges, boxes,
+    descriptions, expressions, and either exactly one audio-visual event or a multi-source scene);
+    raise ``ValueError`` saying what is wrong.  A v1 scene is rejected with how to regenerate."""
     if not isinstance(scene, dict):
         raise ValueError(f"a scene must be a JSON object, got {type(scene).__name__}")
+    version = scene.get("version")
+    if _is_int(version) and version < SCHEMA_VERSION:
+        raise ValueError(old_schema_message(version, f"scene {scene.get('clip_id')!r}"))
     missing = [k for k in _TOP_KEYS if k not in scene]
     if missing:
         raise ValueError(f"scene misses fields {missing}")
-    if scene["version"] != SCHEMA_VERSION:
-        raise ValueError(f"scene version {scene['version']!r} is not {SCHEMA_VERSION}")
+    if version != SCHEMA_VERSION:
+        raise ValueError(f"scene version {version!r} is not {SCHEMA_VERSION}")
     T, F = scene["num_segments"], scene["frames_per_segment"]
     size = scene["frame_size"]
     if not (_is_int(T) and 1 <= T <= 100_000 and _is_int(F) and 1 <= F <= 1000):
@@ -515,6 +706,8 @@ def validate_scene(scene: Any) -> None:
     if not isinstance(objects, list) or not objects:
         raise ValueError("scene objects must be a non-empty list")
     av_objects = []
+    both = np.zeros((len(objects), T), dtype=bool)  # visible and sounding, per object and segment
+    referents = set()  # visible at some time and sounding at some time
     vocabularies = {"class": vocab.CLASSES, "color": vocab.COLORS, "shape": vocab.SHAPES,
                     "position": vocab.POSITIONS, "row": vocab.ROWS, "motion": vocab.MOTIONS}
     for i, obj in enumerate(objects):
@@ -546,12 +739,44 @@ def validate_scene(scene: Any) -> None:
                 raise ValueError(f"object {i} box {box!r} is not 4 ints in 0..1000")
             if not (box[0] < box[2] and box[1] < box[3]):
                 raise ValueError(f"object {i} box {box!r} is empty")
-        if (vis & snd).any():
-            av_objects.append((i, mask_to_ranges(vis & snd)))
+        description = obj["description"]
+        if vis.any() != (isinstance(description, str) and bool(description.strip())):
+            expected = "a non-empty string" if vis.any() else "null (the object is never visible)"
+            raise ValueError(f"object {i} description must be {expected}, got {description!r}")
+        if vis.any() and snd.any():
+            referents.add(i)
+        both[i] = vis & snd
+        if both[i].any():
+            av_objects.append((i, mask_to_ranges(both[i])))
+    expressions = scene["expressions"]
+    if not isinstance(expressions, list):
+        raise ValueError(f"scene expressions must be a list, got {type(expressions).__name__}")
+    for k, expr in enumerate(expressions):
+        if not (isinstance(expr, dict) and set(expr) == {"text", "object"}):
+            raise ValueError(
+                f"expression {k} must be an object with the fields text and object, got {expr!r}"
+            )
+        if not (isinstance(expr["text"], str) and expr["text"].strip()):
+            raise ValueError(f"expression {k} text must be a non-empty string, got {expr['text']!r}")
+        target = expr["object"]
+        if target is not None and not (_is_int(target) and target in referents):
+            raise ValueError(
+                f"expression {k} ({expr['text']!r}) object {target!r} is not the id of an object that "
+                f"is visible and sounding (those are {sorted(referents)}), nor null"
+            )
+    event = scene["av_event"]
+    if event is None or scene["action"] is None:
+        if event is not None or scene["action"] is not None:
+            raise ValueError("scene av_event and action must both be null (a multi-source scene) or both set")
+        if int(both.sum(axis=0).max(initial=0)) < 2:
+            raise ValueError(
+                "scene av_event is null but the scene is not multi-source: it needs >= 2 objects that "
+                "are both visible and sounding in a common segment"
+            )
+        return
     if len(av_objects) != 1:
         raise ValueError(f"scene must have exactly one audio-visual object, has {len(av_objects)}")
     av_id, shared = av_objects[0]
-    event = scene["av_event"]
     if not isinstance(event, dict) or event.get("object") != av_id:
         raise ValueError(f"av_event {event!r} does not name object {av_id}, the visible-and-sounding one")
     if event.get("class") != objects[av_id]["class"] or len(shared) != 1 or event.get("range") != shared[0]:
@@ -707,8 +932,11 @@ def _object_boxes(scene: dict, obj: dict) -> list:
 
 def _check_scene_cfg(scene: dict, cfg: SynthConfig) -> None:
     """The fields a scene records must agree with the config it is rendered with."""
-    if scene.get("version") != SCHEMA_VERSION:
-        raise ValueError(f"scene schema version {scene.get('version')!r} is not {SCHEMA_VERSION}")
+    version = scene.get("version")
+    if _is_int(version) and version < SCHEMA_VERSION:
+        raise ValueError(old_schema_message(version, f"scene {scene.get('clip_id')!r}"))
+    if version != SCHEMA_VERSION:
+        raise ValueError(f"scene schema version {version!r} is not {SCHEMA_VERSION}")
     expected = {
         "num_segments": cfg.num_segments,
         "segment_seconds": float(cfg.segment_seconds),
@@ -726,7 +954,12 @@ def _check_scene_cfg(scene: dict, cfg: SynthConfig) -> None:
 
 
 def render_masks(scene: dict, cfg: SynthConfig | None = None) -> np.ndarray:
-    """Object-id masks ``uint8 [T*F, H, W]``: 0 = background, ``id + 1`` where object ``id`` is drawn."""
+    """Object-id masks ``uint8 [T*F, H, W]``: 0 = background, ``id + 1`` where object ``id`` is drawn.
+
+    Exact: the pixels of object ``id`` are exactly those :func:`render_frames` paints in its
+    colour (objects stay inside their own screen cells, so no pixel is drawn twice; a scene
+    whose objects would overlap raises ``ValueError``).
+    """
     cfg = cfg or SynthConfig()
     _check_scene_cfg(scene, cfg)
     H, W = scene["frame_size"]
@@ -734,6 +967,11 @@ def render_masks(scene: dict, cfg: SynthConfig | None = None) -> np.ndarray:
     for obj in scene["objects"]:
         if obj["visible"]:
             mask, _ = _object_pixels(scene, obj)
+            if (out[mask] != 0).any():
+                raise ValueError(
+                    f"scene {scene.get('clip_id')!r}: object {obj['id']} overlaps another object; the masks "
+                    "would not be exact (objects must sit in distinct screen cells)"
+                )
             out[mask] = obj["id"] + 1
     return out
 

@@ -30,3 +30,6 @@ ROWS: tuple[str, ...] = ("top", "bottom")
 MOTIONS: tuple[str, ...] = ("static", "moving left", "moving right", "moving up", "moving down", "pulsing")
 MOODS: tuple[str, ...] = ("happy", "sad", "calm", "tense")
 NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+#: How an object's screen column reads in a sentence ("the red violin on the left").
+POSITION_PHRASES: dict[str, str] = {"left": "on the left", "center": "in the center", "right": "on the right"}

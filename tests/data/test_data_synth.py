@@ -13,10 +13,8 @@ from avmt.data.synth import (
     TEXTURE_DARK,
     SynthConfig,
     generate_scene,
-    mask_to_ranges,
     mood_audio,
     object_audio,
-    ranges_to_mask,
     render_audio,
     render_clip,
     render_frames,
@@ -24,13 +22,15 @@ from avmt.data.synth import (
     scene_seed,
     validate_scene,
 )
+from avmt.intervals import mask_to_ranges, ranges_to_mask
 
 SCENE_KEYS = {
     "version", "clip_id", "split", "seed", "num_segments", "segment_seconds", "frames_per_segment",
-    "frame_size", "sample_rate", "mood", "noise_level", "objects", "av_event", "action",
+    "frame_size", "sample_rate", "mood", "noise_level", "objects", "av_event", "action", "expressions",
 }  # fmt: skip
 OBJECT_KEYS = {
     "id", "class", "color", "shape", "position", "row", "motion", "visible", "sounding", "loudness", "boxes",
+    "description",
 }  # fmt: skip
 
 
@@ -74,6 +74,10 @@ def _px_box(box, h, w):
         ({"noise_level": float("nan")}, "noise_level"),
         ({"random_colors": "yes"}, "random_colors"),
         ({"visual_noise": 2.0}, "visual_noise"),
+        ({"multi_source": 1.5}, "multi_source"),
+        ({"multi_source": -0.1}, "multi_source"),
+        ({"multi_source": "often"}, "multi_source"),
+        ({"multi_source": 0.5, "min_objects": 1, "max_objects": 1}, "multi_source"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(kwargs, field):
@@ -85,7 +89,7 @@ def test_config_defaults_and_dict():
     cfg = SynthConfig()
     assert cfg.classes == vocab.CLASSES[:8]
     assert (cfg.num_frames, cfg.num_samples) == (10, 160000)
-    assert cfg.to_dict()["frame_size"] == 64
+    assert cfg.to_dict()["frame_size"] == 64 and cfg.to_dict()["multi_source"] == 0.0
     assert SynthConfig(**cfg.to_dict()) == cfg
 
 
@@ -126,7 +130,7 @@ def test_scene_invariants(random_colors):
     kinds, moods, motions, counts = set(), set(), set(), set()
     for scene in _scenes(100, cfg, seed=11 + random_colors):
         assert set(scene) == SCENE_KEYS
-        assert scene["version"] == 1 and scene["num_segments"] == T and scene["frame_size"] == [64, 64]
+        assert scene["version"] == 2 and scene["num_segments"] == T and scene["frame_size"] == [64, 64]
         assert scene["mood"] in vocab.MOODS
         moods.add(scene["mood"])
         objs = scene["objects"]
@@ -197,7 +201,7 @@ def test_validate_scene_accepts_generated_and_rejects_broken_scenes():
     cases = {
         "exactly one audio-visual": broken(lambda s: s["objects"][hidden].update(
             visible=s["objects"][av]["visible"], sounding=s["objects"][av]["sounding"],
-            boxes=s["objects"][av]["boxes"])),
+            boxes=s["objects"][av]["boxes"], description="a red violin at the top left, standing still")),
         "has a box": broken(lambda s: s["objects"][hidden]["boxes"].__setitem__(0, [1, 2, 3, 4])),
         "class": broken(lambda s: s["objects"][0].update({"class": "unicorn"})),
         "av_event": broken(lambda s: s["av_event"].update(range=[0, 1])),
@@ -205,6 +209,17 @@ def test_validate_scene_accepts_generated_and_rejects_broken_scenes():
         "misses fields": broken(lambda s: s.pop("mood")),
         "sorted": broken(lambda s: s["objects"][av].update(sounding=[[5, 6], [1, 2]])),
         "num_segments": broken(lambda s: s.update(num_segments=10**9)),
+        "description must be a non-empty string": broken(lambda s: s["objects"][av].update(description=None)),
+        "never visible": broken(lambda s: s["objects"][hidden].update(description="a red violin")),
+        "not the id of an object that is visible and sounding": broken(
+            lambda s: s["expressions"].append({"text": "the hidden one", "object": hidden})),
+        "non-empty string": broken(lambda s: s["expressions"].append({"text": " ", "object": None})),
+        "fields text and object": broken(lambda s: s["expressions"].append({"text": "x"})),
+        "not multi-source": broken(lambda s: s.update(av_event=None, action=None)),
+        "both be null": broken(lambda s: s.update(av_event=None)),
+        "expressions": broken(lambda s: s.pop("expressions")),
+        "no longer read": broken(lambda s: s.update(version=1)),
+        "is not 2": broken(lambda s: s.update(version=3)),
     }
     for message, bad in cases.items():
         with pytest.raises(ValueError, match=message):
