@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from avmt.data.vocab import MOTIONS
 from avmt.tasks import register_task
-from avmt.tasks.base import LabelTask, av_object, object_sentence
+from avmt.tasks.label import LabelTask
+from avmt.tasks.reasoning import object_sentence
+from avmt.tasks.scene import av_object
 
 #: What each motion looks like (the reasoning's visual evidence).
 MOTION_EVIDENCE = {
@@ -25,6 +27,7 @@ class ActionTask(LabelTask):
     """
 
     name = "action"
+    task_id = 0
     labels = MOTIONS
     conclusion_template = "So the action is {answer}."
     prompts = (

@@ -8,8 +8,10 @@ from typing import Any, Sequence
 from torchmetrics import MetricCollection
 
 from avmt.tasks import register_task
-from avmt.tasks.base import Task, TaskParts, av_object, object_sentence, ordered_objects
+from avmt.tasks.base import Task, TaskParts
 from avmt.tasks.metrics import CaptionBLEU, CaptionROUGEL, ParseFailureRate
+from avmt.tasks.reasoning import object_sentence
+from avmt.tasks.scene import av_object, ordered_objects
 
 CAPTION_PHRASES = (
     "The {c} that is seen and heard is {motion}.",
@@ -39,6 +41,7 @@ class AVCapTask(Task):
     Metrics: BLEU-4 and ROUGE-L on normalized text (lower case, punctuation split off)."""
 
     name = "avcap"
+    task_id = 1
     prompts = (
         "Describe what is seen and heard in this clip.",
         "Write a caption for this clip that says what can be seen and heard, and when.",

@@ -8,17 +8,13 @@ from typing import Any, Sequence
 
 from torchmetrics import MetricCollection
 
+from avmt.intervals import merge_ranges
 from avmt.tasks import register_task
-from avmt.tasks.base import (
-    Task,
-    TaskParts,
-    av_object,
-    extract_tag,
-    merge_ranges,
-    object_sentence,
-    ordered_objects,
-)
+from avmt.tasks.base import Task, TaskParts
 from avmt.tasks.metrics import BACKGROUND, EventClassAccuracy, ParseFailureRate, RangeIoU, SegmentAccuracy
+from avmt.tasks.reasoning import object_sentence
+from avmt.tasks.scene import av_object, ordered_objects
+from avmt.tasks.text import extract_tag
 
 _RANGE_RE = re.compile(r"^(\d+)\s*[,\s]\s*(\d+)$")
 
@@ -44,6 +40,7 @@ class AVETask(Task):
     """
 
     name = "ave"
+    task_id = 2
     prompts = (
         "Which event is both audible and visible in this clip, and when does it happen?",
         "Find the audio-visual event: name the object that is seen and heard at the same time and give "

@@ -18,27 +18,22 @@ from typing import Any, Callable
 from torchmetrics import MetricCollection
 
 from avmt.data.vocab import CLASSES, NUMBER_WORDS, POSITIONS
+from avmt.intervals import intersect_ranges, merge_ranges, ranges_onset, ranges_total
 from avmt.tasks import register_task
-from avmt.tasks.base import (
-    Task,
-    TaskParts,
+from avmt.tasks.base import Task, TaskParts
+from avmt.tasks.metrics import LabelAccuracy, ParseFailureRate
+from avmt.tasks.reasoning import number_word, object_sentence
+from avmt.tasks.scene import (
     av_object,
-    extract_tag,
     has_overlap,
-    intersect_ranges,
     is_sounding,
     is_visible,
-    merge_ranges,
-    number_word,
-    object_sentence,
     ordered_objects,
-    ranges_onset,
-    ranges_total,
     scene_objects,
     sort_objects,
     unique_class_objects,
 )
-from avmt.tasks.metrics import LabelAccuracy, ParseFailureRate
+from avmt.tasks.text import extract_tag
 
 #: Two sounds count as "louder" / "quieter" only if their loudness differs by at least this.
 LOUDNESS_MARGIN = 0.1
@@ -500,6 +495,7 @@ class AVQATask(Task):
     """
 
     name = "avqa"
+    task_id = 3
     prompts = _ALL_QUESTIONS
     phrases = (*EVIDENCE, "<answer> {a} </answer>", "yes", "no")
 

@@ -10,17 +10,13 @@ from typing import Any, Sequence
 
 from torchmetrics import MetricCollection
 
+from avmt.intervals import merge_ranges
 from avmt.tasks import register_task
-from avmt.tasks.base import (
-    Task,
-    TaskParts,
-    extract_tag,
-    merge_ranges,
-    object_sentence,
-    ordered_objects,
-    scene_objects,
-)
+from avmt.tasks.base import Task, TaskParts
 from avmt.tasks.metrics import AVVPF1, ParseFailureRate
+from avmt.tasks.reasoning import object_sentence
+from avmt.tasks.scene import ordered_objects, scene_objects
+from avmt.tasks.text import extract_tag
 
 _RANGE = r"\(\s*(\d+)\s*[\s,\-]\s*(\d+)\s*\)"
 _ITEM_RE = re.compile(rf"([^,()<>;]+?)\s*,\s*((?:{_RANGE}\s*,?\s*)+)")
@@ -72,6 +68,8 @@ class AVVPTask(Task):
     """
 
     name = "avvp"
+    task_id = 4
+    needs_av_event = False  # applies to multi-source scenes too
     prompts = (
         "Parse this clip into audio events and visual events, with the class and time range of each.",
         "Which events are heard and which are seen in this clip, and when? List the audio events and the "

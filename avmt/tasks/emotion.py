@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from avmt.data.vocab import MOODS
 from avmt.tasks import register_task
-from avmt.tasks.base import LabelTask, object_sentence, ordered_objects
+from avmt.tasks.label import LabelTask
+from avmt.tasks.reasoning import object_sentence
+from avmt.tasks.scene import ordered_objects
 
 
 @register_task
@@ -12,6 +14,8 @@ class EmotionTask(LabelTask):
     """Mood of the scene (``scene["mood"]``), one of ``MOODS``. Target: ``<answer> {mood} </answer>``."""
 
     name = "emotion"
+    task_id = 5
+    needs_av_event = False  # applies to multi-source scenes too
     labels = MOODS
     conclusion_template = "So the mood of the clip is {answer}."
     prompts = (

@@ -20,7 +20,8 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassStatScores
 from torchmetrics.text import BLEUScore, ROUGEScore
 
-from avmt.tasks.base import mask_to_ranges, normalize_text, ranges_to_mask
+from avmt.intervals import mask_to_ranges, ranges_to_mask
+from avmt.tasks.text import normalize_text
 
 __all__ = [
     "ParseFailureRate",

@@ -1,30 +1,83 @@
-"""Building samples: determinism, placeholders, words coverage, round trips, answer balance."""
+"""Building samples: determinism, placeholders, words coverage, round trips, answer balance.
 
+Tests over all tasks use, for each task, the clips it applies to (``Task.applies``): the clip set
+holds single-source and multi-source scenes, so every task is exercised.
+"""
+
+import dataclasses
 import random
 from collections import Counter
 
 import pytest
+import torch
 
 from avmt.data import vocab
+from avmt.data.sample import PLACEHOLDERS, SampleError
+from avmt.data.synth import validate_scene
 from avmt.tasks import get_task, list_tasks
 from avmt.tasks.avqa import QUESTION_TYPES
-from avmt.tasks.base import text_words
+from avmt.tasks.text import text_words
+
+#: Logit magnitude whose sigmoid is exactly 0 / 1 in float32.
+BIG = 1e4
 
 
 @pytest.fixture(scope="module")
 def clips(scene_factory):
-    """Many random scenes covering the whole vocabulary (16 classes)."""
+    """Many random scenes covering the whole vocabulary (16 classes): 400 single-source, then 100
+    multi-source."""
     f, rng = scene_factory, random.Random(1234)
-    return [f.clip(f.random_scene(rng, clip_id=f"rand-{i:05d}")) for i in range(400)]
+    single = [f.clip(f.random_scene(rng, clip_id=f"rand-{i:05d}")) for i in range(400)]
+    multi = [f.clip(f.random_multi_scene(rng, clip_id=f"multi-{i:05d}")) for i in range(100)]
+    return single + multi
+
+
+def usable(task, clips, limit=None):
+    """The clips ``task`` applies to (at most ``limit``); there must be some."""
+    out = [c for c in clips if task.applies(c)]
+    assert out, f"no clip exercises task {task.name!r}"
+    return out[:limit]
+
+
+def perfect_outputs(sample):
+    """Model outputs that are exactly right for ``sample``, from its dense targets: one mask-logit
+    map per ``<seg>`` (the target mask, or one per class of ``seg_classes`` over the class map)."""
+    if "mask" in sample.dense:
+        masks = sample.dense["mask"][None]
+    elif "class_map" in sample.dense:
+        masks = torch.stack([sample.dense["class_map"] == c for c in sample.dense["seg_classes"].tolist()])
+    else:
+        return {}
+    return {"mask_logits": torch.where(masks, BIG, -BIG)}
 
 
 def test_scenes_cover_the_vocabulary(clips):
-    objs = [o for c in clips for o in c["scene"]["objects"]]
+    objs = [o for c in clips for o in c.scene["objects"]]
     assert {o["class"] for o in objs} == set(vocab.CLASSES)
     assert {o["color"] for o in objs} == set(vocab.COLORS)
     assert {o["position"] for o in objs} == set(vocab.POSITIONS)
     assert {o["motion"] for o in objs} == set(vocab.MOTIONS)
-    assert {c["scene"]["mood"] for c in clips} == set(vocab.MOODS)
+    assert {c.scene["mood"] for c in clips} == set(vocab.MOODS)
+
+
+def test_scenes_are_valid_v2_with_consistent_masks(clips, scene_factory):
+    """The hand-written scenes follow the v2 contract, and each object's mask is its box rectangle."""
+    f = scene_factory
+    multi = 0
+    for clip in [*clips, f.clip(f.basic_scene()), f.clip(f.multi_scene())]:
+        validate_scene(clip.scene)
+        multi += clip.scene["av_event"] is None
+        assert any(e["object"] is not None for e in clip.scene["expressions"])
+        assert any(e["object"] is None for e in clip.scene["expressions"])
+        ids = clip.segment_masks()
+        for obj in clip.scene["objects"]:
+            assert (obj["description"] is None) == (not obj["visible"])
+            for t, box in enumerate(obj["boxes"]):
+                want = torch.zeros(ids.shape[1:], dtype=torch.bool)
+                if box is not None:
+                    want[f.box_pixels(box, ids.shape[-1])] = True
+                assert torch.equal(ids[t] == obj["id"] + 1, want), (clip.key, obj["id"], t)
+    assert multi == 101
 
 
 @pytest.mark.parametrize("name", list_tasks())
@@ -33,45 +86,67 @@ def test_words_cover_every_sample(name, clips):
         task = get_task(name, reasoning=reasoning)
         words = task.words()
         missing = set()
-        for i, clip in enumerate(clips):
+        for i, clip in enumerate(usable(task, clips)):
             sample = task.build(clip, random.Random(i))
             missing |= (text_words(sample.prompt) | text_words(sample.target)) - words
         assert not missing, f"{name}: words() misses {sorted(missing)}"
 
 
 @pytest.mark.parametrize("name", list_tasks())
-def test_build_is_deterministic_given_seed(name, clips):
+def test_build_is_deterministic_given_seed(name, clips, same_value):
     task = get_task(name)
-    for i, clip in enumerate(clips[:50]):
+    mine = usable(task, clips)
+    for i, clip in enumerate(mine[:50]):
         a, b = task.build(clip, random.Random(i)), task.build(clip, random.Random(i))
-        assert (a.prompt, a.target, a.answer) == (b.prompt, b.target, b.answer)
-    prompts = {task.build(clips[0], random.Random(s)).prompt for s in range(40)}
+        assert same_value(dataclasses.asdict(a), dataclasses.asdict(b))
+    prompts = {task.build(mine[0], random.Random(s)).prompt for s in range(40)}
     assert len(prompts) >= 3  # several phrasings
 
 
 @pytest.mark.parametrize("name", list_tasks())
-def test_sample_shape_and_round_trip(name, clips):
+def test_sample_shape_and_round_trip(name, clips, same_value):
     task, bare = get_task(name), get_task(name, reasoning=False)
-    for i, clip in enumerate(clips[:150]):
+    specs = {spec.name: spec for spec in task.dense_targets}
+    seg_end = "<seg>" if task.outputs else ">."  # a mask head reads the hidden state of the final <seg>
+    for i, clip in enumerate(usable(task, clips, 150)):
         s, b = task.build(clip, random.Random(i)), bare.build(clip, random.Random(i))
-        assert s.prompt.count("<video>") == 1 and s.prompt.count("<audio>") == 1
-        assert s.dense == {} and s.answer == b.answer and s.prompt == b.prompt
+        assert s.task == name and b.task == name
+        # the prompt starts with the declared inputs, each placeholder exactly as often as declared
+        assert tuple(ref.placeholder for ref in s.media) == task.inputs
+        assert s.prompt.startswith(" ".join(task.inputs) + " ")
+        for placeholder in PLACEHOLDERS:
+            assert s.prompt.count(placeholder) == task.inputs.count(placeholder), (placeholder, s.prompt)
+        assert all(ref.clip == 0 for ref in s.media)
+        assert all(0 <= ref.segment < clip.num_segments for ref in s.media if ref.placeholder == "<image>")
+        # dense targets: exactly the declared ones ({} for the text-only tasks)
+        assert set(s.dense) == set(specs)
+        for key, value in s.dense.items():
+            specs[key].check(value, name)
+        assert same_value(s.answer, b.answer) and s.prompt == b.prompt
+        assert s.media == b.media and same_value(s.dense, b.dense)
         # the parsed target is exactly right, with and without reasoning
-        assert task.parse(s.target) == task.answer_to_pred(s.answer)
-        assert task.parse(b.target) == task.answer_to_pred(b.answer)
+        outputs = perfect_outputs(s)
+        if not task.outputs:
+            assert task.parse(s.target) == task.answer_to_pred(s.answer)
+            assert task.parse(b.target) == task.answer_to_pred(b.answer)
+        assert same_value(task.predict(s.target, outputs), task.answer_to_pred(s.answer))
+        assert same_value(task.predict(b.target, outputs), task.answer_to_pred(b.answer))
         if i < 30:  # a right prediction scores 1 on every metric (0 failures)
             m = task.metrics()
-            m.update([task.parse(s.target)], [s.answer])
+            m.update([task.predict(s.target, outputs)], [s.answer])
+            null = isinstance(s.answer, dict) and bool(s.answer.get("null"))
             for key, v in m.compute().items():
                 if key.startswith("accuracy/") and key != f"accuracy/{s.answer['type']}":
                     continue  # avqa: question types absent from this batch score 0
-                want = 0.0 if key == "parse_failure_rate" else pytest.approx(1.0)
+                if null and key not in task.lower_is_better:
+                    continue  # a null sample (ref_avs) is scored only by the null metrics
+                want = 0.0 if key in task.lower_is_better else pytest.approx(1.0)
                 assert float(v) == want, (key, s.target)
         if name != "avcap":
             assert b.target.startswith("<") and b.target.endswith(">")  # only the tagged answer
             # reasoning: one to three sentences, then a concluding sentence holding the tags
             reasoning, _, conclusion = s.target.rpartition(" So ")
-            assert reasoning.endswith(".") and conclusion.endswith(">.")
+            assert reasoning.endswith(".") and conclusion.endswith(seg_end), s.target
             assert 1 <= reasoning.count(". ") + 1 <= 3, s.target
             assert all(part in conclusion for part in b.target.split("> <")), (conclusion, b.target)
 
@@ -133,12 +208,17 @@ def test_build_errors(clip):
     task = get_task("ave")
     with pytest.raises(ValueError, match="scene"):
         task.build({"key": "x"}, random.Random(0))
-    bad = dict(clip, scene=dict(clip["scene"], version=2))
-    with pytest.raises(ValueError, match="version"):
+    # an annotation without objects, or without the single event the task needs: a SampleError
+    # naming the clip and the task (the data stream skips and counts it)
+    bad = dataclasses.replace(clip, scene={k: v for k, v in clip.scene.items() if k != "objects"})
+    with pytest.raises(SampleError, match=r"test-00000001.*'ave'.*objects"):
         task.build(bad, random.Random(0))
-    bad = dict(clip, scene=dict(clip["scene"], av_event={"object": 7, "class": "violin", "range": [2, 7]}))
+    bad = dataclasses.replace(clip, scene=dict(clip.scene, av_event=None, action=None))
+    with pytest.raises(SampleError, match=r"test-00000001.*'ave'.*audio-visual event"):
+        task.build(bad, random.Random(0))
+    bad = dataclasses.replace(clip, scene=dict(clip.scene, av_event={"object": 7, "class": "violin", "range": [2, 7]}))
     with pytest.raises(ValueError, match="av_event"):
         task.build(bad, random.Random(0))
-    bad = dict(clip, scene=dict(clip["scene"], action="flying"))
+    bad = dataclasses.replace(clip, scene=dict(clip.scene, action="flying"))
     with pytest.raises(ValueError, match="flying"):
         get_task("action").build(bad, random.Random(0))

@@ -7,25 +7,39 @@ from pathlib import Path
 
 DIGEST = r"""
 import hashlib, random
+import torch
 from avmt.tasks import get_task, list_tasks
 
-def digest(make_clip, random_scene):
+def canon(value):
+    # tensors by value (their repr elides); dicts keep their insertion order, which must not vary
+    if isinstance(value, torch.Tensor):
+        return (str(value.dtype), tuple(value.shape), value.flatten().tolist())
+    if isinstance(value, dict):
+        return [(k, canon(v)) for k, v in value.items()]
+    if isinstance(value, (list, tuple)):
+        return [canon(v) for v in value]
+    return value
+
+def digest(make_clip, random_scene, random_multi_scene):
     rng = random.Random(7)
     clips = [make_clip(random_scene(rng, num_classes=8)) for _ in range(60)]
+    clips += [make_clip(random_multi_scene(rng, num_classes=8)) for _ in range(20)]
     h = hashlib.sha256()
     for name in list_tasks():
         task = get_task(name)
         for i, clip in enumerate(clips):
+            if not task.applies(clip):
+                continue
             s = task.build(clip, random.Random(i))
-            h.update(repr((s.prompt, s.target, s.answer)).encode())
+            h.update(repr((s.prompt, s.target, canon(s.answer), s.media, canon(s.dense))).encode())
     return h.hexdigest()
 """
 
 CHILD = DIGEST + r"""
 import sys
 sys.path.insert(0, sys.argv[1])
-from conftest import make_clip, random_scene
-print(digest(make_clip, random_scene))
+from conftest import make_clip, random_multi_scene, random_scene
+print(digest(make_clip, random_scene, random_multi_scene))
 """
 
 
@@ -36,4 +50,4 @@ def test_build_independent_of_hash_seed(scene_factory):
                            capture_output=True, text=True, timeout=120).stdout.split()[-1]
     namespace: dict = {}
     exec(DIGEST, namespace)
-    assert namespace["digest"](scene_factory.clip, scene_factory.random_scene) == child
+    assert namespace["digest"](scene_factory.clip, scene_factory.random_scene, scene_factory.random_multi_scene) == child

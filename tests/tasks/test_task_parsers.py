@@ -2,8 +2,8 @@
 
 import pytest
 
-from avmt.tasks import get_task
-from avmt.tasks.base import extract_tag, tokenize
+from avmt.tasks import get_task, list_tasks
+from avmt.tasks.text import extract_tag, tokenize
 
 GARBAGE = [None, "", "   ", 42, b"<answer> yes </answer>", ["<answer> yes </answer>"], "<<<>>>",
            "</answer> yes <answer>", "\x00\xff<answer", "<answer> yes", "yes </answer>"]
@@ -86,10 +86,12 @@ def test_avcap_parser():
     assert task.parse(7) is None
 
 
-@pytest.mark.parametrize("name", ["ave", "avvp", "avqa", "action", "emotion", "avcap"])
+@pytest.mark.parametrize("name", list_tasks())
 def test_parse_never_raises(name):
     task = get_task(name)
     weird = ["<" * 1000, "<answer>" * 50, "(" * 500 + ")", "<audio_event>,,,((((</audio_event>",
-             "<range> 99999999999999999999,1 </range>", {"a": 1}, object(), float("nan")]
+             "<range> 99999999999999999999,1 </range>", {"a": 1}, object(), float("nan"),
+             "<box> 99999999999999999999,1,2,3 </box>", "<class>" * 50 + "</class>", "<desc><seg></desc>"]
     for w in weird:
         task.parse(w)  # must not raise
+        task.predict(w, {})  # nor the prediction from text alone (no model outputs)

@@ -1,17 +1,18 @@
-"""The task registry: names, errors, kwargs, the word list."""
+"""The task registry: names, ids, errors, kwargs, the word list."""
 
 import pytest
 
 import avmt.tasks as tasks
 from avmt.data import vocab
-from avmt.tasks import TASKS, Task, all_words, get_task, list_tasks, register_task
+from avmt.tasks import TASKS, Task, all_words, get_task, list_tasks, num_task_ids, register_task
 
 V1 = ["action", "avcap", "ave", "avqa", "avvp", "emotion"]
+SPATIAL = ["arig", "avss", "ms3", "ref_avs", "s4", "ssu"]
 
 
 def test_list_tasks():
-    assert list_tasks() == V1
-    assert set(TASKS) == set(V1)
+    assert list_tasks() == sorted(V1 + SPATIAL)
+    assert set(TASKS) == set(V1 + SPATIAL)
     assert all(issubclass(cls, Task) and cls.name == name for name, cls in TASKS.items())
 
 
@@ -19,14 +20,15 @@ def test_get_task_kwargs():
     task = get_task("avqa", reasoning=False, num_classes=4)
     assert task.name == "avqa" and task.reasoning is False and task.num_classes == 4
     assert get_task("ave").reasoning is True
-    assert get_task("emotion").modalities == ("video", "audio")
+    assert get_task("emotion").inputs == ("<video>", "<audio>")
+    assert get_task("arig").inputs == ("<image>", "<audio>")
 
 
 def test_unknown_task_lists_available():
     with pytest.raises(ValueError) as err:
         get_task("avqa2")
     msg = str(err.value)
-    assert "'avqa2'" in msg and all(name in msg for name in V1)
+    assert "'avqa2'" in msg and all(name in msg for name in V1 + SPATIAL)
 
 
 def test_bad_kwargs():
@@ -45,7 +47,7 @@ def test_register_task_errors():
 
 
 def test_register_new_task_then_remove():
-    cls = type("Probe", (Task,), {"name": "probe_task"})
+    cls = type("Probe", (Task,), {"name": "probe_task", "task_id": num_task_ids()})
     try:
         assert register_task(cls) is cls
         assert "probe_task" in list_tasks() and isinstance(get_task("probe_task"), cls)
@@ -65,5 +67,6 @@ def test_all_words():
             assert set(entry.split()) <= set(words), entry
     assert {"<video>", "<audio>", "<answer>", "</answer>", "<event>", "</event>", "<range>", "</range>",
             "<audio_event>", "</audio_event>", "<visual_event>", "</visual_event>"} <= set(words)
+    assert {"<image>", "<seg>", "<box>", "</box>", "<class>", "</class>", "<desc>", "</desc>"} <= set(words)
     assert not any(ch.isdigit() for w in words for ch in w)
     assert tasks.__all__

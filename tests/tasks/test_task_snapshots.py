@@ -1,6 +1,6 @@
-"""Snapshots: the exact prompt and target for the fixed fixture scene (conftest.basic_scene) and
-rng seed, for every task, reasoning on and off. A change here changes the training data: update
-the strings only on purpose."""
+"""Snapshots: the exact prompt and target for the fixed fixture scenes (conftest.basic_scene, and
+conftest.multi_scene for the multi-source scenes) and rng seed, for every task, reasoning on and
+off. A change here changes the training data: update the strings only on purpose."""
 
 import random
 
@@ -183,11 +183,130 @@ SNAPSHOTS = {
         '<video> <audio> What feeling do the sights and sounds of this clip express?',
         '<answer> happy </answer>',
     ),
+    ('arig', 0, True): (
+        '<image> <audio> Draw a box around the object that is heard in this frame.',
+        'The sounding object is a red violin on the left. So its box is <box> 50,50,300,450 </box>.',
+    ),
+    ('arig', 0, False): (
+        '<image> <audio> Draw a box around the object that is heard in this frame.',
+        '<box> 50,50,300,450 </box>',
+    ),
+    ('avss', 0, True): (
+        '<video> <audio> Segment the sounding objects by class.',
+        (
+            'A red violin on the left is seen and heard from second 2 to second 7. So the sounding '
+            'classes are <class> violin </class> <seg>'
+        ),
+    ),
+    ('avss', 0, False): (
+        '<video> <audio> Segment the sounding objects by class.',
+        '<class> violin </class> <seg>',
+    ),
+    ('ref_avs', 0, True): (
+        '<video> <audio> Segment the loudest object.',
+        (
+            'A red violin on the left is seen and heard from second 2 to second 7. So the loudest '
+            'object is the red violin on the left, and its mask is <seg>'
+        ),
+    ),
+    ('ref_avs', 0, False): (
+        '<video> <audio> Segment the loudest object.',
+        '<seg>',
+    ),
+    ('ref_avs', 1, True): (
+        '<video> <audio> Find the sounding flute in the center in every frame and segment it.',
+        (
+            'Nothing that makes a sound in this clip is the sounding flute in the center. So the mask'
+            ' is empty: <seg>'
+        ),
+    ),
+    ('ref_avs', 1, False): (
+        '<video> <audio> Find the sounding flute in the center in every frame and segment it.',
+        '<seg>',
+    ),
+    ('s4', 0, True): (
+        '<video> <audio> Show where the sound comes from in each frame.',
+        (
+            'A red violin on the left is seen and heard from second 2 to second 7. So the object that'
+            ' makes the sound is the red violin on the left, and its mask is <seg>'
+        ),
+    ),
+    ('s4', 0, False): (
+        '<video> <audio> Show where the sound comes from in each frame.',
+        '<seg>',
+    ),
+    ('ssu', 0, True): (
+        '<video> <audio> Describe where the sound comes from and segment that region.',
+        (
+            'A red violin on the left is seen and heard from second 2 to second 7. So the sound comes'
+            ' from <desc> a red violin at the top left, moving right </desc> <seg>'
+        ),
+    ),
+    ('ssu', 0, False): (
+        '<video> <audio> Describe where the sound comes from and segment that region.',
+        '<desc> a red violin at the top left, moving right </desc> <seg>',
+    ),
+}
+
+# (task, seed, reasoning) -> (prompt, target) on the multi-source scene (conftest.multi_scene)
+MULTI_SNAPSHOTS = {
+    ('avss', 0, True): (
+        '<video> <audio> Segment the sounding objects by class.',
+        (
+            'A red violin on the left is seen and heard from second 1 to second 6. A green flute on '
+            'the right is seen and heard from second 3 to second 9. So the sounding classes are '
+            '<class> violin </class> <seg> <class> flute </class> <seg>'
+        ),
+    ),
+    ('avss', 0, False): (
+        '<video> <audio> Segment the sounding objects by class.',
+        '<class> violin </class> <seg> <class> flute </class> <seg>',
+    ),
+    ('emotion', 0, True): (
+        '<video> <audio> What feeling do the sights and sounds of this clip express?',
+        (
+            'A blue cat in the center is seen from second 0 to second 10 but not heard. A red violin '
+            'on the left is seen and heard from second 1 to second 6. A green flute on the right is '
+            'seen and heard from second 3 to second 9. So the mood of the clip is <answer> calm '
+            '</answer>.'
+        ),
+    ),
+    ('emotion', 0, False): (
+        '<video> <audio> What feeling do the sights and sounds of this clip express?',
+        '<answer> calm </answer>',
+    ),
+    ('ms3', 0, True): (
+        '<video> <audio> Show where the sounds come from in each frame.',
+        (
+            'A red violin on the left is seen and heard from second 1 to second 6. A green flute on '
+            'the right is seen and heard from second 3 to second 9. So the objects that make the '
+            'sounds are masked by <seg>'
+        ),
+    ),
+    ('ms3', 0, False): (
+        '<video> <audio> Show where the sounds come from in each frame.',
+        '<seg>',
+    ),
+    ('ref_avs', 2, True): (
+        '<video> <audio> Segment the red violin on the left.',
+        (
+            'A red violin on the left is seen and heard from second 1 to second 6. So the red violin '
+            'on the left is the red violin on the left, and its mask is <seg>'
+        ),
+    ),
+    ('ref_avs', 2, False): (
+        '<video> <audio> Segment the red violin on the left.',
+        '<seg>',
+    ),
 }
 
 
-def test_every_task_is_pinned():
-    assert {name for name, _, _ in SNAPSHOTS} == set(list_tasks())
+def test_every_task_is_pinned(clip, multi_clip):
+    pinned = {name for name, _, _ in SNAPSHOTS} | {name for name, _, _ in MULTI_SNAPSHOTS}
+    assert pinned == set(list_tasks())
+    # each snapshot is of a clip its task applies to
+    assert all(get_task(name).applies(clip) for name, _, _ in SNAPSHOTS)
+    assert all(get_task(name).applies(multi_clip) for name, _, _ in MULTI_SNAPSHOTS)
 
 
 def _id(key):
@@ -199,3 +318,10 @@ def test_snapshot(key, clip):
     name, seed, reasoning = key
     sample = get_task(name, reasoning=reasoning).build(clip, random.Random(seed))
     assert (sample.prompt, sample.target) == SNAPSHOTS[key]
+
+
+@pytest.mark.parametrize("key", sorted(MULTI_SNAPSHOTS, key=repr), ids=_id)
+def test_multi_source_snapshot(key, multi_clip):
+    name, seed, reasoning = key
+    sample = get_task(name, reasoning=reasoning).build(multi_clip, random.Random(seed))
+    assert (sample.prompt, sample.target) == MULTI_SNAPSHOTS[key]
