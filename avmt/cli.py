@@ -44,10 +44,11 @@ def _config_class_paths(argv: list[str]) -> list[tuple[str, str]]:
         section = section.get("init_args", section)
         for argument in MODULE_ARGUMENTS:
             value = section.get(argument) if isinstance(section, dict) else None
-            if isinstance(value, dict) and isinstance(value.get("class_path"), str):
-                found.append((argument, value["class_path"]))
-            elif isinstance(value, str) and "." in value:
-                found.append((argument, value))
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, dict) and isinstance(item.get("class_path"), str):
+                    found.append((argument, item["class_path"]))
+                elif isinstance(item, str) and "." in item:
+                    found.append((argument, item))
 
     index = 0
     while index < len(argv):

@@ -541,6 +541,33 @@ class CausalLM(nn.Module):
         raise ValueError(f"unknown tokenizer state kind {kind!r}")
 
 
+def tokenizer_difference(saved: dict[str, Any], current: dict[str, Any]) -> str:
+    """Why two :meth:`CausalLM.tokenizer_state` s differ, in a few words (for error messages).
+
+    For the offline word-level tokenizer: the words added and removed (a changed task set changes
+    the vocabulary, and with it the ids of the tiny LLM's rows); for pretrained ones, the fields
+    that differ.
+    """
+    if saved.get("kind") == current.get("kind") == "word_level":
+        import json
+
+        def words(state: dict[str, Any]) -> set[str]:
+            vocab = json.loads(state["tokenizer_json"])["model"]["vocab"]
+            return {token.lstrip(SPACE) for token in vocab} - {""}
+
+        old, new = words(saved), words(current)
+        added, removed = sorted(new - old), sorted(old - new)
+        if added or removed:
+            return (
+                f"the offline vocabulary changed: {len(added)} word(s) added {added[:10]}, {len(removed)} removed "
+                f"{removed[:10]}; the tasks' words were changed or tasks were added since the checkpoint was "
+                "written, which moves the ids of the tiny LLM's rows"
+            )
+        return "the offline vocabulary holds the same words in another order or with other special tokens"
+    fields = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
+    return f"tokenizer fields differ: {fields}"
+
+
 def _tiny_model(
     architecture: str,
     vocab_size: int,

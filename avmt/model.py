@@ -1,57 +1,55 @@
-"""AVModel: composes encoders, connectors, the LLM and an adapter; splices media tokens.
+"""AVModel: composes encoders, connectors, the LLM, an adapter and heads; splices media tokens.
 
 No training logic lives here (that is :mod:`avmt.module`). The data flow is one direction:
 
-``frames [B,T,3,H,W]`` → vision encoder ``[B,T,P,D_v]`` → vision connector ``[B,N_v,D_llm]``;
-``audio [B,S]`` → audio encoder ``[B,T,Q,D_a]`` → audio connector ``[B,N_a,D_llm]``;
-the prompt's ``<video>``/``<audio>`` placeholders were expanded to ``N_v``/``N_a`` copies when the
-text was tokenized (:meth:`AVModel.tokenize`), and :meth:`AVModel.embed` writes the connector
-outputs into those positions with one ``masked_scatter`` per modality.
+``frames [C,T·F,3,H,W]`` → vision encoder ``[C,T,P,D_v]`` → vision connector ``[C,N_v,D_llm]``
+(``<video>``) or, for one segment's frame, the image connector ``[·,N_i,D_llm]`` (``<image>``);
+``audio [C,S]`` → audio encoder ``[C,T,Q,D_a]`` → audio connector ``[C,N_a,D_llm]`` (``<audio>``).
+Each placeholder of a prompt was expanded to its token count when the text was tokenized
+(:meth:`AVModel.tokenize`); :meth:`AVModel.embed` writes, for every placeholder kind, the
+features of the clips (and segments) the samples' :class:`~avmt.data.sample.MediaRef` s name
+into those positions with one ``masked_scatter``. Heads read the last-layer hidden states at
+the positions that predict their special token, together with the encoder features of the
+sample's clip, and return dense predictions (e.g. per-frame mask logits).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from avmt.adapters import Adapter
 from avmt.connectors import Connector
+from avmt.data.sample import IGNORE_INDEX, PLACEHOLDERS, Batch, Dense, TokenizedBatch, iter_refs, segment_frames
 from avmt.encoders import AudioEncoder, VisionEncoder
+from avmt.heads import Head
 from avmt.llm import CausalLM
+from avmt.outputs import EncodedMedia, GenerationOutput, ModelOutput, empty_dense
 
-IGNORE_INDEX = -100
-
-
-@dataclass
-class TokenizedBatch:
-    """Token ids of a batch; all tensors ``[B, L]``.
-
-    ``labels`` is ``IGNORE_INDEX`` over the prompt and the padding (``None`` for generation).
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor | None
+__all__ = ["AVModel", "IGNORE_INDEX", "TokenizedBatch"]
 
 
 class AVModel(nn.Module):
-    """Vision/audio encoders → connectors → causal LLM with an injected adapter.
+    """Vision/audio encoders → connectors → causal LLM with an injected adapter → heads.
 
     Args:
         llm: the causal language model and its tokenizer.
-        vision_encoder: video ``[B,T,3,H,W]`` → ``[B,T,P,D_v]``.
-        audio_encoder: waveform ``[B,S]`` → ``[B,T,Q,D_a]``.
-        vision_connector: ``[B,T,P,D_v]`` → ``[B,N_v,D_llm]``.
-        audio_connector: ``[B,T,Q,D_a]`` → ``[B,N_a,D_llm]``.
+        vision_encoder: video ``[C, T, 3, H, W]`` → ``[C, T, P, D_v]``.
+        audio_encoder: waveform ``[C, S]`` → ``[C, T, Q, D_a]``.
+        vision_connector: ``[C, T, P, D_v]`` → ``[C, N_v, D_llm]`` (the ``<video>`` tokens).
+        audio_connector: ``[C, T, Q, D_a]`` → ``[C, N_a, D_llm]`` (the ``<audio>`` tokens).
         adapter: injected into the LLM (and the encoders when its scopes say so); ``None``
-            trains only the connectors and the new token rows.
+            trains only the connectors, heads and new token rows.
         num_segments: T, the number of video segments / audio windows per clip.
         segment_embedding: add a learned embedding of the segment index to every media token
-            (shared by video and audio, so the tokens of one second carry the same time code);
-            it tells the LLM *when* a token was seen or heard, which temporal answers need.
+            (shared by video, audio and image tokens, so the tokens of one second carry the same
+            time code); it tells the LLM *when* a token was seen or heard.
+        image_connector: ``[n, 1, P, D_v]`` → ``[n, N_i, D_llm]`` for ``<image>`` (one segment's
+            frame); ``None`` uses the vision connector on that one frame.
+        heads: dense heads, each reading the states at its own special token.
     """
 
     def __init__(
@@ -64,6 +62,8 @@ class AVModel(nn.Module):
         adapter: Adapter | None = None,
         num_segments: int = 10,
         segment_embedding: bool = True,
+        image_connector: Connector | None = None,
+        heads: Sequence[Head] = (),
     ) -> None:
         super().__init__()
         self.llm = llm
@@ -71,23 +71,32 @@ class AVModel(nn.Module):
         self.audio_encoder = audio_encoder
         self.vision_connector = vision_connector
         self.audio_connector = audio_connector
+        self.image_connector = image_connector
+        self.heads = nn.ModuleList(heads)
         self.num_segments = num_segments
         vision_connector.build(vision_encoder.output_dim, llm.hidden_size)
         audio_connector.build(audio_encoder.output_dim, llm.hidden_size)
+        if image_connector is not None:
+            image_connector.build(vision_encoder.output_dim, llm.hidden_size)
+        outputs = [head.output for head in heads]
+        if len(set(outputs)) != len(outputs):
+            raise ValueError(f"model.heads: two heads produce the same output ({outputs}); each output needs one head")
+        for head in heads:
+            head.build(llm.hidden_size, vision_encoder.output_dim, audio_encoder.output_dim)
+        self.head_token_ids = {head.output: llm.placeholder_id(head.token) for head in heads}
         llm.freeze_base()
         self.adapter = adapter
         if adapter is not None:
             adapter.apply({"llm": llm.model, "vision": vision_encoder, "audio": audio_encoder})
-        self.placeholder_ids = {
-            "<video>": llm.placeholder_id("<video>"),
-            "<audio>": llm.placeholder_id("<audio>"),
-        }
+        vocabulary = llm.tokenizer.get_vocab()
+        self.placeholder_ids = {name: llm.placeholder_id(name) for name in PLACEHOLDERS if name in vocabulary}
         self.segment_embedding = nn.Embedding(num_segments, llm.hidden_size) if segment_embedding else None
         if self.segment_embedding is not None:
             nn.init.normal_(self.segment_embedding.weight, std=0.5)
         self.placeholder_lengths = {
             "<video>": vision_connector.num_tokens(num_segments),
             "<audio>": audio_connector.num_tokens(num_segments),
+            "<image>": (image_connector or vision_connector).num_tokens(1),
         }
 
     # ------------------------------------------------------------------ text
@@ -110,14 +119,10 @@ class AVModel(nn.Module):
         ids = tokenizer(self.format_prompt(prompt), add_special_tokens=False)["input_ids"]
         if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
             ids = [tokenizer.bos_token_id, *ids]
+        lengths = {self.placeholder_ids[name]: self.placeholder_lengths[name] for name in self.placeholder_ids}
         expanded: list[int] = []
         for token_id in ids:
-            for name, placeholder_id in self.placeholder_ids.items():
-                if token_id == placeholder_id:
-                    expanded.extend([placeholder_id] * self.placeholder_lengths[name])
-                    break
-            else:
-                expanded.append(token_id)
+            expanded.extend([token_id] * lengths.get(token_id, 1))
         return expanded
 
     def _target_ids(self, target: str) -> list[int]:
@@ -158,78 +163,148 @@ class AVModel(nn.Module):
         return TokenizedBatch(input_ids, attention_mask, labels)
 
     # ----------------------------------------------------------------- media
-    def encode_media(self, frames: torch.Tensor, audio: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Connector tokens of each clip.
+    def encode_media(self, frames: torch.Tensor, audio: torch.Tensor) -> EncodedMedia:
+        """Encoder features of each clip.
 
         Args:
-            frames: ``[C, T·F, 3, H, W]`` uint8 video of C clips.
+            frames: ``uint8 [C, T·F, 3, H, W]`` video of C clips (the middle frame of each
+                segment feeds the encoder, see :func:`~avmt.data.sample.segment_frames`).
             audio: ``[C, S]`` waveforms.
 
         Returns:
-            ``{"<video>": [C, N_v, D_llm], "<audio>": [C, N_a, D_llm]}``.
+            EncodedMedia: segment frames ``[C, T, 3, H, W]``, vision ``[C, T, P, D_v]`` with its
+            grid, audio ``[C, T, Q, D_a]``.
         """
-        clips, total_frames = frames.shape[:2]
-        frames_per_segment = total_frames // self.num_segments
-        if frames_per_segment > 1:  # one frame per segment (its middle) feeds the encoder
-            frames = frames[:, frames_per_segment // 2 :: frames_per_segment]
-        video_tokens = self.vision_connector(self.vision_encoder(frames))
-        audio_tokens = self.audio_connector(self.audio_encoder(audio, self.num_segments))
-        return {"<video>": self._add_time_codes(video_tokens), "<audio>": self._add_time_codes(audio_tokens)}
+        frames = frames[:, segment_frames(frames.shape[1], self.num_segments)]
+        return EncodedMedia(
+            frames=frames,
+            vision=self.vision_encoder(frames),
+            grid=self.vision_encoder.grid,
+            audio=self.audio_encoder(audio, self.num_segments),
+        )
 
-    def _add_time_codes(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``[C, T·n, D]`` connector tokens (segment by segment) plus their segment's embedding."""
+    def media_tokens(self, media: EncodedMedia, refs_by_kind: dict[str, list]) -> dict[str, torch.Tensor]:
+        """Connector tokens for every media reference, in reference order.
+
+        Args:
+            media: the clips' encoder features.
+            refs_by_kind: placeholder -> ``[(row, MediaRef), ...]`` (:func:`~avmt.data.sample.iter_refs`).
+        Returns:
+            placeholder -> ``[n_refs, N, D_llm]`` (``<video>``/``<audio>`` with their time codes,
+            ``<image>`` with its segment's time code).
+        """
+        out: dict[str, torch.Tensor] = {}
+        for name, refs in refs_by_kind.items():
+            if not refs:
+                continue
+            clips = torch.tensor([ref.clip for _, ref in refs], dtype=torch.long, device=media.vision.device)
+            if name == "<image>":
+                segments = torch.tensor([ref.segment for _, ref in refs], dtype=torch.long, device=clips.device)
+                features = media.vision[clips, segments].unsqueeze(1)  # [n, 1, P, D_v]
+                tokens = (self.image_connector or self.vision_connector)(features)
+                out[name] = self._add_time_codes(tokens, segments)
+                continue
+            unique, inverse = torch.unique(clips, return_inverse=True)
+            if name == "<video>":
+                tokens = self.vision_connector(media.vision[unique])
+            else:
+                tokens = self.audio_connector(media.audio[unique])
+            out[name] = self._add_time_codes(tokens)[inverse]
+        return out
+
+    def _add_time_codes(self, tokens: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+        """Connector tokens plus their segment's embedding.
+
+        ``tokens [n, T·k, D]`` are segment by segment (``segments`` None), or ``[n, k, D]`` all of
+        segment ``segments [n]``.
+        """
         if self.segment_embedding is None:
             return tokens
+        if segments is not None:
+            return tokens + self.segment_embedding(segments).unsqueeze(1).to(tokens.dtype)
         per_segment = tokens.shape[1] // self.num_segments
-        codes = self.segment_embedding.weight.repeat_interleave(per_segment, dim=0)  # [T·n, D]
+        codes = self.segment_embedding.weight.repeat_interleave(per_segment, dim=0)  # [T·k, D]
         return tokens + codes.to(tokens.dtype)
 
-    def embed(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor], clip_index: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, media: EncodedMedia, refs: Sequence[tuple]) -> torch.Tensor:
         """LLM input embeddings with media tokens spliced in at the placeholder positions.
 
         Args:
             input_ids: ``[B, L]`` with each placeholder already expanded to ``N`` copies.
-            media: output of :meth:`encode_media`, one row per clip, ``[C, N, D]``.
-            clip_index: ``[B]`` row of ``media`` that sample b uses (samples of one clip share it).
+            media: the clips' encoder features (:meth:`encode_media`).
+            refs: ``[B]`` media references of each sample (``clip`` indexes the clips of ``media``).
 
         Returns:
             ``[B, L, D_llm]`` embeddings.
         """
         embeds = self.llm.embed(input_ids)
-        for name, tokens in media.items():
-            positions = input_ids == self.placeholder_ids[name]  # [B, L]
-            has_placeholder = positions.any(dim=1)
-            if not has_placeholder.any():
-                continue
-            features = tokens[clip_index[has_placeholder]].to(embeds.dtype)  # [B', N, D]
-            count = int(positions.sum())
-            if count != features.shape[0] * features.shape[1]:
+        refs_by_kind = {name: iter_refs(refs, name) for name in PLACEHOLDERS}
+        for name in PLACEHOLDERS:
+            placeholder_id = self.placeholder_ids.get(name)
+            positions = input_ids == placeholder_id if placeholder_id is not None else None
+            wanted = len(refs_by_kind[name]) * self.placeholder_lengths[name]
+            found = int(positions.sum()) if positions is not None else 0
+            if found != wanted:
                 raise ValueError(
-                    f"{name}: {count} placeholder positions but {features.shape[0]}×{features.shape[1]} media tokens"
+                    f"{name}: the prompts hold {found} placeholder positions but their media references ask "
+                    f"for {len(refs_by_kind[name])} x {self.placeholder_lengths[name]}; a prompt's placeholders "
+                    "and its media references must match one to one"
                 )
-            embeds = embeds.masked_scatter(positions.unsqueeze(-1), features)
+        for name, tokens in self.media_tokens(media, refs_by_kind).items():
+            positions = input_ids == self.placeholder_ids[name]
+            embeds = embeds.masked_scatter(positions.unsqueeze(-1), tokens.to(embeds.dtype))
         return embeds
 
-    def forward(
-        self,
-        tokens: TokenizedBatch,
-        frames: torch.Tensor,
-        audio: torch.Tensor,
-        clip_index: torch.Tensor,
-    ) -> torch.Tensor:
-        """Per-sample summed token losses and token counts.
+    # ----------------------------------------------------------------- heads
+    @contextlib.contextmanager
+    def _final_states(self) -> Iterator[list[torch.Tensor]]:
+        """Collect the LLM's last-layer hidden states (the input of its output head) per call."""
+        captured: list[torch.Tensor] = []
+        hook = self.llm.model.get_output_embeddings().register_forward_pre_hook(
+            lambda module, args: captured.append(args[0])
+        )
+        try:
+            yield captured
+        finally:
+            hook.remove()
+
+    def run_heads(self, states: dict[str, Dense], media: EncodedMedia, anchors: torch.Tensor) -> dict[str, Dense]:
+        """Each head on the states at its token.
 
         Args:
-            tokens: ``[B, L]`` ids, mask and labels.
-            frames: ``[C, T·F, 3, H, W]`` uint8; audio: ``[C, S]``; clip_index: ``[B]``.
+            states: head output name -> states ``[M, D_llm]`` with their sample rows.
+            media: encoder features of the batch's clips.
+            anchors: ``long [B]`` the clip of each sample.
+        Returns:
+            head output name -> predictions ``[M, ...]`` with the same rows.
+        """
+        out: dict[str, Dense] = {}
+        for head in self.heads:
+            found = states[head.output]
+            if found.rows.numel() == 0:
+                out[head.output] = empty_dense((), found.values.device)
+                continue
+            used, clip_index = torch.unique(anchors[found.rows], return_inverse=True)
+            out[head.output] = Dense(found.rows, head(found.values, media.take(used), clip_index))
+        return out
+
+    # --------------------------------------------------------------- forward
+    def forward(self, batch: Batch, return_logits: bool = False) -> ModelOutput:
+        """Teacher-forced pass over ``batch`` (``batch.tokens`` set, with labels).
 
         Returns:
-            ``[B, 2]``: column 0 the summed cross-entropy over sample b's target tokens,
-            column 1 their count.
+            ModelOutput: per-sample summed token loss and token count ``[B]``, the encoder features,
+            for every head the states ``[M, D_llm]`` at the target positions that predict its
+            token and the head's predictions there, and ``logits [B, L, V]`` when asked.
         """
-        media = self.encode_media(frames, audio)
-        embeds = self.embed(tokens.input_ids, media, clip_index)
-        logits = self.llm(inputs_embeds=embeds, attention_mask=tokens.attention_mask).logits
+        tokens = batch.tokens
+        if tokens is None or tokens.labels is None:
+            raise ValueError("AVModel.forward needs batch.tokens with labels (AVModel.tokenize(prompts, targets))")
+        media = self.encode_media(batch.frames, batch.audio)
+        embeds = self.embed(tokens.input_ids, media, batch.media)
+        with self._final_states() as captured:
+            logits = self.llm(inputs_embeds=embeds, attention_mask=tokens.attention_mask).logits
+        hidden = captured[-1]  # [B, L, D]
         shift_logits = logits[:, :-1].float()
         shift_labels = tokens.labels[:, 1:]
         losses = nn.functional.cross_entropy(
@@ -239,31 +314,59 @@ class AVModel(nn.Module):
             reduction="none",
         ).view(shift_labels.shape)
         counts = (shift_labels != IGNORE_INDEX).sum(dim=1)
-        return torch.stack([losses.sum(dim=1), counts.to(losses.dtype)], dim=1)
+        states: dict[str, Dense] = {}
+        for output, token_id in self.head_token_ids.items():
+            rows, positions = torch.nonzero(shift_labels == token_id, as_tuple=True)  # position p predicts p + 1
+            states[output] = Dense(rows, hidden[rows, positions])
+        anchors = torch.tensor(batch.anchor_clips, dtype=torch.long, device=hidden.device)
+        return ModelOutput(
+            loss_sum=losses.sum(dim=1),
+            token_count=counts.to(losses.dtype),
+            media=media,
+            states=states,
+            dense=self.run_heads(states, media, anchors),
+            logits=logits if return_logits else None,
+        )
 
     @torch.no_grad()
-    def generate(
-        self,
-        prompts: Sequence[str],
-        frames: torch.Tensor,
-        audio: torch.Tensor,
-        clip_index: torch.Tensor,
-        max_new_tokens: int = 64,
-    ) -> list[str]:
-        """Greedy answers to ``prompts`` (one per sample) about clips ``frames``/``audio``.
+    def generate(self, batch: Batch, max_new_tokens: int = 64, return_dense: bool = False) -> GenerationOutput:
+        """Greedy answers to ``batch.prompts`` about the batch's clips.
 
         Args:
-            prompts: B prompt strings with placeholders.
-            frames: ``[C, T·F, 3, H, W]``; audio: ``[C, S]``; clip_index: ``[B]``.
+            batch: prompts, media references and clips (``batch.tokens`` is not used).
+            max_new_tokens: generation length limit.
+            return_dense: also return, for every head, the states that predicted each emission of
+                its token (before the end of the answer) and the head's predictions there.
 
         Returns:
-            B decoded answer strings (special tokens removed).
+            GenerationOutput with B decoded answers (the tokenizer's special tokens such as eos and
+            padding removed; added tokens such as ``<seg>`` kept).
         """
-        tokens = self.tokenize(prompts)
-        device = frames.device
+        tokens = self.tokenize(batch.prompts)
+        device = batch.frames.device
         input_ids = tokens.input_ids.to(device)
         attention_mask = tokens.attention_mask.to(device)
-        media = self.encode_media(frames, audio)
-        embeds = self.embed(input_ids, media, clip_index)
-        output_ids = self.llm.generate(embeds, attention_mask, max_new_tokens=max_new_tokens)
-        return self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)
+        media = self.encode_media(batch.frames, batch.audio)
+        embeds = self.embed(input_ids, media, batch.media)
+        with self._final_states() as captured:
+            output_ids = self.llm.generate(embeds, attention_mask, max_new_tokens=max_new_tokens)
+        texts = self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)
+        if not return_dense or not self.heads:
+            return GenerationOutput(texts, output_ids)
+        # step k's last position predicted token k (the prefill may hold the whole prompt)
+        steps = torch.stack([states[:, -1] for states in captured[: output_ids.shape[1]]], dim=1)  # [B, N, D]
+        answer = self._answer_mask(output_ids)
+        states: dict[str, Dense] = {}
+        for output, token_id in self.head_token_ids.items():
+            rows, positions = torch.nonzero((output_ids == token_id) & answer, as_tuple=True)
+            states[output] = Dense(rows, steps[rows, positions])
+        anchors = torch.tensor(batch.anchor_clips, dtype=torch.long, device=device)
+        return GenerationOutput(texts, output_ids, states, self.run_heads(states, media, anchors))
+
+    def _answer_mask(self, output_ids: torch.Tensor) -> torch.Tensor:
+        """``bool [B, N]``: generated positions before each row's first eos."""
+        eos = self.tokenizer.eos_token_id
+        if eos is None:
+            return torch.ones_like(output_ids, dtype=torch.bool)
+        ended = (output_ids == eos).long().cumsum(dim=1) > 0
+        return ~ended

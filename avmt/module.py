@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,32 +17,76 @@ from transformers import get_cosine_schedule_with_warmup
 
 from avmt.adapters import Adapter
 from avmt.connectors import Connector
+from avmt.data.sample import Batch, MediaRef, segment_frames
 from avmt.encoders import AudioEncoder, VisionEncoder
-from avmt.llm import CausalLM
-from avmt.model import AVModel, TokenizedBatch
-from avmt.tasks import get_task, list_tasks
+from avmt.heads import Head
+from avmt.llm import CausalLM, tokenizer_difference
+from avmt.model import AVModel
+from avmt.outputs import ModelOutput
+from avmt.tasks import Task, get_task, task_ids
 
 CHECKPOINT_FORMAT = 1
 
 
+def _to_cpu(value: Any) -> Any:
+    """``value`` with every tensor inside (dicts and lists too) moved to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: _to_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(item) for item in value)
+    return value
+
+
+@dataclass
+class GeneratedExample:
+    """One generated answer kept for TensorBoard (see :class:`avmt.callbacks.GenerationExamples`).
+
+    Attributes:
+        task, prompt, target, text: the task, its prompt and target, the generated answer.
+        answer: the structured ground truth; prediction: what ``Task.predict`` made of the outputs.
+        frames: ``uint8 [T, 3, H, W]`` the segment frames of the sample's clip (CPU).
+        media: the sample's media references (``<image>`` names its segment).
+    """
+
+    task: str
+    prompt: str
+    target: str
+    text: str
+    answer: Any
+    prediction: Any
+    frames: torch.Tensor
+    media: tuple[MediaRef, ...]
+
+
 class AVModule(L.LightningModule):
     """Multi-task audio-visual instruction tuning of an LLM with an adapter.
+
+    The module loops over what the tasks and heads declare and never names a task: every task's
+    LM loss, the dense losses it adds (``Task.dense_losses``) and, when it is scored by
+    generation, its prediction from the generated text and head outputs (``Task.predict``).
 
     Args:
         llm: causal LM plugin (tiny config by default, a hub id/path when named).
         vision_encoder, audio_encoder: encoder plugins.
         vision_connector, audio_connector: connector plugins (one per modality, as in Crab).
         adapter: adapter plugin (LoRA, MoE-LoRA, I-LoRA) or ``None``.
+        image_connector: connector of ``<image>`` (one frame); ``None`` = the vision connector.
+        heads: head plugins (e.g. the mask decoder read at ``<seg>``).
         num_segments: T, segments per clip (must match the data).
         segment_embedding: add a learned segment-index (time) embedding to every media token.
         learning_rate: peak AdamW learning rate.
         weight_decay: AdamW weight decay.
         warmup_ratio: fraction of the training steps with linear warm-up (cosine decay after).
         aux_loss_weight: multiplier of the adapter's auxiliary (router balance) losses.
-        generation_tasks: tasks evaluated by generating answers and parsing them.
+        dense_loss_weights: multiplier of each dense loss the tasks add, by loss name (e.g.
+            ``bce``, ``dice``, ``ce``); a task loss without a weight here is a configuration error.
+        generation_tasks: tasks evaluated by generating answers (``None`` = every task of the data).
         generation_every_n_epochs: run generation metrics every N validation epochs (and on the last).
         max_generation_samples: at most this many samples per task are generated per evaluation.
         max_new_tokens: generation length limit.
+        num_examples: generated examples per task kept for TensorBoard at each evaluation.
     """
 
     def __init__(
@@ -52,48 +97,89 @@ class AVModule(L.LightningModule):
         vision_connector: Connector,
         audio_connector: Connector,
         adapter: Adapter | None = None,
+        image_connector: Connector | None = None,
+        heads: list[Head] = [],  # noqa: B006
         num_segments: int = 10,
         segment_embedding: bool = True,
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.03,
         aux_loss_weight: float = 1.0,
-        generation_tasks: list[str] = ["ave", "avqa"],  # noqa: B006
+        dense_loss_weights: dict[str, float] = {"bce": 1.0, "dice": 1.0, "ce": 1.0},  # noqa: B006
+        generation_tasks: list[str] | None = None,
         generation_every_n_epochs: int = 1,
         max_generation_samples: int = 200,
         max_new_tokens: int = 64,
+        num_examples: int = 3,
     ) -> None:
         super().__init__()
         self.model = AVModel(
             llm, vision_encoder, audio_encoder, vision_connector, audio_connector, adapter,
             num_segments=num_segments, segment_embedding=segment_embedding,
+            image_connector=image_connector, heads=heads,
         )
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.warmup_ratio = warmup_ratio
         self.aux_loss_weight = aux_loss_weight
-        self.generation_tasks = list(generation_tasks)
+        self.dense_loss_weights = dict(dense_loss_weights)
         self.generation_every_n_epochs = generation_every_n_epochs
         self.max_generation_samples = max_generation_samples
         self.max_new_tokens = max_new_tokens
-        self.tasks = {name: get_task(name) for name in self.generation_tasks}
-        self.task_ids = {name: index for index, name in enumerate(list_tasks())}
-        self.task_metrics = nn.ModuleDict({name: task.metrics() for name, task in self.tasks.items()})
+        self.num_examples = num_examples
+        self.task_ids = task_ids()
+        self.tasks: dict[str, Task] = {}
+        self.task_metrics = nn.ModuleDict()
+        if generation_tasks is not None:
+            self._score_tasks(generation_tasks)
         self._answers: dict[str, list[Any]] = defaultdict(list)
         self._generated: dict[str, int] = defaultdict(int)
-        self._examples: dict[str, list[tuple[str, str, str]]] = defaultdict(list)  # prompt, target, answer
+        self.examples: dict[str, list[GeneratedExample]] = defaultdict(list)
         self._router_sums: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
         self._router_batches: dict[str, int] = defaultdict(int)
+        self._loss_tasks: dict[str, Task] = {}
         self.final_metrics: dict[str, dict[str, float]] = {}
 
+    def _score_tasks(self, names: list[str]) -> None:
+        """Tasks scored by generation, each with its metric collection."""
+        self.tasks = {name: get_task(name) for name in names}
+        self.task_metrics = nn.ModuleDict({name: task.metrics() for name, task in self.tasks.items()})
+
+    def setup(self, stage: str) -> None:
+        """Check that the model produces every output the data's tasks read; resolve ``generation_tasks``."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        names = list(getattr(datamodule, "task_names", []) or [])
+        if not self.tasks and not len(self.task_metrics) and names:
+            self._score_tasks(names)
+        produced = {head.output for head in self.model.heads}
+        for name in dict.fromkeys([*names, *self.tasks]):
+            task = self.tasks.get(name) or get_task(name)
+            missing = [output for output in task.outputs if output not in produced]
+            if missing:
+                raise ValueError(
+                    f"data.tasks includes {name!r}, which reads the model output(s) {missing}; model.heads "
+                    f"produces {sorted(produced) or 'nothing'}: add a head that produces them "
+                    f"(python -m avmt plugins lists the heads)"
+                )
+            unknown = [p for p in task.inputs if p not in self.model.placeholder_ids]
+            if unknown:
+                raise ValueError(f"task {name!r} needs the placeholder(s) {unknown}, which the LLM's tokenizer "
+                                 "lacks: add them to model.llm.init_args.special_tokens")
+
+    def _task(self, name: str) -> Task:
+        """The task object used for losses and predictions (one per name)."""
+        if name not in self._loss_tasks:
+            self._loss_tasks[name] = self.tasks.get(name) or get_task(name)
+        return self._loss_tasks[name]
+
     # ------------------------------------------------------------ batches
-    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+    def on_before_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         """Tokenize on the host before the batch moves to the device."""
-        batch["tokens"] = self.model.tokenize(batch["prompt"], batch["target"])
+        batch.tokens = self.model.tokenize(batch.prompts, batch.targets)
         return batch
 
     def _set_task_ids(self, task_names: list[str], device: torch.device) -> None:
-        """Tell a task-conditioned adapter (MoE-LoRA ``gate: task``) the task of each sample (registry order)."""
+        """Tell a task-conditioned adapter (MoE-LoRA ``gate: task``) the stable id of each sample's task."""
         adapter = self.model.adapter
         if adapter is not None and getattr(adapter, "num_tasks", None):
             ids = [self.task_ids[name] for name in task_names]
@@ -103,82 +189,90 @@ class AVModule(L.LightningModule):
         adapter = self.model.adapter
         return adapter is not None and hasattr(adapter, "router_stats") and getattr(adapter, "track_router_stats", False)
 
-    def _forward_by_task(self, batch: dict[str, Any], per_task: dict[str, list[int]]) -> torch.Tensor:
-        """Per-sample losses computed one task at a time, recording each task's router statistics.
-
-        Returns:
-            ``[B, 2]`` summed losses and token counts, as :meth:`AVModel.forward`.
-        """
+    def _forward_task(self, batch: Batch, name: str, rows: list[int]) -> ModelOutput:
+        """The forward of one task's samples, recording that task's router statistics."""
         adapter = self.model.adapter
-        tokens = batch["tokens"]
-        out = torch.zeros(len(batch["task"]), 2, device=batch["frames"].device)
-        for name, indices in per_task.items():
-            rows = torch.tensor(indices, device=batch["frames"].device)
-            clips, clip_index = torch.unique(batch["clip_index"][rows], return_inverse=True)
-            subset = TokenizedBatch(tokens.input_ids[rows], tokens.attention_mask[rows], tokens.labels[rows])
-            adapter.reset_router_stats()
-            self._set_task_ids([name] * len(indices), out.device)
-            out[rows] = self.model(subset, batch["frames"][clips], batch["audio"][clips], clip_index)
-            for layer, weights in adapter.router_stats().items():
-                self._router_sums[name][layer] = self._router_sums[name].get(layer, 0) + weights.detach().float().cpu()
-            for layer, entropy in adapter.router_entropy().items():
-                key = f"{layer}/entropy"
-                self._router_sums[name][key] = self._router_sums[name].get(key, 0) + entropy.detach().float().cpu()
-            self._router_batches[name] += 1
+        adapter.reset_router_stats()
+        self._set_task_ids([name] * len(rows), batch.frames.device)
+        out = self.model(batch.take(rows))
+        for layer, weights in adapter.router_stats().items():
+            self._router_sums[name][layer] = self._router_sums[name].get(layer, 0) + weights.detach().float().cpu()
+        for layer, entropy in adapter.router_entropy().items():
+            key = f"{layer}/entropy"
+            self._router_sums[name][key] = self._router_sums[name].get(key, 0) + entropy.detach().float().cpu()
+        self._router_batches[name] += 1
         adapter.reset_router_stats()
         return out
 
-    def _losses(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
-        per_task: dict[str, list[int]] = defaultdict(list)
-        for index, name in enumerate(batch["task"]):
-            per_task[name].append(index)
-        if stage == "val" and self._routed():
-            sums_counts = self._forward_by_task(batch, per_task)
-        else:
-            self._set_task_ids(batch["task"], batch["frames"].device)
-            sums_counts = self.model(batch["tokens"], batch["frames"], batch["audio"], batch["clip_index"])
-        total = sums_counts[:, 0].sum() / sums_counts[:, 1].sum().clamp(min=1)
-        for name, indices in per_task.items():
-            rows = sums_counts[indices].detach()
-            tokens = float(rows[:, 1].sum())
-            self.log(
-                f"{stage}/loss/{name}",
-                rows[:, 0].sum() / max(tokens, 1.0),
-                batch_size=max(int(tokens), 1),
-                on_step=stage == "train",
-                on_epoch=stage != "train",
-            )
-        self.log(f"{stage}/corrupt_samples", float(batch["corrupt_total"]), reduce_fx="max", batch_size=1)
-        return total
+    def _dense_losses(self, name: str, out: ModelOutput, out_rows: list[int], batch: Batch,
+                      rows: list[int]) -> dict[str, torch.Tensor]:
+        """Task ``name``'s weighted dense losses; ``out_rows`` / ``rows`` are its rows in ``out`` / ``batch``."""
+        task = self._task(name)
+        if not task.outputs and not task.dense_targets:
+            return {}
+        outputs = {output: out.dense[output].take(out_rows) for output in task.outputs if output in out.dense}
+        targets = {spec.name: batch.dense[spec.name].take(rows) for spec in task.dense_targets if spec.name in batch.dense}
+        weighted = {}
+        for loss_name, value in task.dense_losses(outputs, targets).items():
+            if loss_name not in self.dense_loss_weights:
+                raise ValueError(
+                    f"task {name!r} adds a {loss_name!r} loss and model.dense_loss_weights has no weight for it "
+                    f"(it has {sorted(self.dense_loss_weights)})"
+                )
+            weighted[loss_name] = self.dense_loss_weights[loss_name] * value
+        return weighted
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def _losses(self, batch: Batch, stage: str) -> torch.Tensor:
+        """LM loss (token mean over the batch) plus every task's weighted dense losses; logs them per task."""
+        by_task = batch.task_rows()
+        if stage == "val" and self._routed():
+            parts = [(name, rows, self._forward_task(batch, name, rows), list(range(len(rows))))
+                     for name, rows in by_task.items()]
+        else:
+            self._set_task_ids(batch.tasks, batch.frames.device)
+            out = self.model(batch)
+            parts = [(name, rows, out, rows) for name, rows in by_task.items()]
+        lm_sum = lm_count = dense_total = 0.0
+        for name, rows, out, out_rows in parts:
+            index = torch.tensor(out_rows, device=out.loss_sum.device)
+            task_sum, task_count = out.loss_sum[index].sum(), out.token_count[index].sum()
+            lm_sum, lm_count = lm_sum + task_sum, lm_count + task_count
+            tokens = float(task_count.detach())
+            self.log(f"{stage}/loss/{name}", task_sum.detach() / max(tokens, 1.0), batch_size=max(int(tokens), 1),
+                     on_step=stage == "train", on_epoch=stage != "train")
+            for loss_name, value in self._dense_losses(name, out, out_rows, batch, rows).items():
+                dense_total = dense_total + value
+                self.log(f"{stage}/loss/{name}/{loss_name}", value.detach(), batch_size=len(rows),
+                         on_step=stage == "train", on_epoch=stage != "train")
+        self.log(f"{stage}/corrupt_samples", float(batch.corrupt_total), reduce_fx="max", batch_size=1)
+        return lm_sum / lm_count.clamp(min=1) + dense_total
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = self._losses(batch, "train")
         adapter = self.model.adapter
         aux = adapter.aux_loss() if adapter is not None else None
         if aux is not None:
-            self.log("train/aux_loss", aux, batch_size=len(batch["task"]))
+            self.log("train/aux_loss", aux, batch_size=len(batch))
             loss = loss + self.aux_loss_weight * aux
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["task"]))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         return loss
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
         loss = self._losses(batch, "val")
-        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["task"]))
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch))
         if self._generation_epoch():
             self._generate_and_score(batch)
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._losses(batch, "test")
         self._generate_and_score(batch)
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        self._set_task_ids(batch["task"], batch["frames"].device)
-        answers = self.model.generate(
-            batch["prompt"], batch["frames"], batch["audio"], batch["clip_index"], self.max_new_tokens
-        )
+    def predict_step(self, batch: Batch, batch_idx: int) -> list[dict[str, Any]]:
+        self._set_task_ids(batch.tasks, batch.frames.device)
+        answers = self.model.generate(batch, self.max_new_tokens).texts
         return [
             {"key": key, "task": task, "prompt": prompt, "answer": answer}
-            for key, task, prompt, answer in zip(batch["key"], batch["task"], batch["prompt"], answers, strict=True)
+            for key, task, prompt, answer in zip(batch.keys, batch.tasks, batch.prompts, answers, strict=True)
         ]
 
     # --------------------------------------------------------- generation
@@ -192,32 +286,35 @@ class AVModule(L.LightningModule):
         last_step = 0 < self.trainer.max_steps <= self.global_step
         return epoch % self.generation_every_n_epochs == 0 or last_epoch or last_step
 
-    def _generate_and_score(self, batch: dict[str, Any]) -> None:
+    def _generate_and_score(self, batch: Batch) -> None:
         chosen = [
             i
-            for i, name in enumerate(batch["task"])
+            for i, name in enumerate(batch.tasks)
             if name in self.tasks and self._generated[name] < self.max_generation_samples
         ]
         if not chosen:
             return
         for i in chosen:
-            self._generated[batch["task"][i]] += 1
-        self._set_task_ids([batch["task"][i] for i in chosen], batch["frames"].device)
-        texts = self.model.generate(
-            [batch["prompt"][i] for i in chosen],
-            batch["frames"],
-            batch["audio"],
-            batch["clip_index"][chosen],
-            self.max_new_tokens,
-        )
+            self._generated[batch.tasks[i]] += 1
+        sub = batch.take(chosen)
+        self._set_task_ids(sub.tasks, sub.frames.device)
+        dense = any(self.tasks[name].outputs for name in sub.tasks)
+        generated = self.model.generate(sub, self.max_new_tokens, return_dense=dense)
         by_task: dict[str, tuple[list, list]] = defaultdict(lambda: ([], []))
-        for i, text in zip(chosen, texts, strict=True):
-            name = batch["task"][i]
-            by_task[name][0].append(self.tasks[name].parse(text))
-            by_task[name][1].append(batch["answer"][i])
-            self._answers[name].append(batch["answer"][i])
-            if len(self._examples[name]) < 3:
-                self._examples[name].append((batch["prompt"][i], batch["target"][i], text))
+        anchors = sub.anchor_clips
+        for i, (name, text) in enumerate(zip(sub.tasks, generated.texts, strict=True)):
+            task = self.tasks[name]
+            outputs = {output: generated.dense[output].for_row(i) for output in task.outputs if output in generated.dense}
+            prediction = task.predict(text, outputs)
+            by_task[name][0].append(prediction)
+            by_task[name][1].append(sub.answers[i])
+            self._answers[name].append(sub.answers[i])
+            if len(self.examples[name]) < self.num_examples:
+                frames = sub.frames[anchors[i], segment_frames(sub.frames.shape[1], self.model.num_segments)]
+                self.examples[name].append(GeneratedExample(
+                    name, sub.prompts[i], sub.targets[i], text, sub.answers[i], _to_cpu(prediction),
+                    frames.cpu(), sub.media[i],
+                ))
         for name, (predictions, answers) in by_task.items():
             self.task_metrics[name].update(predictions, answers)
 
@@ -234,16 +331,15 @@ class AVModule(L.LightningModule):
                 **{f"majority_baseline/{key}": float(value) for key, value in baseline.items()},
                 "samples": len(self._answers[name]),
             }
-            logger = self.logger
-            if logger is not None and hasattr(logger.experiment, "add_text"):
-                text = "\n\n".join(
-                    f"**prompt** {p}\n\n**target** {t}\n\n**answer** {a}" for p, t, a in self._examples[name]
-                )
-                logger.experiment.add_text(f"{stage}/{name}/examples", text, self.global_step)
             collection.reset()
         self._answers.clear()
         self._generated.clear()
-        self._examples.clear()
+
+    def on_validation_epoch_start(self) -> None:
+        self.examples.clear()
+
+    def on_test_epoch_start(self) -> None:
+        self.examples.clear()
 
     def on_validation_epoch_end(self) -> None:
         self._log_generation_metrics("val")
@@ -309,6 +405,10 @@ class AVModule(L.LightningModule):
 
         report["vision connector"] = trainable(model.vision_connector)
         report["audio connector"] = trainable(model.audio_connector)
+        if model.image_connector is not None:
+            report["image connector"] = trainable(model.image_connector)
+        for head in model.heads:
+            report[f"head {type(head).__name__} [{head.output}]"] = trainable(head)
         report["vision encoder"] = trainable(model.vision_encoder)
         report["audio encoder"] = trainable(model.audio_encoder)
         report["llm (new token rows and other non-adapter weights)"] = trainable(model.llm)
@@ -382,16 +482,28 @@ class AVModule(L.LightningModule):
             "format": CHECKPOINT_FORMAT,
             "tokenizer": self.model.llm.tokenizer_state(),
             "saved_keys": sorted(keep),
+            "task_ids": dict(self.task_ids),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("avmt")
         if meta is None or meta.get("format") != CHECKPOINT_FORMAT:
             raise ValueError("not an avmt checkpoint (no 'avmt' metadata of a known format)")
-        if meta["tokenizer"] != self.model.llm.tokenizer_state():
+        current_tokenizer = self.model.llm.tokenizer_state()
+        if meta["tokenizer"] != current_tokenizer:
             raise ValueError(
-                "the checkpoint was trained with a different tokenizer than this config's model.llm; "
-                "use the config.yaml saved next to the checkpoint"
+                "the checkpoint was trained with a different tokenizer than this config's model.llm "
+                f"({tokenizer_difference(meta['tokenizer'], current_tokenizer)}); use the config.yaml saved next "
+                "to the checkpoint, with the avmt version that wrote it"
+            )
+        saved_ids = meta.get("task_ids", {})
+        moved = {name: (tid, self.task_ids[name]) for name, tid in saved_ids.items()
+                 if name in self.task_ids and self.task_ids[name] != tid}
+        if moved:
+            raise ValueError(
+                "task ids changed since the checkpoint was written (name: checkpoint id -> current id): "
+                + ", ".join(f"{name}: {a} -> {b}" for name, (a, b) in sorted(moved.items()))
+                + "; task-gated adapters and router telemetry index by these ids, so a task must keep its task_id"
             )
         expected = self._saved_keys()
         found = set(checkpoint["state_dict"])

@@ -1,6 +1,6 @@
 """Plugin kinds and their registry.
 
-Every swappable part of the system (encoder, connector, LLM, adapter, task) is a *kind*; a
+Every swappable part of the system (encoder, connector, LLM, adapter, head) is a *kind*; a
 YAML file picks one implementation of each kind by ``class_path``. This module names the
 kinds, lists the implementations that ship with avmt (``python -m avmt plugins``), and turns an
 unknown ``class_path`` into an error that lists the valid choices of that kind.
@@ -18,6 +18,7 @@ PLUGIN_KINDS: dict[str, tuple[str, str]] = {
     "connector": ("avmt.connectors", "Connector"),
     "llm": ("avmt.llm", "CausalLM"),
     "adapter": ("avmt.adapters", "Adapter"),
+    "head": ("avmt.heads", "Head"),
 }
 
 # init argument of AVModule -> plugin kind
@@ -28,6 +29,8 @@ MODULE_ARGUMENTS: dict[str, str] = {
     "audio_connector": "connector",
     "llm": "llm",
     "adapter": "adapter",
+    "image_connector": "connector",
+    "heads": "head",  # a list of heads
 }
 
 

@@ -9,6 +9,7 @@ from avmt.adapters import ILoRA
 from avmt.connectors import MLPConnector, QFormerConnector
 from avmt.encoders import ViTVisionEncoder, Wav2Vec2AudioEncoder
 from avmt.llm import CausalLM
+from avmt.data.sample import MediaRef, iter_refs
 from avmt.model import IGNORE_INDEX, AVModel
 
 T = 4  # segments
@@ -37,7 +38,8 @@ def media(clips: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_placeholders_expand_to_connector_token_counts(model):
-    assert model.placeholder_lengths == {"<video>": 2 * T, "<audio>": 3 * T}
+    # <image> is one frame through the vision connector (no image_connector here): 2 queries
+    assert model.placeholder_lengths == {"<video>": 2 * T, "<audio>": 3 * T, "<image>": 2}
     tokens = model.tokenize(["<video> <audio> Which instrument sounds first?"], ["<answer> violin </answer>"])
     ids = tokens.input_ids[0]
     assert int((ids == model.placeholder_ids["<video>"]).sum()) == 2 * T
@@ -68,45 +70,97 @@ def test_generation_prompts_are_left_padded(model):
     assert tokens.attention_mask[0, 0] == 0 or tokens.attention_mask[1, 0] == 0
 
 
-def test_splicing_puts_each_feature_at_its_placeholder(model):
+def test_splicing_puts_each_feature_at_its_placeholder(model, make_batch):
     frames, audio = media(2)
-    tokens = model.tokenize(["<video> <audio> Is the dog heard?", "<audio> <video> Where is it?", "<video> <audio> Why?"])
-    clip_index = torch.tensor([1, 0, 1])
+    prompts = ["<video> <audio> Is the dog heard?", "<audio> <video> Where is it?", "<video> <audio> Why?"]
+    batch = make_batch(prompts, frames, audio, [1, 0, 1])
+    tokens = model.tokenize(prompts)
     with torch.no_grad():
-        features = model.encode_media(frames, audio)
-        embeds = model.embed(tokens.input_ids, features, clip_index)
+        encoded = model.encode_media(frames, audio)
+        features = model.media_tokens(encoded, {name: iter_refs(batch.media, name) for name in ("<video>", "<audio>")})
+        embeds = model.embed(tokens.input_ids, encoded, batch.media)
         plain = model.llm.embed(tokens.input_ids)
-    for name, placeholder in model.placeholder_ids.items():
+    for name in ("<video>", "<audio>"):
         for row in range(3):
-            positions = (tokens.input_ids[row] == placeholder).nonzero().squeeze(1)
-            torch.testing.assert_close(embeds[row, positions], features[name][clip_index[row]])
+            positions = (tokens.input_ids[row] == model.placeholder_ids[name]).nonzero().squeeze(1)
+            torch.testing.assert_close(embeds[row, positions], features[name][row])
+    # samples of the same clip get the same tokens
+    torch.testing.assert_close(features["<video>"][0], features["<video>"][2])
+    assert not torch.allclose(features["<video>"][0], features["<video>"][1])
     text = (tokens.input_ids != model.placeholder_ids["<video>"]) & (tokens.input_ids != model.placeholder_ids["<audio>"])
     torch.testing.assert_close(embeds[text], plain[text])
 
 
-def test_media_tokens_depend_on_their_own_clip_only(model):
+def test_image_placeholder_takes_its_segment_frame_features_and_time_code(model, make_batch):
+    frames, audio = media(2)
+    prompts = ["<image> <audio> Where?", "<image> <audio> Where?"]
+    batch = make_batch(prompts, frames, audio, [0, 0])
+    batch.media[1] = (MediaRef("<image>", 0, segment=2), MediaRef("<audio>", 0))
+    tokens = model.tokenize(prompts)
+    assert int((tokens.input_ids[0] == model.placeholder_ids["<image>"]).sum()) == model.placeholder_lengths["<image>"]
+    with torch.no_grad():
+        encoded = model.encode_media(frames, audio)
+        embeds = model.embed(tokens.input_ids, encoded, batch.media)
+        expected = model.vision_connector(encoded.vision[0, 2][None, None]) + model.segment_embedding.weight[2]
+    positions = (tokens.input_ids[1] == model.placeholder_ids["<image>"]).nonzero().squeeze(1)
+    torch.testing.assert_close(embeds[1, positions], expected[0])
+    assert not torch.allclose(embeds[0, positions], embeds[1, positions])
+
+
+def test_placeholders_and_media_references_must_match(model, make_batch):
+    frames, audio = media(1)
+    batch = make_batch(["<video> <audio> Why?"], frames, audio, [0])
+    tokens = model.tokenize(["<video> <video> <audio> Why?"])
+    with torch.no_grad(), pytest.raises(ValueError, match="<video>.*match one to one"):
+        model.embed(tokens.input_ids, model.encode_media(frames, audio), batch.media)
+
+
+def test_several_clips_per_sample_each_placeholder_takes_its_clip(model, make_batch):
+    frames, audio = media(3)
+    prompts = ["<audio> <video> <video> Which video matches the sound?"]
+    batch = make_batch(prompts, frames, audio, [0])
+    batch.media[0] = (MediaRef("<audio>", 2), MediaRef("<video>", 0), MediaRef("<video>", 1))
+    tokens = model.tokenize(prompts)
+    with torch.no_grad():
+        encoded = model.encode_media(frames, audio)
+        embeds = model.embed(tokens.input_ids, encoded, batch.media)
+        video = model._add_time_codes(model.vision_connector(encoded.vision))
+        sound = model._add_time_codes(model.audio_connector(encoded.audio))
+    positions = (tokens.input_ids[0] == model.placeholder_ids["<video>"]).nonzero().squeeze(1)
+    torch.testing.assert_close(embeds[0, positions], torch.cat([video[0], video[1]]))
+    positions = (tokens.input_ids[0] == model.placeholder_ids["<audio>"]).nonzero().squeeze(1)
+    torch.testing.assert_close(embeds[0, positions], sound[2])
+
+
+def test_media_features_depend_on_their_own_clip_only(model):
     frames, audio = media(2)
     with torch.no_grad():
         before = model.encode_media(frames, audio)
         frames2 = frames.clone()
         frames2[1] = 255 - frames2[1]
         after = model.encode_media(frames2, audio)
-    torch.testing.assert_close(after["<video>"][0], before["<video>"][0])
-    assert not torch.allclose(after["<video>"][1], before["<video>"][1])
-    torch.testing.assert_close(after["<audio>"], before["<audio>"])
+    torch.testing.assert_close(after.vision[0], before.vision[0])
+    assert not torch.allclose(after.vision[1], before.vision[1])
+    torch.testing.assert_close(after.audio, before.audio)
+    assert after.frames.shape == (2, T, 3, 32, 32) and after.grid == (2, 2)
+    assert after.vision.shape[:3] == (2, T, 4)
 
 
-def test_forward_returns_summed_losses_and_counts_and_trains_only_new_parameters(model):
+def test_forward_returns_summed_losses_and_counts_and_trains_only_new_parameters(model, make_batch):
     frames, audio = media(2)
     prompts = ["<video> <audio> Is the dog heard?", "<video> <audio> Which mood?"]
     targets = ["<answer> yes </answer>", "So the mood of the clip is <answer> calm </answer>."]
-    tokens = model.tokenize(prompts, targets)
-    out = model(tokens, frames, audio, torch.tensor([0, 1]))
-    assert out.shape == (2, 2)
-    assert out[:, 1].tolist() == [float((tokens.labels[i] != IGNORE_INDEX).sum()) for i in range(2)]
-    assert torch.isfinite(out).all() and (out[:, 0] > 0).all()
-    # the shifted loss matches a direct cross-entropy on the HF logits
-    out[:, 0].sum().backward()
+    batch = make_batch(prompts, frames, audio, [0, 1], targets=targets, model=model)
+    tokens = batch.tokens
+    out = model(batch, return_logits=True)
+    assert out.loss_sum.shape == out.token_count.shape == (2,)
+    assert out.token_count.tolist() == [float((tokens.labels[i] != IGNORE_INDEX).sum()) for i in range(2)]
+    assert torch.isfinite(out.loss_sum).all() and (out.loss_sum > 0).all()
+    # the shifted loss equals a direct cross-entropy on the returned logits
+    direct = torch.nn.functional.cross_entropy(out.logits[0, :-1], tokens.labels[0, 1:], ignore_index=IGNORE_INDEX,
+                                               reduction="sum")
+    torch.testing.assert_close(out.loss_sum[0], direct)
+    out.loss_sum.sum().backward()
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable, "nothing to train"
     base = [n for n in trainable if n.startswith("llm.") and "lora_" not in n and "new_" not in n and "extra" not in n]
@@ -117,8 +171,9 @@ def test_forward_returns_summed_losses_and_counts_and_trains_only_new_parameters
     model.zero_grad()
 
 
-def test_generate_returns_one_string_per_prompt(model):
+def test_generate_returns_one_string_per_prompt(model, make_batch):
     frames, audio = media(1)
-    answers = model.generate(["<video> <audio> Is the dog heard?"] * 2, frames, audio, torch.tensor([0, 0]), max_new_tokens=5)
+    batch = make_batch(["<video> <audio> Is the dog heard?"] * 2, frames, audio, [0, 0])
+    answers = model.generate(batch, max_new_tokens=5).texts
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
     assert answers[0] == answers[1]  # same prompt, same clip, greedy

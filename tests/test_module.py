@@ -9,7 +9,7 @@ from avmt.connectors import QFormerConnector
 from avmt.encoders import ViTVisionEncoder, Wav2Vec2AudioEncoder
 from avmt.llm import CausalLM
 from avmt.module import AVModule, router_heatmap
-from avmt.tasks import list_tasks
+from avmt.tasks import num_task_ids
 
 T = 4
 
@@ -27,22 +27,22 @@ def tiny_module(adapter) -> AVModule:
     )
 
 
-def test_task_gated_moe_lora_routes_by_the_task_the_module_sets():
-    module = tiny_module(MoELoRA(r=4, alpha=8, dropout=0.0, num_experts=3, gate="task", num_tasks=len(list_tasks())))
+def test_task_gated_moe_lora_routes_by_the_task_the_module_sets(make_batch):
+    module = tiny_module(MoELoRA(r=4, alpha=8, dropout=0.0, num_experts=3, gate="task", num_tasks=num_task_ids()))
     with torch.no_grad():
         for name, parameter in module.named_parameters():
             if "lora_B" in name or "task_gate" in name:
                 parameter.normal_(std=0.5)
     model = module.model
-    tokens = model.tokenize(["<video> <audio> Which mood?"] * 2, ["<answer> calm </answer>"] * 2)
     frames = torch.randint(0, 256, (1, T, 3, 32, 32), dtype=torch.uint8)
     audio = torch.randn(1, T * 4000) * 0.1
-    clip_index = torch.tensor([0, 0])
+    batch = make_batch(["<video> <audio> Which mood?"] * 2, frames, audio, [0, 0],
+                       targets=["<answer> calm </answer>"] * 2, model=model)
     with torch.no_grad():
         module._set_task_ids(["ave", "ave"], frames.device)
-        same = model(tokens, frames, audio, clip_index)
+        same = model(batch).loss_sum
         module._set_task_ids(["ave", "avqa"], frames.device)
-        mixed = model(tokens, frames, audio, clip_index)
+        mixed = model(batch).loss_sum
     torch.testing.assert_close(same[0], same[1])  # same sample, same task: same loss
     torch.testing.assert_close(mixed[0], same[0])
     assert not torch.allclose(mixed[1], same[1])  # another task id, another gate

@@ -27,7 +27,7 @@ def build(class_path: str, **kwargs):
 
 
 def test_every_kind_has_plugins():
-    for kind in ("vision_encoder", "audio_encoder", "connector", "llm", "adapter"):
+    for kind in ("vision_encoder", "audio_encoder", "connector", "llm", "adapter", "head"):
         assert list_plugins(kind), kind
 
 
@@ -59,7 +59,7 @@ def test_connector_plugins(class_path):
 
 
 @pytest.mark.parametrize("class_path", list_plugins("adapter"))
-def test_adapter_plugins_train_every_parameter_inside_the_model(class_path):
+def test_adapter_plugins_train_every_parameter_inside_the_model(class_path, make_batch):
     torch.manual_seed(0)
     adapter = build(class_path, r=4, alpha=8, dropout=0.0)
     model = AVModel(
@@ -75,11 +75,12 @@ def test_adapter_plugins_train_every_parameter_inside_the_model(class_path):
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(std=0.02)
-    tokens = model.tokenize(["<video> <audio> Which mood?"] * 2, ["<answer> calm </answer>", "<answer> sad </answer>"])
     frames = torch.randint(0, 256, (2, T, 3, 32, 32), dtype=torch.uint8)
-    out = model(tokens, frames, torch.randn(2, T * 4000) * 0.1, torch.tensor([0, 1]))
-    assert torch.isfinite(out).all()
-    loss = out[:, 0].sum() / out[:, 1].sum()
+    batch = make_batch(["<video> <audio> Which mood?"] * 2, frames, torch.randn(2, T * 4000) * 0.1, [0, 1],
+                       targets=["<answer> calm </answer>", "<answer> sad </answer>"], model=model)
+    out = model(batch)
+    assert torch.isfinite(out.loss_sum).all()
+    loss = out.mean_loss()
     aux = adapter.aux_loss()
     if aux is not None:
         loss = loss + aux
@@ -93,6 +94,26 @@ def test_adapter_plugins_train_every_parameter_inside_the_model(class_path):
         if p.requires_grad and not name.endswith("embed_tokens.new_rows") and (p.grad is None or not p.grad.abs().sum())
     ]
     assert not silent, silent
+
+
+@pytest.mark.parametrize("class_path", list_plugins("head"))
+def test_head_plugins(class_path):
+    """Every head: built lazily, [M, ...] out for M queries, no NaN, every parameter gets a gradient."""
+    from avmt.outputs import EncodedMedia
+
+    torch.manual_seed(0)
+    head = build(class_path)
+    head.build(40, 24, 16)
+    media = EncodedMedia(
+        frames=torch.randint(0, 256, (3, T, 3, 16, 16), dtype=torch.uint8),
+        vision=torch.randn(3, T, 4, 24),
+        grid=(2, 2),
+        audio=torch.randn(3, T, 2, 16),
+    )
+    out = head(torch.randn(3, 40), media)
+    assert out.shape[:2] == (3, T) and torch.isfinite(out).all()
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters() if p.requires_grad)
 
 
 def test_unknown_class_path_error_lists_the_choices():

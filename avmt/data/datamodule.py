@@ -1,28 +1,39 @@
 """AVDataModule: shards → clips → task samples → clip-grouped batches.
 
-A batch holds C clips and every task sample built from them: the media tensors are stacked
-once per clip (``frames [C,T·F,3,H,W]``, ``audio [C,S]``) and each text sample points at its clip
-through ``clip_index [B]``, so the encoders run once per clip, however many tasks ask about it.
-Tokenization happens in the LightningModule, which owns the tokenizer; this module knows
-nothing about the model.
+A :class:`~avmt.data.sample.Batch` holds C clips and every task sample built from them: the
+media tensors are stacked once per clip (``frames [C,T·F,3,H,W]``, ``audio [C,S]``) and each
+sample points at its clips through its media references, so the encoders run once per clip,
+however many tasks ask about it. Which tasks exist, what they need and how their dense targets
+collate is read from the task declarations; tokenization happens in the LightningModule, which
+owns the tokenizer. This module knows nothing about the model, nor about any particular task.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import random
+import warnings
 import zlib
-from dataclasses import asdict
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from avmt.data.shards import CorruptSampleCounter, ensure_shards, iter_clips, list_shards
-from avmt.data.synth import SynthConfig
-from avmt.tasks import get_task, list_tasks
+from avmt.data.sample import Clip, ClipGroup, SampleError, collate
+from avmt.data.shards import (
+    CorruptSampleCounter,
+    CorruptSampleWarning,
+    check_shard_version,
+    ensure_shards,
+    iter_clips,
+    list_shards,
+)
+from avmt.data.synth import SCHEMA_VERSION, SynthConfig
+from avmt.tasks import Task, get_task, list_tasks
 
 SPLITS = ("train", "val", "test")
 
@@ -38,8 +49,11 @@ def default_cache_dir() -> Path:
 class ClipTaskStream(IterableDataset):
     """Iterates clip groups: one decoded clip with the task samples built from it.
 
-    Each item is ``{"key", "frames" [T·F,3,H,W] uint8, "audio" [S] float32, "samples": [dict]}``
-    where each sample dict holds ``task``, ``prompt``, ``target`` and ``answer``.
+    Each item is a :class:`~avmt.data.sample.ClipGroup`: the anchor clip (and the other clips
+    its multi-clip samples look at) and one :class:`~avmt.data.sample.TaskSample` per task that
+    applies to the clip (``Task.applies``). A sample whose annotation is wrong (the task raises
+    :class:`~avmt.data.sample.SampleError`) is skipped, counted in ``counter`` and reported with
+    a :class:`~avmt.data.shards.CorruptSampleWarning` naming the clip and the task.
 
     Args:
         shards: tar files to read.
@@ -47,8 +61,11 @@ class ClipTaskStream(IterableDataset):
         reasoning: targets carry the reasoning sentences (else only the tagged answer).
         seed: base seed; the task rng of a clip depends only on (seed, epoch, clip key).
         shuffle: shuffle shard order and clips (a buffer of ``shuffle_buffer`` clips) per epoch.
-        tasks_per_clip: build this many tasks per clip (sampled), or all when ``None``.
+        tasks_per_clip: build this many of the applicable tasks per clip (sampled), or all when ``None``.
         num_clips: clips in the shards, used for ``len``.
+        shuffle_buffer: clips held for shuffling.
+        recent_clips: clips remembered as the other clips of multi-clip samples (a task that
+            needs more clips than remembered so far is not built for that clip).
     """
 
     def __init__(
@@ -61,6 +78,7 @@ class ClipTaskStream(IterableDataset):
         tasks_per_clip: int | None = None,
         num_clips: int | None = None,
         shuffle_buffer: int = 256,
+        recent_clips: int = 16,
     ) -> None:
         super().__init__()
         self.shards = [Path(s) for s in shards]
@@ -71,6 +89,7 @@ class ClipTaskStream(IterableDataset):
         self.tasks_per_clip = tasks_per_clip
         self.num_clips = num_clips
         self.shuffle_buffer = shuffle_buffer
+        self.recent_clips = recent_clips
         self.epoch = 0
         self.counter = CorruptSampleCounter()
 
@@ -83,19 +102,36 @@ class ClipTaskStream(IterableDataset):
         """Reseed shard order, shuffling and task sampling for ``epoch``."""
         self.epoch = epoch
 
-    def _build(self, clip: dict[str, Any]) -> dict[str, Any]:
-        key = clip["key"]
-        rng = random.Random(zlib.crc32(f"{self.seed}:{self.epoch}:{key}".encode()))
-        tasks = self.tasks
+    def _build(self, clip: Clip, recent: Sequence[Clip]) -> ClipGroup:
+        rng = random.Random(zlib.crc32(f"{self.seed}:{self.epoch}:{clip.key}".encode()))
+        tasks = [task for task in self.tasks if task.applies(clip)]
         if self.tasks_per_clip is not None and self.tasks_per_clip < len(tasks):
             tasks = rng.sample(tasks, self.tasks_per_clip)
+        clips = [clip]
         samples = []
         for task in tasks:
-            built = task.build(clip, rng)
-            samples.append({"task": task.name, "prompt": built.prompt, "target": built.target, "answer": built.answer})
-        return {"key": key, "frames": clip["frames"], "audio": clip["audio"], "samples": samples}
+            others = [c for c in recent if c.key != clip.key][: task.num_clips - 1]
+            if len(others) < task.num_clips - 1:
+                continue
+            try:
+                sample = task.build(clip, rng, others)
+            except SampleError as error:
+                self.counter.add(clip.key, f"bad {task.name} sample")
+                warnings.warn(f"skipping the {task.name} sample of clip {clip.key!r}: {error}",
+                              CorruptSampleWarning, stacklevel=2)
+                continue
+            local = [0]
+            for other in others:
+                keys = [c.key for c in clips]
+                if other.key not in keys:
+                    clips.append(other)
+                    keys.append(other.key)
+                local.append(keys.index(other.key))
+            sample.media = tuple(replace(ref, clip=local[ref.clip]) for ref in sample.media)
+            samples.append(sample)
+        return ClipGroup(clips, samples, self.counter.count)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[ClipGroup]:
         shards = list(self.shards)
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
         if self.shuffle:
@@ -103,10 +139,13 @@ class ClipTaskStream(IterableDataset):
         worker = get_worker_info()
         if worker is not None:
             shards = shards[worker.id :: worker.num_workers]
-        buffer: list[dict[str, Any]] = []
+        buffer: list[ClipGroup] = []
+        recent: deque[Clip] = deque(maxlen=self.recent_clips)
         for clip in iter_clips(shards, counter=self.counter):
-            group = self._build(clip)
-            group["corrupt_total"] = self.counter.count
+            group = self._build(clip, list(recent))
+            recent.appendleft(clip)
+            if not group.samples:
+                continue
             if not self.shuffle:
                 yield group
                 continue
@@ -117,27 +156,22 @@ class ClipTaskStream(IterableDataset):
         yield from buffer
 
 
-def collate_clip_groups(groups: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack C clip groups into one batch.
+def collate_rules(tasks: Sequence[Task]) -> dict[str, str]:
+    """Dense target name -> its collate rule, from the tasks' declarations.
 
-    Returns:
-        ``frames [C,T·F,3,H,W]`` uint8, ``audio [C,S]`` float32, ``clip_index [B]`` long, and
-        the B-long lists ``task``, ``prompt``, ``target``, ``answer``, ``key``; ``corrupt_total``
-        is the number of corrupt samples the reading process has skipped so far.
+    Raises:
+        ValueError: two tasks declare one target name with different rules.
     """
-    batch: dict[str, Any] = {name: [] for name in ("task", "prompt", "target", "answer", "key")}
-    clip_index = []
-    for index, group in enumerate(groups):
-        for sample in group["samples"]:
-            for name in ("task", "prompt", "target", "answer"):
-                batch[name].append(sample[name])
-            batch["key"].append(group["key"])
-            clip_index.append(index)
-    batch["frames"] = torch.stack([group["frames"] for group in groups])
-    batch["audio"] = torch.stack([group["audio"] for group in groups])
-    batch["clip_index"] = torch.tensor(clip_index, dtype=torch.long)
-    batch["corrupt_total"] = max(group["corrupt_total"] for group in groups)
-    return batch
+    rules: dict[str, tuple[str, str]] = {}
+    for task in tasks:
+        for spec in task.dense_targets:
+            known = rules.setdefault(spec.name, (spec.collate, task.name))
+            if known[0] != spec.collate:
+                raise ValueError(
+                    f"dense target {spec.name!r} is collated by {known[0]!r} in task {known[1]!r} "
+                    f"but by {spec.collate!r} in task {task.name!r}"
+                )
+    return {name: rule for name, (rule, _) in rules.items()}
 
 
 class AVDataModule(L.LightningDataModule):
@@ -146,20 +180,22 @@ class AVDataModule(L.LightningDataModule):
     Args:
         root: shard folder with ``train/``, ``val/``, ``test/`` subfolders. ``None`` uses the
             AVSynth cache (``$AVMT_CACHE`` or the user cache dir) and generates it when missing.
-        tasks: task names to train and evaluate (see ``python -m avmt plugins``).
+        tasks: task names to train and evaluate (see ``python -m avmt plugins``); ``None`` = every
+            registered task.
         reasoning: answers carry explicit reasoning sentences; ``False`` keeps only the tags.
         clips_per_batch: clips per batch; every task of a clip goes in the same batch.
-        tasks_per_clip: sample this many of ``tasks`` per clip (``None`` = all).
+        tasks_per_clip: sample this many of the applicable tasks per clip (``None`` = all).
         num_workers: DataLoader worker processes.
         seed: data seed (AVSynth generation and task sampling).
         train_clips, val_clips, test_clips: AVSynth clip counts (only when ``root`` is ``None``).
-        num_classes, frame_size, noise_level, max_objects: AVSynth generator knobs.
+        num_classes, frame_size, noise_level, max_objects, multi_source: AVSynth generator knobs
+            (``multi_source``: fraction of scenes with several simultaneous sound sources).
     """
 
     def __init__(
         self,
         root: str | None = None,
-        tasks: list[str] = ["ave", "avvp", "avqa", "action", "emotion", "avcap"],  # noqa: B006
+        tasks: list[str] | None = None,
         reasoning: bool = True,
         clips_per_batch: int = 4,
         tasks_per_clip: int | None = None,
@@ -172,9 +208,11 @@ class AVDataModule(L.LightningDataModule):
         frame_size: int = 64,
         noise_level: float = 0.05,
         max_objects: int = 3,
+        multi_source: float = 0.0,
     ) -> None:
         super().__init__()
         known = list_tasks()
+        tasks = known if tasks is None else list(tasks)
         unknown = [name for name in tasks if name not in known]
         if unknown:
             raise ValueError(f"data.tasks: unknown task(s) {unknown}; available tasks: {', '.join(known)}")
@@ -182,6 +220,7 @@ class AVDataModule(L.LightningDataModule):
             raise ValueError(f"data.tasks is empty; available tasks: {', '.join(known)}")
         self.root = Path(root).expanduser() if root is not None else None
         self.task_names = list(tasks)
+        self.collate_rules = collate_rules([get_task(name) for name in self.task_names])
         self.reasoning = reasoning
         self.clips_per_batch = clips_per_batch
         self.tasks_per_clip = tasks_per_clip
@@ -189,7 +228,11 @@ class AVDataModule(L.LightningDataModule):
         self.seed = seed
         self.clip_counts = {"train": train_clips, "val": val_clips, "test": test_clips}
         self.synth_config = SynthConfig(
-            num_classes=num_classes, frame_size=frame_size, noise_level=noise_level, max_objects=max_objects
+            num_classes=num_classes,
+            frame_size=frame_size,
+            noise_level=noise_level,
+            max_objects=max_objects,
+            multi_source=multi_source,
         )
         self.shards: dict[str, list[Path]] = {}
         self.counts: dict[str, int | None] = {}
@@ -198,7 +241,7 @@ class AVDataModule(L.LightningDataModule):
     def default_root(self) -> Path:
         """Cache folder of the AVSynth data this module's knobs describe."""
         digest = zlib.crc32(repr((self.seed, sorted(self.clip_counts.items()), asdict(self.synth_config))).encode())
-        return default_cache_dir() / f"avsynth-v1-{digest:08x}"
+        return default_cache_dir() / f"avsynth-v{SCHEMA_VERSION}-{digest:08x}"
 
     def prepare_data(self) -> None:
         """Generate the AVSynth shards into the cache on first use (``root`` unset)."""
@@ -209,6 +252,8 @@ class AVDataModule(L.LightningDataModule):
         root = self.root if self.root is not None else self.default_root()
         if self.root is None:  # prepare_data ran on rank 0; on other ranks this only reads the manifest
             ensure_shards(root, self.clip_counts, self.seed, self.synth_config)
+        else:
+            check_shard_version(root)
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         for split in wanted.get(stage, SPLITS) if stage else SPLITS:
             if split in self.datasets:
@@ -232,7 +277,7 @@ class AVDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.clips_per_batch,
-            collate_fn=collate_clip_groups,
+            collate_fn=functools.partial(collate, rules=self.collate_rules),
             num_workers=self.num_workers,
             persistent_workers=False,
         )

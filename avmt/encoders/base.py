@@ -9,6 +9,8 @@ not touched by the switch: only the parameters present when ``freeze`` was appli
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -70,6 +72,14 @@ class VisionEncoder(Encoder):
     def num_patches(self) -> int:
         """P, patch tokens per frame."""
         raise NotImplementedError
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """``(h, w)``: the P patches lie on an h x w grid, row-major (default: a square grid)."""
+        side = math.isqrt(self.num_patches)
+        if side * side != self.num_patches:
+            raise NotImplementedError(f"{type(self).__name__}: {self.num_patches} patches are not a square grid")
+        return side, side
 
 
 class AudioEncoder(Encoder):
