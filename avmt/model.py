@@ -83,7 +83,8 @@ class AVModel(nn.Module):
             raise ValueError(f"model.heads: two heads produce the same output ({outputs}); each output needs one head")
         for head in heads:
             head.build(llm.hidden_size, vision_encoder.output_dim, audio_encoder.output_dim)
-        self.head_token_ids = {head.output: llm.placeholder_id(head.token) for head in heads}
+        for head in heads:
+            llm.placeholder_id(head.token)  # a clear error when the LLM lacks the head's token
         llm.freeze_base()
         self.adapter = adapter
         if adapter is not None:
@@ -272,7 +273,7 @@ class AVModel(nn.Module):
         """Each head on the states at its token.
 
         Args:
-            states: head output name -> states ``[M, D_llm]`` with their sample rows.
+            states: special token -> states ``[M, D_llm]`` with their sample rows (every head's token).
             media: encoder features of the batch's clips.
             anchors: ``long [B]`` the clip of each sample.
         Returns:
@@ -280,7 +281,7 @@ class AVModel(nn.Module):
         """
         out: dict[str, Dense] = {}
         for head in self.heads:
-            found = states[head.output]
+            found = states[head.token]
             if found.rows.numel() == 0:
                 out[head.output] = empty_dense((), found.values.device)
                 continue
@@ -289,13 +290,22 @@ class AVModel(nn.Module):
         return out
 
     # --------------------------------------------------------------- forward
-    def forward(self, batch: Batch, return_logits: bool = False) -> ModelOutput:
+    def state_token_ids(self, tokens: Sequence[str] = ()) -> dict[str, int]:
+        """Special token -> id, for every head's token and the extra ``tokens`` asked for."""
+        wanted = dict.fromkeys([*(head.token for head in self.heads), *tokens])
+        return {token: self.llm.placeholder_id(token) for token in wanted}
+
+    def forward(self, batch: Batch, return_logits: bool = False, state_tokens: Sequence[str] = ()) -> ModelOutput:
         """Teacher-forced pass over ``batch`` (``batch.tokens`` set, with labels).
 
+        Args:
+            batch: the batch, tokenized with targets.
+            return_logits: also return the logits ``[B, L, V]``.
+            state_tokens: special tokens whose states to return besides the heads' tokens.
         Returns:
             ModelOutput: per-sample summed token loss and token count ``[B]``, the encoder features,
-            for every head the states ``[M, D_llm]`` at the target positions that predict its
-            token and the head's predictions there, and ``logits [B, L, V]`` when asked.
+            for every head's token (and ``state_tokens``) the last-layer states ``[M, D_llm]`` at the
+            target positions that predict it, the heads' predictions there, and the logits when asked.
         """
         tokens = batch.tokens
         if tokens is None or tokens.labels is None:
@@ -315,9 +325,9 @@ class AVModel(nn.Module):
         ).view(shift_labels.shape)
         counts = (shift_labels != IGNORE_INDEX).sum(dim=1)
         states: dict[str, Dense] = {}
-        for output, token_id in self.head_token_ids.items():
+        for token, token_id in self.state_token_ids(state_tokens).items():
             rows, positions = torch.nonzero(shift_labels == token_id, as_tuple=True)  # position p predicts p + 1
-            states[output] = Dense(rows, hidden[rows, positions])
+            states[token] = Dense(rows, hidden[rows, positions])
         anchors = torch.tensor(batch.anchor_clips, dtype=torch.long, device=hidden.device)
         return ModelOutput(
             loss_sum=losses.sum(dim=1),
@@ -329,14 +339,17 @@ class AVModel(nn.Module):
         )
 
     @torch.no_grad()
-    def generate(self, batch: Batch, max_new_tokens: int = 64, return_dense: bool = False) -> GenerationOutput:
+    def generate(self, batch: Batch, max_new_tokens: int = 64, return_dense: bool = False,
+                 state_tokens: Sequence[str] = ()) -> GenerationOutput:
         """Greedy answers to ``batch.prompts`` about the batch's clips.
 
         Args:
             batch: prompts, media references and clips (``batch.tokens`` is not used).
             max_new_tokens: generation length limit.
-            return_dense: also return, for every head, the states that predicted each emission of
-                its token (before the end of the answer) and the head's predictions there.
+            return_dense: also return, for every head's token (and ``state_tokens``), the states that
+                predicted each emission of it before the end of the answer, and the heads'
+                predictions there.
+            state_tokens: special tokens whose states to return besides the heads' tokens.
 
         Returns:
             GenerationOutput with B decoded answers (the tokenizer's special tokens such as eos and
@@ -351,15 +364,16 @@ class AVModel(nn.Module):
         with self._final_states() as captured:
             output_ids = self.llm.generate(embeds, attention_mask, max_new_tokens=max_new_tokens)
         texts = self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)
-        if not return_dense or not self.heads:
+        wanted = self.state_token_ids(state_tokens) if return_dense else {}
+        if not wanted:
             return GenerationOutput(texts, output_ids)
         # step k's last position predicted token k (the prefill may hold the whole prompt)
         steps = torch.stack([states[:, -1] for states in captured[: output_ids.shape[1]]], dim=1)  # [B, N, D]
         answer = self._answer_mask(output_ids)
         states: dict[str, Dense] = {}
-        for output, token_id in self.head_token_ids.items():
+        for token, token_id in wanted.items():
             rows, positions = torch.nonzero((output_ids == token_id) & answer, as_tuple=True)
-            states[output] = Dense(rows, steps[rows, positions])
+            states[token] = Dense(rows, steps[rows, positions])
         anchors = torch.tensor(batch.anchor_clips, dtype=torch.long, device=device)
         return GenerationOutput(texts, output_ids, states, self.run_heads(states, media, anchors))
 

@@ -130,6 +130,7 @@ class AVModule(L.LightningModule):
         self.task_ids = task_ids()
         self.tasks: dict[str, Task] = {}
         self.task_metrics = nn.ModuleDict()
+        self._score_data_tasks = generation_tasks is None  # resolved in setup, from the data module
         if generation_tasks is not None:
             self._score_tasks(generation_tasks)
         self._answers: dict[str, list[Any]] = defaultdict(list)
@@ -149,7 +150,7 @@ class AVModule(L.LightningModule):
         """Check that the model produces every output the data's tasks read; resolve ``generation_tasks``."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         names = list(getattr(datamodule, "task_names", []) or [])
-        if not self.tasks and not len(self.task_metrics) and names:
+        if self._score_data_tasks and names:
             self._score_tasks(names)
         produced = {head.output for head in self.model.heads}
         for name in dict.fromkeys([*names, *self.tasks]):
@@ -260,8 +261,8 @@ class AVModule(L.LightningModule):
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         loss = self._losses(batch, "val")
         self.log("val/loss", loss, prog_bar=True, batch_size=len(batch))
-        if self._generation_epoch():
-            self._generate_and_score(batch)
+        if not self.trainer.sanity_checking:
+            self._generate_and_score(batch, score=self._generation_epoch())
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._losses(batch, "test")
@@ -286,16 +287,23 @@ class AVModule(L.LightningModule):
         last_step = 0 < self.trainer.max_steps <= self.global_step
         return epoch % self.generation_every_n_epochs == 0 or last_epoch or last_step
 
-    def _generate_and_score(self, batch: Batch) -> None:
-        chosen = [
-            i
-            for i, name in enumerate(batch.tasks)
-            if name in self.tasks and self._generated[name] < self.max_generation_samples
-        ]
+    def _generate_and_score(self, batch: Batch, score: bool = True) -> None:
+        """Generate answers, predict, and update the metrics (``score``) or only collect examples.
+
+        Scoring takes up to ``max_generation_samples`` samples per task; without scoring (the
+        validations between generation epochs) only the ``num_examples`` examples are generated.
+        """
+        wanted = {name: (self.max_generation_samples - self._generated[name]) if score
+                  else (self.num_examples - len(self.examples[name])) for name in self.tasks}
+        chosen = []
+        for i, name in enumerate(batch.tasks):
+            if name in wanted and wanted[name] > 0:
+                wanted[name] -= 1
+                chosen.append(i)
         if not chosen:
             return
         for i in chosen:
-            self._generated[batch.tasks[i]] += 1
+            self._generated[batch.tasks[i]] += int(score)
         sub = batch.take(chosen)
         self._set_task_ids(sub.tasks, sub.frames.device)
         dense = any(self.tasks[name].outputs for name in sub.tasks)
@@ -306,9 +314,10 @@ class AVModule(L.LightningModule):
             task = self.tasks[name]
             outputs = {output: generated.dense[output].for_row(i) for output in task.outputs if output in generated.dense}
             prediction = task.predict(text, outputs)
-            by_task[name][0].append(prediction)
-            by_task[name][1].append(sub.answers[i])
-            self._answers[name].append(sub.answers[i])
+            if score:
+                by_task[name][0].append(prediction)
+                by_task[name][1].append(sub.answers[i])
+                self._answers[name].append(sub.answers[i])
             if len(self.examples[name]) < self.num_examples:
                 frames = sub.frames[anchors[i], segment_frames(sub.frames.shape[1], self.model.num_segments)]
                 self.examples[name].append(GeneratedExample(

@@ -51,8 +51,8 @@ class ModelOutput:
         loss_sum: ``[B]`` summed cross-entropy over each sample's target tokens.
         token_count: ``[B]`` number of those tokens.
         media: the encoder features of the batch's clips.
-        states: special token -> last-layer hidden states ``[M, D_llm]`` at the positions that
-            predict that token (the LISA convention), rows = samples.
+        states: special token (every head's, and those asked for) -> last-layer hidden states
+            ``[M, D_llm]`` at the positions that predict that token (the LISA convention), rows = samples.
         dense: head output name (e.g. ``"mask_logits"``) -> one entry per head query, rows = samples.
         logits: ``[B, L, V]`` when asked for.
     """

@@ -9,10 +9,11 @@ import torch
 
 __all__ = ["mask_panel", "class_map_panel", "box_panel", "TARGET_RGB", "PREDICTION_RGB"]
 
-#: Overlay colours: the target in green, the prediction in red.
+#: Mask colours, painted over the darkened frame: the target in green, the prediction in magenta
+#: (solid, so a mask shows on an object of any colour).
 TARGET_RGB = (40, 220, 60)
-PREDICTION_RGB = (240, 40, 40)
-_ALPHA = 0.55
+PREDICTION_RGB = (240, 40, 240)
+_DIM = 0.35
 
 
 def _hwc(frame: torch.Tensor) -> np.ndarray:
@@ -20,9 +21,10 @@ def _hwc(frame: torch.Tensor) -> np.ndarray:
     return frame.detach().cpu().permute(1, 2, 0).numpy().astype(np.float32)
 
 
-def _tint(image: np.ndarray, where: np.ndarray, rgb: Sequence[int]) -> np.ndarray:
-    out = image.copy()
-    out[where] = (1 - _ALPHA) * out[where] + _ALPHA * np.asarray(rgb, dtype=np.float32)
+def _paint(image: np.ndarray, where: np.ndarray, rgb: Sequence[int]) -> np.ndarray:
+    """The frame darkened, with the pixels of ``where`` painted ``rgb``."""
+    out = image * _DIM
+    out[where] = np.asarray(rgb, dtype=np.float32)
     return out
 
 
@@ -40,7 +42,7 @@ def _grid(rows: list[list[np.ndarray]], scale: int) -> np.ndarray:
 
 def mask_panel(frames: torch.Tensor, target: torch.Tensor | None, prediction: torch.Tensor | None,
                max_frames: int = 4, scale: int = 2) -> np.ndarray:
-    """Frames with the target (green) and the predicted mask (red, probability > 0.5) overlaid.
+    """Frames, then the target (green) and the predicted mask (magenta, probability > 0.5) painted on them.
 
     Args:
         frames: ``uint8 [T, 3, H, W]``.
@@ -58,9 +60,9 @@ def mask_panel(frames: torch.Tensor, target: torch.Tensor | None, prediction: to
         image = _hwc(frames[t])
         rows[0].append(image)
         truth = target[t].cpu().numpy().astype(bool) if target is not None else np.zeros(image.shape[:2], bool)
-        rows[1].append(_tint(image, truth, TARGET_RGB))
+        rows[1].append(_paint(image, truth, TARGET_RGB))
         guess = (prediction[t].float().cpu().numpy() > 0.5) if prediction is not None else np.zeros_like(truth)
-        rows[2].append(_tint(image, guess, PREDICTION_RGB))
+        rows[2].append(_paint(image, guess, PREDICTION_RGB))
     return _grid(rows, scale)
 
 
@@ -91,9 +93,9 @@ def class_map_panel(frames: torch.Tensor, target: torch.Tensor | None, predictio
         for row, classes in ((1, target), (2, prediction)):
             labels = classes[t].cpu().numpy() if classes is not None else np.zeros(image.shape[:2], np.int64)
             labels = np.clip(labels, 0, num_classes - 1)
-            out = image.copy()
+            out = image * _DIM
             fg = labels > 0
-            out[fg] = (1 - _ALPHA) * out[fg] + _ALPHA * palette[labels[fg]]
+            out[fg] = palette[labels[fg]]
             rows[row].append(out)
     return _grid(rows, scale)
 
@@ -114,7 +116,7 @@ def _draw_box(image: np.ndarray, box: Sequence[float] | None, rgb: Sequence[int]
 
 def box_panel(frame: torch.Tensor, target: Sequence[float] | None, prediction: Sequence[float] | None,
               scale: int = 4) -> np.ndarray:
-    """One frame with the target box (green) and the predicted box (red) drawn.
+    """One frame with the target box (green) and the predicted box (magenta) drawn.
 
     Args:
         frame: ``uint8 [3, H, W]``; target, prediction: ``[x1, y1, x2, y2]`` normalized to 0..1000, or None.

@@ -78,6 +78,29 @@ def test_every_adapter_experiment_fits(experiment, shards, tmp_path):
     assert ("router/heatmap" in events.Tags()["images"]) == (experiment == "moe_lora")
 
 
+def test_spatial_experiment_fits_and_logs_metrics_and_example_images(tmp_path):
+    """experiments/spatial.yaml end to end on a few clips: every spatial task is scored by generation
+    next to its baseline, and TensorBoard holds example images."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_cli(
+        "fit", "-c", str(EXPERIMENTS / "spatial.yaml"), *TINY, "--trainer.max_steps=3", "--model.max_generation_samples=2",
+        "--data.train_clips=6", "--data.val_clips=6", "--data.test_clips=2", "--data.frame_size=32",
+        "--model.vision_encoder.init_args.image_size=32", "--model.image_connector.init_args.tokens_per_segment=4",
+        cwd=tmp_path,
+    )
+    run_dir = tmp_path / "runs" / "spatial" / "version_0"
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
+    expected = {"val/s4/j", "val/s4/f", "val/s4/parse_failure_rate", "val/arig/ciou", "val/arig/auc",
+                "val/ref_avs/s_null", "val/avss/miou_no_bg", "val/ssu/bleu4", "train/loss/s4/dice", "train/loss/s4/bce"}
+    assert expected <= scalars, sorted(expected - scalars)
+    assert {"val/s4/examples/0", "val/arig/examples/0"} <= images, sorted(images)
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    assert {"j", "majority_baseline/j"} <= set(final["s4"]) and "majority_baseline/ciou" in final["arig"]
+
+
 def test_data_synth_writes_every_split(shards):
     for split in ("train", "val", "test"):
         assert sorted((shards / split).glob("*.tar")), split
@@ -173,6 +196,20 @@ def test_unknown_class_path_lists_the_plugins(tmp_path):
     assert "avmt.adapters.NoSuchAdapter" in result.stderr
     for name in ("avmt.adapters.LoRA", "avmt.adapters.ILoRA"):
         assert name in result.stderr
+
+
+def test_unknown_head_in_a_list_lists_the_heads(tmp_path):
+    ablation = tmp_path / "bad_head.yaml"
+    ablation.write_text("model:\n  heads:\n    - class_path: avmt.heads.NoSuchHead\n")
+    result = run_cli("fit", "-c", str(EXPERIMENTS / "spatial.yaml"), "-c", str(ablation), cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert "model.heads.class_path" in result.stderr and "avmt.heads.MaskDecoderHead" in result.stderr
+
+
+def test_plugins_lists_the_heads_and_the_tasks(tmp_path):
+    listed = run_cli("plugins", cwd=tmp_path).stdout
+    assert "head:\n  avmt.heads.MaskDecoderHead" in listed
+    assert all(f"  {task}" in listed for task in ("s4", "ms3", "arig", "avss", "ref_avs", "ssu"))
 
 
 def test_missing_shard_folder_names_path_and_command(tmp_path):

@@ -171,6 +171,22 @@ def test_forward_returns_summed_losses_and_counts_and_trains_only_new_parameters
     model.zero_grad()
 
 
+def test_states_at_requested_tokens_are_the_final_hidden_states_that_predict_them(model, make_batch):
+    frames, audio = media(2)
+    prompts = ["<video> <audio> Is the dog heard?", "<video> <audio> Which mood?"]
+    targets = ["<answer> yes </answer>", "<answer> calm </answer>"]
+    batch = make_batch(prompts, frames, audio, [0, 1], targets=targets, model=model)
+    with torch.no_grad():
+        out = model(batch, state_tokens=["<answer>"])
+        embeds = model.embed(batch.tokens.input_ids, out.media, batch.media)
+        hidden = model.llm(inputs_embeds=embeds, attention_mask=batch.tokens.attention_mask,
+                           output_hidden_states=True).hidden_states[-1]
+    answer_id = model.llm.placeholder_id("<answer>")
+    rows, positions = torch.nonzero(batch.tokens.labels[:, 1:] == answer_id, as_tuple=True)
+    assert rows.tolist() == [0, 1] == out.states["<answer>"].rows.tolist()
+    torch.testing.assert_close(out.states["<answer>"].values, hidden[rows, positions])
+
+
 def test_generate_returns_one_string_per_prompt(model, make_batch):
     frames, audio = media(1)
     batch = make_batch(["<video> <audio> Is the dog heard?"] * 2, frames, audio, [0, 0])

@@ -125,17 +125,17 @@ def test_an_emitted_seg_yields_a_mask_from_the_state_training_reads(module, clip
     assert batch.targets == ["<seg>"]
     with torch.no_grad():
         trained = module.model(batch)
-    seg = module.model.head_token_ids["mask_logits"]
+    seg = module.model.llm.placeholder_id("<seg>")
     handle = _force(module, [seg])
     try:
         generated = module.model.generate(batch, max_new_tokens=4, return_dense=True)
     finally:
         handle.remove()
     assert "<seg>" in generated.texts[0]
-    states = generated.states["mask_logits"]
-    assert states.rows.tolist() == [0] == trained.states["mask_logits"].rows.tolist()
+    states = generated.states["<seg>"]
+    assert states.rows.tolist() == [0] == trained.states["<seg>"].rows.tolist()
     # generation reads the same hidden state as the teacher-forced pass (the one that predicts <seg>)
-    torch.testing.assert_close(states.values, trained.states["mask_logits"].values, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(states.values, trained.states["<seg>"].values, atol=1e-4, rtol=1e-4)
     masks = generated.dense["mask_logits"].for_row(0)
     assert masks.shape == (1, T, 32, 32)
     prediction = task.predict(generated.texts[0], {"mask_logits": masks})
@@ -165,6 +165,16 @@ def test_a_task_that_reads_a_missing_head_output_is_a_config_error():
     module._trainer = SimpleNamespace(datamodule=SimpleNamespace(task_names=["ave", "s4"]))
     with pytest.raises(ValueError, match="'s4'.*mask_logits.*model.heads"):
         module.setup("fit")
+
+
+def test_generation_tasks_default_to_the_data_tasks_and_an_empty_list_scores_none():
+    data = SimpleNamespace(datamodule=SimpleNamespace(task_names=["ave", "s4"]))
+    default, none = tiny_module(), tiny_module(generation_tasks=[])
+    for module in (default, none):
+        module._trainer = data
+        module.setup("fit")
+    assert sorted(default.tasks) == sorted(default.task_metrics) == ["ave", "s4"]
+    assert not none.tasks and not len(none.task_metrics)
 
 
 def test_a_dense_loss_without_a_weight_is_a_config_error(clips):

@@ -245,42 +245,32 @@ def _decode_scene(data: bytes, key: str) -> dict:
     return scene
 
 
-def _decode_frames(data: bytes, n: int, h: int, w: int) -> np.ndarray:
+def _decode_tiled_png(data: bytes, member: str, mode: str, n: int, h: int, w: int) -> np.ndarray:
+    """A PNG of ``n`` frames tiled horizontally -> ``uint8 [h, n * w(, 3)]``; CorruptSampleError naming ``member``."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data), formats=["PNG"]) as img:
-            if img.size != (n * w, h) or img.mode != "RGB":
+            if img.size != (n * w, h) or img.mode != mode:
                 raise CorruptSampleError(
                     "wrong shape",
-                    f"frames.png is {img.mode} {img.size[0]}x{img.size[1]}, expected RGB {n * w}x{h}",
+                    f"{member} is {img.mode} {img.size[0]}x{img.size[1]}, expected {mode} {n * w}x{h}",
                 )
             img.load()
-            arr = np.asarray(img, dtype=np.uint8)
+            return np.asarray(img, dtype=np.uint8)
     except CorruptSampleError:
         raise
     except Exception as exn:  # noqa: BLE001 - PIL raises many types on bad data
-        raise CorruptSampleError("bad frames.png", str(exn)) from None
+        raise CorruptSampleError(f"bad {member}", str(exn)) from None
+
+
+def _decode_frames(data: bytes, n: int, h: int, w: int) -> np.ndarray:
+    arr = _decode_tiled_png(data, "frames.png", "RGB", n, h, w)
     return np.ascontiguousarray(arr.reshape(h, n, w, 3).transpose(1, 3, 0, 2))
 
 
 def _decode_masks(data: bytes, n: int, h: int, w: int, num_objects: int) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data), formats=["PNG"]) as img:
-            if img.size != (n * w, h) or img.mode != "L":
-                raise CorruptSampleError(
-                    "wrong shape",
-                    f"masks.png is {img.mode} {img.size[0]}x{img.size[1]}, "
-                    f"expected L {n * w}x{h} like the frames",
-                )
-            img.load()
-            arr = np.asarray(img, dtype=np.uint8)
-    except CorruptSampleError:
-        raise
-    except Exception as exn:  # noqa: BLE001 - PIL raises many types on bad data
-        raise CorruptSampleError("bad masks.png", str(exn)) from None
+    arr = _decode_tiled_png(data, "masks.png", "L", n, h, w)
     top = int(arr.max(initial=0))
     if top > num_objects:
         raise CorruptSampleError(

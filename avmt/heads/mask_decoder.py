@@ -18,21 +18,27 @@ from avmt.heads.base import Head
 from avmt.outputs import EncodedMedia
 
 
+#: How the audio enters the masks (see :class:`MaskDecoderHead`).
+AUDIO_MODES: tuple[str, ...] = ("query", "gate", "none")
+
+
 class MaskDecoderHead(Head):
     """``queries [M, D_llm]`` + M clips -> mask logits ``[M, T, H, W]`` at the frame size.
 
     For query m and frame t: ``logits[m, t] = <w_t, F_t> / sqrt(d) + b_t``, where ``F_t [d, H, W]``
     is the sum of the frame's patch features (projected to d, bilinearly upsampled) and a pixel
     stem (two 3x3 convolutions on the normalized frame, projected to d), and ``(w_t, b_t)`` come
-    from the projected query, modulated by the mean audio feature of window t.
+    from the projected query and, depending on ``audio``, the mean audio feature of window t.
 
     Args:
         token: the special token whose hidden states are the queries.
         hidden_size: d, the width in which queries and pixels meet.
         pixel_channels: channels of the pixel stem's 3x3 convolutions (full resolution, so this
             drives the cost).
-        use_audio: condition each frame's query vector and bias on that frame's audio window;
-            ``False``: one query vector and bias for all frames, from the query only.
+        audio: how window t's audio enters frame t: ``"query"`` modulates the query vector and
+            the bias (the head itself can match sounds to objects); ``"gate"`` only sets the
+            frame's bias (the audio switches a frame on or off, while which object to segment is
+            left to the LLM's query); ``"none"``: one query vector and bias for all frames.
     """
 
     output = "mask_logits"
@@ -42,15 +48,17 @@ class MaskDecoderHead(Head):
         token: str = "<seg>",
         hidden_size: int = 32,
         pixel_channels: int = 16,
-        use_audio: bool = True,
+        audio: str = "query",
     ) -> None:
         super().__init__(token)
         for name, value in (("hidden_size", hidden_size), ("pixel_channels", pixel_channels)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if audio not in AUDIO_MODES:
+            raise ValueError(f"audio must be one of {AUDIO_MODES}, got {audio!r}")
         self.hidden_size = hidden_size
         self.pixel_channels = pixel_channels
-        self.use_audio = bool(use_audio)
+        self.audio = audio
 
     def _build(self, llm_dim: int, vision_dim: int, audio_dim: int) -> None:
         d, c = self.hidden_size, self.pixel_channels
@@ -63,10 +71,11 @@ class MaskDecoderHead(Head):
             nn.GELU(),
         )
         self.pixel_proj = nn.Linear(c, d)
-        if self.use_audio:
+        if self.audio != "none":
             self.audio_proj = nn.Sequential(nn.LayerNorm(audio_dim), nn.Linear(audio_dim, d))
-            # [query, audio_t] -> (delta w_t, b_t); w_t = query + delta w_t.
-            self.condition = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, d + 1))
+            # [query, audio_t] -> (delta w_t, b_t) with w_t = query + delta w_t ("query"), or b_t only ("gate")
+            out = d + 1 if self.audio == "query" else 1
+            self.condition = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, out))
             last = self.condition[-1]
         else:
             self.condition = nn.Linear(d, 1)
@@ -97,11 +106,12 @@ class MaskDecoderHead(Head):
         d, m = self.hidden_size, queries.shape[0]
 
         query = self.query_proj(queries.to(dtype))  # [M, d]
-        if self.use_audio:
+        if self.audio != "none":
             audio = self.audio_proj(media.audio.to(dtype).mean(dim=2))[clip_index]  # [M, T, d]
             cond = self.condition(torch.cat([query.unsqueeze(1).expand(-1, t, -1), audio], dim=-1))
-            weight = query.unsqueeze(1) + cond[..., :d]  # [M, T, d]
-            bias = cond[..., d]  # [M, T]
+            bias = cond[..., -1]  # [M, T]
+            weight = query.unsqueeze(1) + (cond[..., :d] if self.audio == "query" else 0)  # [M, T, d]
+            weight = weight.expand(-1, t, -1)
         else:
             weight = query.unsqueeze(1).expand(-1, t, -1)
             bias = self.condition(query).expand(-1, t)
@@ -137,7 +147,7 @@ class MaskDecoderHead(Head):
         if vision.shape[2] != h * w:
             raise ValueError(f"media.vision has P={vision.shape[2]} patches, grid {media.grid} needs {h * w}")
         shapes = {"media.vision": vision.shape}
-        if self.use_audio:
+        if self.audio != "none":
             audio = media.audio
             if audio.dim() != 4 or audio.shape[3] != audio_dim or audio.shape[2] < 1:
                 raise ValueError(
@@ -161,6 +171,6 @@ class MaskDecoderHead(Head):
     def extra_repr(self) -> str:
         own = (
             f"hidden_size={self.hidden_size}, pixel_channels={self.pixel_channels}, "
-            f"use_audio={self.use_audio}"
+            f"audio={self.audio!r}"
         )
         return f"{own}, {super().extra_repr()}"

@@ -23,7 +23,7 @@ Inputs may be on any device; they are moved to the metric's device, where the st
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -83,6 +83,15 @@ def _mask_pair(pred: dict | None, target: dict, device: torch.device) -> tuple[T
 def _keep(target: dict, subset: str) -> bool:
     null = bool(target.get("null", False))
     return subset == "all" or (subset == "null") == null
+
+
+def _mask_pairs(preds: Sequence[dict | None], targets: Sequence[dict], subset: str,
+                device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(prob, target)`` ``[T, H, W]`` of every (pred, target) pair of ``subset``, on ``device``."""
+    _check_lengths(preds, targets)
+    for pred, target in zip(preds, targets):
+        if _keep(target, subset):
+            yield _mask_pair(pred, target, device)
 
 
 def _check_subset(subset: str) -> str:
@@ -163,11 +172,7 @@ class MaskJ(Metric):
 
     def update(self, preds: Sequence[dict | None], targets: Sequence[dict]) -> None:
         """Add the per-frame IoUs of N (pred, target) pairs (each ``[T, H, W]``)."""
-        _check_lengths(preds, targets)
-        for pred, target in zip(preds, targets):
-            if not _keep(target, self.subset):
-                continue
-            prob, tgt = _mask_pair(pred, target, self.device)
+        for prob, tgt in _mask_pairs(preds, targets, self.subset, self.device):
             iou = mask_iou(prob, tgt)
             self.iou_sum += iou.sum()
             self.frames += iou.numel()
@@ -211,11 +216,7 @@ class MaskF(Metric):
 
     def update(self, preds: Sequence[dict | None], targets: Sequence[dict]) -> None:
         """Add the per-threshold f ``[255]`` of every non-empty target frame of N pairs ``[T, H, W]``."""
-        _check_lengths(preds, targets)
-        for pred, target in zip(preds, targets):
-            if not _keep(target, self.subset):
-                continue
-            prob, tgt = _mask_pair(pred, target, self.device)
+        for prob, tgt in _mask_pairs(preds, targets, self.subset, self.device):
             has_fg = tgt.any(2).any(1)
             if not bool(has_fg.any()):
                 continue
@@ -250,11 +251,7 @@ class NullS(Metric):
 
     def update(self, preds: Sequence[dict | None], targets: Sequence[dict]) -> None:
         """Add foreground / pixel counts of the null samples among N pairs ``[T, H, W]``."""
-        _check_lengths(preds, targets)
-        for pred, target in zip(preds, targets):
-            if not bool(target.get("null", False)):
-                continue
-            prob, tgt = _mask_pair(pred, target, self.device)
+        for prob, tgt in _mask_pairs(preds, targets, "null", self.device):
             self.foreground += (prob > 0.5).sum()
             self.pixels += tgt.numel()
 

@@ -35,12 +35,12 @@ def test_is_a_head_with_its_output_name():
     assert MaskDecoderHead(token="<mask>").token == "<mask>"
 
 
-@pytest.mark.parametrize("use_audio", [True, False])
+@pytest.mark.parametrize("audio", ["query", "gate", "none"])
 @pytest.mark.parametrize(
     "m,t,height,width,grid", [(3, 4, 32, 32, (2, 2)), (2, 3, 24, 40, (2, 3)), (1, 1, 8, 8, (1, 1))]
 )
-def test_shapes_finite_and_every_parameter_learns(use_audio, m, t, height, width, grid):
-    head = _head(use_audio=use_audio)
+def test_shapes_finite_and_every_parameter_learns(audio, m, t, height, width, grid):
+    head = _head(audio=audio)
     logits = head(_queries(m), _media(m, t, height, width, grid))
     assert logits.shape == (m, t, height, width) and logits.dtype == torch.float32
     assert torch.isfinite(logits).all()
@@ -88,6 +88,7 @@ def test_build_is_idempotent_and_checked():
         ({"hidden_size": 0}, "hidden_size"),
         ({"pixel_channels": -2}, "pixel_channels"),
         ({"hidden_size": 2.5}, "hidden_size"),
+        ({"audio": "loud"}, "audio"),
     ],
 )
 def test_bad_arguments(kwargs, name):
@@ -142,9 +143,9 @@ def test_masks_depend_on_the_query():
     assert (a - b).abs().amax(dim=(1, 2, 3)).min() > 1e-3  # every query's masks changed
 
 
-@pytest.mark.parametrize("use_audio", [True, False])
-def test_frames_are_independent(use_audio):
-    head = _head(use_audio=use_audio)
+@pytest.mark.parametrize("audio", ["query", "gate", "none"])
+def test_frames_are_independent(audio):
+    head = _head(audio=audio)
     media = _media()
     frames = media.frames.clone()
     frames[:, 2, :, 5:20, 10:30] = 255 - frames[:, 2, :, 5:20, 10:30]
@@ -162,8 +163,9 @@ def test_frames_are_independent(use_audio):
     assert (a[:, 1] - c[:, 1]).abs().amax() > 1e-3
 
 
-def test_audio_of_window_t_changes_frame_t_only():
-    head = _head()
+@pytest.mark.parametrize("audio", ["query", "gate"])
+def test_audio_of_window_t_changes_frame_t_only(audio):
+    head = _head(audio=audio)
     media = _media()
     audio = media.audio.clone()
     audio[:, 3] = torch.randn(3, 3, DIMS[2])
@@ -174,8 +176,18 @@ def test_audio_of_window_t_changes_frame_t_only():
     assert (a[:, 3] - b[:, 3]).abs().amax(dim=(1, 2)).min() > 1e-4
 
 
+def test_a_gate_only_shifts_a_frame_and_none_ignores_the_audio():
+    head = _head(audio="gate")
+    media = _media()
+    audio = media.audio.clone()
+    audio[:, 3] = torch.randn(3, 3, DIMS[2])
+    shift = head(_queries(), _replace(media, audio=audio))[:, 3] - head(_queries(), media)[:, 3]
+    # the gate moves every pixel of the frame by the same amount: it cannot pick an object
+    torch.testing.assert_close(shift, shift[:, :1, :1].expand_as(shift))
+
+
 def test_without_audio_the_audio_is_ignored():
-    head = _head(use_audio=False)
+    head = _head(audio="none")
     media = _media()
     a = head(_queries(), media)
     b = head(_queries(), _replace(media, audio=torch.randn(3, 4, 3, DIMS[2])))
