@@ -27,7 +27,7 @@ from avmt.data.sample import IGNORE_INDEX, PLACEHOLDERS, Batch, Dense, Tokenized
 from avmt.encoders import AudioEncoder, VisionEncoder
 from avmt.heads import Head
 from avmt.llm import CausalLM
-from avmt.outputs import EncodedMedia, GenerationOutput, ModelOutput, empty_dense
+from avmt.outputs import EncodedMedia, GenerationOutput, ModelOutput
 
 __all__ = ["AVModel", "IGNORE_INDEX", "TokenizedBatch"]
 
@@ -282,9 +282,6 @@ class AVModel(nn.Module):
         out: dict[str, Dense] = {}
         for head in self.heads:
             found = states[head.token]
-            if found.rows.numel() == 0:
-                out[head.output] = empty_dense((), found.values.device)
-                continue
             used, clip_index = torch.unique(anchors[found.rows], return_inverse=True)
             out[head.output] = Dense(found.rows, head(found.values, media.take(used), clip_index))
         return out

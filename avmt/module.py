@@ -154,7 +154,7 @@ class AVModule(L.LightningModule):
             self._score_tasks(names)
         produced = {head.output for head in self.model.heads}
         for name in dict.fromkeys([*names, *self.tasks]):
-            task = self.tasks.get(name) or get_task(name)
+            task = self._task(name)
             missing = [output for output in task.outputs if output not in produced]
             if missing:
                 raise ValueError(

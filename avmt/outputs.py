@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
 from avmt.data.sample import Dense
@@ -85,7 +84,3 @@ class GenerationOutput:
     states: dict[str, Dense] = field(default_factory=dict)
     dense: dict[str, Dense] = field(default_factory=dict)
 
-
-def empty_dense(width: tuple[int, ...], device: torch.device | str, dtype: torch.dtype = torch.float32) -> Dense:
-    """A table with no entries: ``rows [0]``, ``values [0, *width]``."""
-    return Dense(torch.zeros(0, dtype=torch.long, device=device), torch.zeros((0, *width), dtype=dtype, device=device))

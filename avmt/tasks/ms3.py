@@ -41,4 +41,4 @@ class MS3Task(MaskTask):
         mask = sounding_mask(clip, self.name, scene_objects(scene))
         sentences = [object_sentence(o) for o in ordered_objects(scene) if has_overlap(o)]
         conclusion = "So the objects that make the sounds are masked by"
-        return self._mask_sample(clip, rng, self._question(rng), sentences, conclusion, mask)
+        return self._mask_sample(self._question(rng), sentences, conclusion, mask)

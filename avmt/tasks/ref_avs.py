@@ -75,7 +75,7 @@ class RefAVSTask(MaskTask):
         else:
             sentences = [object_sentence(referent)]
             conclusion = f"So {text} is the {object_noun(referent)}, and its mask is"
-        return self._mask_sample(clip, rng, self._question(rng, expression=text), sentences, conclusion, mask,
+        return self._mask_sample(self._question(rng, expression=text), sentences, conclusion, mask,
                                  null=referent is None, expression=text)
 
     def metrics(self) -> MetricCollection:

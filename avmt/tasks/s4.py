@@ -36,4 +36,4 @@ class S4Task(MaskTask):
         source = av_object(scene)
         mask = sounding_mask(clip, self.name, scene_objects(scene))
         conclusion = f"So the object that makes the sound is the {object_noun(source)}, and its mask is"
-        return self._mask_sample(clip, rng, self._question(rng), [object_sentence(source)], conclusion, mask)
+        return self._mask_sample(self._question(rng), [object_sentence(source)], conclusion, mask)

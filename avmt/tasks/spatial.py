@@ -9,7 +9,6 @@ emitted, and no ``<seg>`` is a failure (scored as the empty mask).
 
 from __future__ import annotations
 
-import random
 from typing import Any, ClassVar, Iterable, Sequence
 
 import torch
@@ -95,8 +94,8 @@ class MaskTask(Task):
     dense_targets: ClassVar[tuple[DenseSpec, ...]] = (MASK,)
     max_baseline_candidates: ClassVar[int] = 8
 
-    def _mask_sample(self, clip: Clip, rng: random.Random, question: str, sentences: list[str],
-                     conclusion: str, mask: torch.Tensor, **answer: Any) -> TaskParts:
+    def _mask_sample(self, question: str, sentences: list[str], conclusion: str, mask: torch.Tensor,
+                     **answer: Any) -> TaskParts:
         """Parts of a mask sample: the conclusion (and the bare target) end with ``<seg>``."""
         return TaskParts(question, sentences, f"{conclusion} {SEG}", SEG, {"mask": mask, **answer},
                          dense={"mask": mask})

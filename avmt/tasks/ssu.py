@@ -64,7 +64,7 @@ class SSUTask(MaskTask):
             raise SampleError(f"clip {clip.key!r}: task {self.name!r} needs the description of object {source['id']}")
         mask = sounding_mask(clip, self.name, scene_objects(scene))
         tagged = f"<desc> {description} </desc>"
-        parts = self._mask_sample(clip, rng, self._question(rng), [object_sentence(source)],
+        parts = self._mask_sample(self._question(rng), [object_sentence(source)],
                                   f"So the sound comes from {tagged}", mask, description=description)
         parts.bare = f"{tagged} {SEG}"
         return parts
