@@ -58,10 +58,15 @@ def clips():
 
 
 def groups_for(task: Task, clips, count: int = 2) -> list[ClipGroup]:
+    """Groups of ``count`` samples of ``task``; a multi-clip task's other clips are chosen
+    (``select_others``) among the clips before the anchor, most recent first, as the data stream does."""
     groups = []
     for i, clip in enumerate(clips):
         if task.applies(clip) and len(groups) < count:
-            groups.append(ClipGroup([clip], [task.build(clip, random.Random(i))]))
+            rng = random.Random(i)
+            others = task.select_others(clip, clips[:i][::-1], rng)
+            if others is not None:
+                groups.append(ClipGroup([clip, *others], [task.build(clip, rng, others)]))
     assert groups, f"no clip of the fixture applies to {task.name}"
     return groups
 

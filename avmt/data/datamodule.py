@@ -64,8 +64,9 @@ class ClipTaskStream(IterableDataset):
         tasks_per_clip: build this many of the applicable tasks per clip (sampled), or all when ``None``.
         num_clips: clips in the shards, used for ``len``.
         shuffle_buffer: clips held for shuffling.
-        recent_clips: clips remembered as the other clips of multi-clip samples (a task that
-            needs more clips than remembered so far is not built for that clip).
+        recent_clips: clips remembered as the other clips of multi-clip samples, most recent
+            first; each task picks its others from them (``Task.select_others``) and is not built
+            for a clip when too few of them fit.
     """
 
     def __init__(
@@ -110,10 +111,10 @@ class ClipTaskStream(IterableDataset):
         clips = [clip]
         samples = []
         for task in tasks:
-            others = [c for c in recent if c.key != clip.key][: task.num_clips - 1]
-            if len(others) < task.num_clips - 1:
-                continue
             try:
+                others = task.select_others(clip, recent, rng)
+                if others is None:  # too few fitting clips seen yet: no sample, not a corrupt one
+                    continue
                 sample = task.build(clip, rng, others)
             except SampleError as error:
                 self.counter.add(clip.key, f"bad {task.name} sample")
@@ -183,7 +184,9 @@ class AVDataModule(L.LightningDataModule):
         tasks: task names to train and evaluate (see ``python -m avmt plugins``); ``None`` = every
             registered task.
         reasoning: answers carry explicit reasoning sentences; ``False`` keeps only the tags.
-        clips_per_batch: clips per batch; every task of a clip goes in the same batch.
+        clips_per_batch: clips per training batch; every task of a clip goes in the same batch.
+        eval_clips_per_batch: clips per validation / test / predict batch (``None`` = as in
+            training); larger batches make generation, which is batched per task, cheaper.
         tasks_per_clip: sample this many of the applicable tasks per clip (``None`` = all).
         num_workers: DataLoader worker processes.
         seed: data seed (AVSynth generation and task sampling).
@@ -198,6 +201,7 @@ class AVDataModule(L.LightningDataModule):
         tasks: list[str] | None = None,
         reasoning: bool = True,
         clips_per_batch: int = 4,
+        eval_clips_per_batch: int | None = None,
         tasks_per_clip: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
@@ -223,6 +227,7 @@ class AVDataModule(L.LightningDataModule):
         self.collate_rules = collate_rules([get_task(name) for name in self.task_names])
         self.reasoning = reasoning
         self.clips_per_batch = clips_per_batch
+        self.eval_clips_per_batch = eval_clips_per_batch
         self.tasks_per_clip = tasks_per_clip
         self.num_workers = num_workers
         self.seed = seed
@@ -276,7 +281,7 @@ class AVDataModule(L.LightningDataModule):
             dataset.set_epoch(self.trainer.current_epoch)
         return DataLoader(
             dataset,
-            batch_size=self.clips_per_batch,
+            batch_size=self.clips_per_batch if split == "train" else self.eval_clips_per_batch or self.clips_per_batch,
             collate_fn=functools.partial(collate, rules=self.collate_rules),
             num_workers=self.num_workers,
             persistent_workers=False,

@@ -9,7 +9,7 @@ from torchmetrics import MetricCollection
 
 from avmt.tasks import register_task
 from avmt.tasks.base import Task, TaskParts
-from avmt.tasks.metrics import CaptionBLEU, CaptionROUGEL, ParseFailureRate
+from avmt.tasks.metrics import CaptionBLEU, CaptionCIDErD, CaptionROUGEL, ParseFailureRate
 from avmt.tasks.reasoning import object_sentence
 from avmt.tasks.scene import av_object, ordered_objects
 
@@ -38,7 +38,7 @@ def scene_caption(scene: dict) -> str:
 class AVCapTask(Task):
     """Describe what is seen and heard. The caption is itself the description, so the target is
     the caption with or without ``reasoning`` (there is no tag). Answer: the caption string.
-    Metrics: BLEU-4 and ROUGE-L on normalized text (lower case, punctuation split off)."""
+    Metrics: BLEU-4, ROUGE-L and CIDEr-D on normalized text (lower case, punctuation split off)."""
 
     name = "avcap"
     task_id = 1
@@ -61,10 +61,11 @@ class AVCapTask(Task):
         return " ".join(text.split()) or None
 
     def metrics(self) -> MetricCollection:
-        """{"bleu4", "rouge_l", "parse_failure_rate"}."""
+        """{"bleu4", "rouge_l", "cider_d", "parse_failure_rate"}."""
         return self._collection({"bleu4": CaptionBLEU(n_gram=4), "rouge_l": CaptionROUGEL(),
-                                 "parse_failure_rate": ParseFailureRate()})
+                                 "cider_d": CaptionCIDErD(), "parse_failure_rate": ParseFailureRate()})
 
     def constant_candidates(self, answers: Sequence[str]) -> list[str]:
-        """The 16 most frequent captions (each candidate costs a full BLEU/ROUGE pass)."""
+        """The 16 most frequent captions: each candidate costs a full BLEU / ROUGE-L / CIDEr-D pass
+        over ``answers`` (measured: ~1.3 s per 500 captions on a CPU core, CIDEr-D ~0.2 s of it)."""
         return super().constant_candidates(answers)[:16]

@@ -12,8 +12,9 @@ then a template of that type; yes/no templates aim for yes or no with probabilit
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from torchmetrics import MetricCollection
 
@@ -486,7 +487,8 @@ class AVQATask(Task):
     """Audio-visual question answering with one-word answers.
 
     Target: ``<answer> {word} </answer>``. Answer: ``{"answer": word, "type": question_type}``.
-    Metrics: accuracy overall and per question type, parse-failure rate.
+    Metrics: accuracy overall and per question type, parse-failure rate. Trivial baseline: the
+    question-type prior (:meth:`trivial_baseline`).
 
     Args:
         reasoning: include reasoning sentences.
@@ -497,6 +499,7 @@ class AVQATask(Task):
     name = "avqa"
     task_id = 3
     prompts = _ALL_QUESTIONS
+    baseline_name = "question-type prior"
     phrases = (*EVIDENCE, "<answer> {a} </answer>", "yes", "no")
 
     def __init__(self, reasoning: bool = True, num_classes: int = 8) -> None:
@@ -544,4 +547,25 @@ class AVQATask(Task):
     def constant_candidates(self, answers: list[dict]) -> list[str]:
         """Every distinct answer word."""
         return sorted({a["answer"] for a in answers})
+
+    def type_prior(self, answers: Sequence[dict]) -> dict[str, str]:
+        """The most frequent answer word of each question type in ``answers`` (ties: the
+        alphabetically first word); only the types that occur."""
+        counts: dict[str, Counter] = {}
+        for a in answers:
+            counts.setdefault(a["type"], Counter())[a["answer"]] += 1
+        return {qtype: min(c, key=lambda word: (-c[word], word)) for qtype, c in counts.items()}
+
+    def trivial_baseline(self, answers: Sequence[dict]) -> dict[str, float]:
+        """The question-type prior, scored through :meth:`metrics`: every question gets the most
+        frequent answer of its type (:meth:`type_prior`), which a model can learn from the question
+        text alone. Every key (overall and per-type accuracy, failure rate) comes from the same
+        metric code; :meth:`majority_baseline` (one global constant) is still available."""
+        answers = list(answers)
+        if not answers:
+            raise ValueError(f"task {self.name!r}: trivial_baseline needs at least one answer")
+        prior = self.type_prior(answers)
+        collection = self.metrics()
+        collection.update([prior[a["type"]] for a in answers], answers)
+        return {key: float(value) for key, value in collection.compute().items()}
 

@@ -118,10 +118,7 @@ class AVVPTask(Task):
 
     def metrics(self) -> MetricCollection:
         """``{segment,event}_f1/{audio,visual,audio_visual,type_av,event_av}`` + parse_failure_rate."""
-        metrics: dict = {}
-        for level in ("segment", "event"):
-            for kind in AVVPF1.KINDS:
-                metrics[f"{level}_f1/{kind}"] = AVVPF1(level=level, kind=kind)
+        metrics: dict = {f"{level}_f1": AVVPF1(level=level, kind=None) for level in ("segment", "event")}
         metrics["parse_failure_rate"] = ParseFailureRate()
         return self._collection(metrics)
 

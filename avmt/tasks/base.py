@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable, Sequence
@@ -31,7 +32,7 @@ from typing import Any, ClassVar, Iterable, Sequence
 import torch
 from torchmetrics import MetricCollection
 
-from avmt.data.sample import Clip, Dense, DenseSpec, MediaRef, SampleError, TaskSample
+from avmt.data.sample import PLACEHOLDERS, Clip, Dense, DenseSpec, MediaRef, SampleError, TaskSample
 from avmt.data.vocab import CLASSES, COLORS, MOODS, MOTIONS, NUMBER_WORDS, POSITIONS, ROWS, SHAPES
 from avmt.tasks.reasoning import SHARED_PHRASES
 from avmt.tasks.text import template_words, text_words
@@ -44,7 +45,9 @@ class TaskParts:
     """What a task's ``_compose`` returns; :meth:`Task.build` assembles the sample from it.
 
     Attributes:
-        question: the instruction without the placeholder prefix.
+        question: the instruction without the placeholder prefix (with ``inline_media``: the whole
+            prompt, its placeholders where their media belong, e.g. ``"<audio> Which video ...?
+            Video 1: <video> Video 2: <video>"``).
         sentences: reasoning sentences (dropped when ``reasoning=False``).
         conclusion: concluding sentence embedding the tagged answer (used with reasoning).
         bare: the tagged answer alone (the target when ``reasoning=False``).
@@ -52,6 +55,9 @@ class TaskParts:
         media: what the prompt's placeholders stand for; ``None`` = the task's ``inputs``, each
             about the anchor clip (an ``<image>`` input needs its segment, so such a task sets it).
         dense: dense targets by name (checked against the task's ``dense_targets``).
+        inline_media: the question already holds the placeholders of ``media`` (in the same order);
+            :meth:`Task.build` does not prefix them. Either way the prompt's placeholders must match
+            ``media`` one to one, in order.
     """
 
     question: str
@@ -61,6 +67,10 @@ class TaskParts:
     answer: Any
     media: tuple[MediaRef, ...] | None = None
     dense: dict[str, torch.Tensor] = field(default_factory=dict)
+    inline_media: bool = False
+
+
+_PLACEHOLDER_RE = re.compile("|".join(re.escape(p) for p in PLACEHOLDERS))
 
 
 class Task:
@@ -69,13 +79,15 @@ class Task:
     Subclasses set ``name``, a unique ``task_id``, ``prompts`` (question phrasings, chosen with
     the rng) and ``phrases`` (every other fixed text fragment they can emit, ``{slot}`` fields
     allowed), and implement ``_compose`` (or ``_compose_clip`` when they read more than the
-    scene graph), ``parse`` and ``metrics``.
+    scene graph, ``_compose_clips`` when they look at other clips too), ``parse`` and ``metrics``.
+    A multi-clip task (``num_clips > 1``) also chooses its other clips (``select_others``).
     """
 
     name: ClassVar[str] = ""
     #: Stable identity (>= 0, unique, never reused): checkpoints store it, task gates index by it.
     task_id: ClassVar[int] = -1
-    #: Placeholders the prompt starts with, in order, each about the anchor clip.
+    #: Placeholders the prompt starts with, in order, each about the anchor clip (a task whose
+    #: prompt places its placeholders inline, ``TaskParts.inline_media``: the kinds it uses).
     inputs: ClassVar[tuple[str, ...]] = ("<video>", "<audio>")
     #: Annotation fields (of the scene graph) the prompt needs, e.g. a referring expression.
     text_fields: ClassVar[tuple[str, ...]] = ()
@@ -93,6 +105,8 @@ class Task:
     lower_is_better: ClassVar[frozenset[str]] = frozenset({"parse_failure_rate"})
     #: At most this many distinct answers are tried as constants by the default baseline.
     max_baseline_candidates: ClassVar[int] = 64
+    #: What :meth:`trivial_baseline` computes, in words (shown next to the scores).
+    baseline_name: ClassVar[str] = "majority"
 
     def __init__(self, reasoning: bool = True) -> None:
         """Args: reasoning: include the reasoning sentences in targets (False: tagged answer only)."""
@@ -109,26 +123,72 @@ class Task:
         scene = clip.scene if isinstance(clip.scene, dict) else {}
         return not self.needs_av_event or scene.get("av_event") is not None
 
+    def select_others(self, clip: Clip, recent: Sequence[Clip], rng: random.Random) -> list[Clip] | None:
+        """The ``num_clips - 1`` other clips a sample of ``clip`` looks at, chosen from ``recent``.
+
+        The data stream calls it with the clips it read last (most recent first) and passes the
+        result to :meth:`build` as ``others``. Default: the first ``num_clips - 1`` distinct
+        recent clips other than ``clip`` (``[]`` for a single-clip task; the rng is not used).
+
+        Args:
+            clip: the anchor clip.
+            recent: candidate clips (may hold ``clip`` itself and repeated keys).
+            rng: the random source of the choice (the same rng :meth:`build` then gets).
+        Returns:
+            the other clips, or None when too few fit: then this clip gets no sample of this task
+            (not a corrupt sample, nothing is counted).
+        """
+        need = self.num_clips - 1
+        if need <= 0:
+            return []
+        out: list[Clip] = []
+        seen = {clip.key}
+        for other in recent:
+            if other.key not in seen:
+                seen.add(other.key)
+                out.append(other)
+                if len(out) == need:
+                    return out
+        return None
+
     def build(self, clip: Clip, rng: random.Random, others: Sequence[Clip] = ()) -> TaskSample:
         """Build one sample from ``clip`` (and ``others`` for multi-clip tasks), deterministic given ``rng``.
 
         Args:
             clip: the anchor clip (``clip.scene`` is its annotation).
             rng: the random source of every choice (phrasing, question, key frame, ...).
-            others: ``num_clips - 1`` further clips (unused by single-clip tasks).
+            others: ``num_clips - 1`` further clips (:meth:`select_others`; unused by single-clip
+                tasks); ``MediaRef.clip`` ``j`` of the sample indexes ``[clip, *others]``.
         Returns:
-            TaskSample whose prompt starts with the placeholders of its ``media``.
+            TaskSample whose prompt's placeholders match its ``media`` one to one, in order: the
+            placeholders prefixed to the question, or where the question holds them
+            (``TaskParts.inline_media``).
         Raises:
             SampleError: the clip's annotation lacks what the task needs (names the clip and task).
+            ValueError: a task bug: the prompt's placeholders do not match the media references, or
+                a reference names a clip that is not there.
         """
         self._scene(clip)
         for name in self.text_fields:
             value = clip.scene.get(name)
             if not isinstance(value, (str, list)) or not value:
                 raise SampleError(f"clip {clip.key!r}: task {self.name!r} needs the annotation field {name!r}")
-        parts = self._compose_clip(clip, rng)
+        parts = self._compose_clips(clip, list(others), rng)
         media = parts.media if parts.media is not None else tuple(MediaRef(p) for p in self.inputs)
-        prompt = " ".join(ref.placeholder for ref in media) + " " + parts.question
+        if parts.inline_media:
+            prompt = parts.question
+        else:
+            prompt = " ".join(ref.placeholder for ref in media) + " " + parts.question
+        found = _PLACEHOLDER_RE.findall(prompt)
+        if found != [ref.placeholder for ref in media]:
+            raise ValueError(
+                f"task {self.name!r}: the prompt's placeholders {found} do not match its media references "
+                f"{[ref.placeholder for ref in media]} one to one, in order (prompt: {prompt!r})"
+            )
+        bad = [ref for ref in media if not 0 <= ref.clip <= len(others)]
+        if bad:
+            raise ValueError(f"task {self.name!r}: media references {bad} name clips beyond the anchor and "
+                             f"the {len(others)} other clip(s) given")
         target = " ".join([*parts.sentences, parts.conclusion]) if self.reasoning else parts.bare
         specs = {spec.name: spec for spec in self.dense_targets}
         for name, value in parts.dense.items():
@@ -151,6 +211,10 @@ class Task:
                 f"clip {clip.key!r}: task {self.name!r} needs a single audio-visual event and the scene has none"
             )
         return scene
+
+    def _compose_clips(self, clip: Clip, others: list[Clip], rng: random.Random) -> TaskParts:
+        """The sample's parts from the anchor clip and ``others``; the default ignores ``others``."""
+        return self._compose_clip(clip, rng)
 
     def _compose_clip(self, clip: Clip, rng: random.Random) -> TaskParts:
         """The sample's parts from the whole clip; the default reads only its scene graph."""
@@ -224,6 +288,11 @@ class Task:
         counts = Counter(json.dumps(a, sort_keys=True) for a in answers)
         ordered = sorted(counts, key=lambda k: (-counts[k], k))[: self.max_baseline_candidates]
         return [self.answer_to_pred(json.loads(k)) for k in ordered]
+
+    def trivial_baseline(self, answers: Sequence[Any]) -> dict[str, float]:
+        """The score a predictor that ignores the media gets on ``answers``, through the task's own
+        metrics (``baseline_name`` says which predictor). Default: :meth:`majority_baseline`."""
+        return self.majority_baseline(answers)
 
     def majority_baseline(self, answers: Sequence[Any]) -> dict[str, float]:
         """Score of the best constant predictor on ``answers``, through the task's own metrics.

@@ -6,19 +6,26 @@ Every metric here takes the task-level inputs directly: ``update(preds, targets)
 (``dist_reduce_fx="sum"``) so results are exact under DDP; ``reset()`` clears them (Lightning
 does it per epoch). Where torchmetrics has a metric computing the same number it is reused:
 accuracy and F1 counts come from ``MulticlassAccuracy`` / ``MulticlassStatScores`` on class-index
-tensors, BLEU-4 and ROUGE-L from ``torchmetrics.text``. With no samples a metric returns 0.
+tensors, BLEU-4 and ROUGE-L from ``torchmetrics.text``. CIDEr-D (no stock metric) needs the document
+frequencies of the whole corpus, so it keeps the texts themselves as UTF-8 byte tensors in
+``"cat"``-reduced list states and scores everything in ``compute()``. With no samples a metric
+returns 0.
 """
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Any, Sequence
+from collections import Counter
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassStatScores
 from torchmetrics.text import BLEUScore, ROUGEScore
+from torchmetrics.utilities.data import dim_zero_cat
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 from avmt.intervals import mask_to_ranges, ranges_to_mask
 from avmt.tasks.text import normalize_text
@@ -34,6 +41,8 @@ __all__ = [
     "LabelMacroF1",
     "CaptionBLEU",
     "CaptionROUGEL",
+    "CaptionCIDErD",
+    "cider_d_scores",
     "normalize_caption",
     "BACKGROUND",
 ]
@@ -287,7 +296,8 @@ class AVVPF1(Metric):
         level: "segment" or "event".
         kind: "audio", "visual", "audio_visual", "type_av" (mean of the audio, visual and
             audio-visual F1, the LLP "Type@AV") or "event_av" (audio and visual counts pooled
-            per class, the LLP "Event@AV").
+            per class, the LLP "Event@AV"); ``None`` = all five at once, as a dict keyed
+            ``{level}_f1/{kind}`` (one pass over the videos instead of five in a collection).
     Inputs as :func:`avvp_video_scores`; a None prediction scores 0 for its video.
     """
 
@@ -296,11 +306,11 @@ class AVVPF1(Metric):
     full_state_update = False
     KINDS = ("audio", "visual", "audio_visual", "type_av", "event_av")
 
-    def __init__(self, level: str = "segment", kind: str = "audio", **kwargs: Any) -> None:
+    def __init__(self, level: str = "segment", kind: str | None = "audio", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if level not in ("segment", "event"):
             raise ValueError(f"level must be 'segment' or 'event', got {level!r}")
-        if kind not in self.KINDS:
+        if kind is not None and kind not in self.KINDS:
             raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
         self.level, self.kind = level, kind
         for name in ("f_audio", "f_visual", "f_audio_visual", "f_event"):
@@ -318,12 +328,18 @@ class AVVPF1(Metric):
             self.f_event += s["event"]
             self.videos += 1
 
-    def compute(self) -> Tensor:
-        """Mean over videos of the selected F1, float64 scalar in [0, 1]."""
-        if self.kind == "type_av":
+    def compute(self) -> Tensor | dict[str, Tensor]:
+        """Mean over videos of the selected F1, float64 scalar in [0, 1] (a dict of all five
+        when ``kind`` is None)."""
+        if self.kind is None:
+            return {f"{self.level}_f1/{kind}": self._value(kind) for kind in self.KINDS}
+        return self._value(self.kind)
+
+    def _value(self, kind: str) -> Tensor:
+        if kind == "type_av":
             return _ratio(self.f_audio + self.f_visual + self.f_audio_visual, self.videos * 3)
         state = {"audio": self.f_audio, "visual": self.f_visual, "audio_visual": self.f_audio_visual,
-                 "event_av": self.f_event}[self.kind]
+                 "event_av": self.f_event}[kind]
         return _ratio(state, self.videos)
 
 
@@ -475,3 +491,194 @@ class CaptionROUGEL(ROUGEScore):
         if (len(state) if isinstance(state, list) else state.numel()) == 0:
             return torch.zeros((), dtype=torch.float32, device=self.device)
         return super().compute()["rougeL_fmeasure"]
+
+
+# --------------------------------------------------------------------------------------------
+# CIDEr-D (coco-caption's cider_scorer.py, re-implemented; no stock torchmetrics metric)
+# --------------------------------------------------------------------------------------------
+
+
+def _ngram_counts(words: Sequence[str], n: int) -> Counter:
+    """Counts of the 1..n-grams of ``words`` (tuples), in coco's ``precook`` order."""
+    counts: Counter = Counter()
+    for k in range(1, n + 1):
+        for i in range(len(words) - k + 1):
+            counts[tuple(words[i:i + k])] += 1
+    return counts
+
+
+def cider_d_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]], n: int = 4,
+                   sigma: float = 6.0) -> list[float]:
+    """Per-clip CIDEr-D of a corpus, exactly as coco-caption's ``CiderScorer`` computes it.
+
+    Args:
+        hyps: one hypothesis per clip (already tokenized: words are split on whitespace; "" = the
+            empty caption, which scores 0).
+        refs: one non-empty list of reference captions per clip.
+        n: largest n-gram length; sigma: width of the Gaussian length penalty.
+    Returns:
+        the CIDEr-D of each clip (the corpus score is their mean); see :class:`CaptionCIDErD`.
+    """
+    if len(hyps) != len(refs):
+        raise ValueError(f"got {len(hyps)} hypotheses for {len(refs)} reference lists; they must pair up")
+    if not hyps:
+        return []
+    hyp_counts = [_ngram_counts(h.split(), n) for h in hyps]
+    ref_counts = [[_ngram_counts(r.split(), n) for r in rs] for rs in refs]
+    if any(not rs for rs in ref_counts):
+        raise ValueError("every clip needs at least one reference caption")
+    # document frequency: the number of clips whose references contain the n-gram
+    df: Counter = Counter()
+    for rs in ref_counts:
+        df.update({g for counts in rs for g in counts})
+    log_clips = math.log(float(len(refs)))
+
+    def vectors(counts: Counter) -> tuple[list[dict], list[float], int]:
+        vec: list[dict] = [{} for _ in range(n)]
+        norm = [0.0] * n
+        length = 0
+        for gram, tf in counts.items():
+            k = len(gram) - 1
+            weight = float(tf) * (log_clips - math.log(max(1.0, float(df.get(gram, 0)))))
+            vec[k][gram] = weight
+            norm[k] += weight * weight
+            if k == 1:  # coco's "length" counts bigrams (see CaptionCIDErD)
+                length += tf
+        return vec, [math.sqrt(x) for x in norm], length
+
+    scores = []
+    for counts, rs in zip(hyp_counts, ref_counts):
+        vec, norm, length = vectors(counts)
+        total = [0.0] * n
+        for ref in rs:
+            vec_r, norm_r, length_r = vectors(ref)
+            penalty = math.e ** (-(float(length - length_r) ** 2) / (2 * sigma ** 2))
+            for k in range(n):
+                val = 0.0
+                for gram, weight in vec[k].items():
+                    w_ref = vec_r[k].get(gram, 0.0)
+                    val += min(weight, w_ref) * w_ref  # clipped: min(hyp, ref) counts
+                if norm[k] != 0 and norm_r[k] != 0:
+                    val /= norm[k] * norm_r[k]
+                total[k] += val * penalty
+        scores.append(sum(total) / n / len(rs) * 10.0)
+    return scores
+
+
+def _utf8_tensor(texts: Sequence[str], device: torch.device) -> tuple[Tensor, Tensor]:
+    """The UTF-8 bytes of ``texts`` back to back (uint8 [B]) and each text's byte length (int64 [N])."""
+    encoded = [t.encode("utf-8") for t in texts]
+    flat = b"".join(encoded)
+    data = torch.frombuffer(bytearray(flat), dtype=torch.uint8) if flat else torch.zeros(0, dtype=torch.uint8)
+    lengths = torch.tensor([len(e) for e in encoded], dtype=torch.long)
+    return data.to(device), lengths.to(device)
+
+
+def _utf8_texts(data: Tensor, lengths: Tensor) -> list[str]:
+    flat = data.to(device="cpu", dtype=torch.uint8).numpy().tobytes()
+    out, start = [], 0
+    for length in lengths.to(device="cpu", dtype=torch.long).tolist():
+        out.append(flat[start:start + length].decode("utf-8"))
+        start += length
+    if start != len(flat):
+        raise RuntimeError(f"CIDEr-D state is inconsistent: {len(flat)} bytes for texts of {start} bytes")
+    return out
+
+
+class CaptionCIDErD(Metric):
+    """Corpus CIDEr-D of captions after :func:`normalize_caption`, as coco-caption computes it
+    (``pycocoevalcap/cider/cider_scorer.py``, Vedantam et al. 2015, with its "-D" changes).
+
+    For N clips with hypothesis ``h_i`` and references ``R_i``, n-grams of length n = 1..4 get
+    tf-idf weights ``g(x) = tf(x) * (log N - log max(1, df(x)))``, where ``df(x)`` is the number
+    of clips whose references contain ``x`` (hypotheses never count). Per clip::
+
+        CIDEr-D(h, R) = 10 / |R| * sum_{r in R} exp(-(l_h - l_r)^2 / (2 sigma^2))
+                                     * 1/4 sum_{n=1..4} <min(g_n(h), g_n(r)), g_n(r)> / (|g_n(h)| |g_n(r)|)
+
+    (a cosine whose numerator clips the hypothesis weights at the reference's, 0 where a vector
+    is all zero; sigma = 6), and the metric is the mean over clips, in [0, 10] (not [0, 1]).
+    ``l`` is coco's length: the number of bigrams, i.e. words - 1; its difference is the
+    word-count difference whenever the score can be non-zero. Consequences of the corpus idf:
+    with one clip every n-gram has ``df = N = 1`` and weight 0, so CIDEr-D is 0 even for a
+    perfect caption; an n-gram in every clip's references weighs 0.
+
+    Targets: a reference caption (str) or a list of them (at least one). A None prediction is
+    the empty caption (score 0, still counted). With no clips: 0.
+
+    DDP: the df need the whole corpus, so the states are the texts: the UTF-8 bytes of the
+    hypotheses and of the references (one uint8 tensor per update each) with the byte length of
+    each text and the number of references of each clip, all ``dist_reduce_fx="cat"``; ranks'
+    states are concatenated in the same rank order, and the score is order independent. A rank
+    that saw no clip sends empty tensors of the states' dtypes (see ``_sync_dist``).
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    plot_lower_bound = 0.0
+    plot_upper_bound = 10.0  # coco's x10 scale
+    #: One sample does not score itself 10: the idf weights need a corpus (see the docstring).
+    corpus_level = True
+    full_state_update = False
+    _STATE_DTYPES = {"hyp_bytes": torch.uint8, "hyp_lengths": torch.long, "ref_bytes": torch.uint8,
+                     "ref_lengths": torch.long, "ref_counts": torch.long}
+
+    def __init__(self, n_gram: int = 4, sigma: float = 6.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if n_gram < 1 or sigma <= 0:
+            raise ValueError(f"need n_gram >= 1 and sigma > 0, got {n_gram}, {sigma}")
+        self.n_gram, self.sigma = int(n_gram), float(sigma)
+        for name in self._STATE_DTYPES:
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, preds: Sequence[str | None], targets: Sequence[Any]) -> None:  # type: ignore[override]
+        """Store N normalized hypotheses (None -> "") and their references."""
+        _check_lengths(preds, targets)
+        if not preds:
+            return
+        refs = [_refs(t) for t in targets]
+        if any(not r for r in refs):
+            raise ValueError("CIDEr-D needs at least one reference caption per clip")
+        hyp_bytes, hyp_lengths = _utf8_tensor([normalize_caption(p) for p in preds], self.device)
+        ref_bytes, ref_lengths = _utf8_tensor([r for rs in refs for r in rs], self.device)
+        self.hyp_bytes.append(hyp_bytes)
+        self.hyp_lengths.append(hyp_lengths)
+        self.ref_bytes.append(ref_bytes)
+        self.ref_lengths.append(ref_lengths)
+        self.ref_counts.append(torch.tensor([len(r) for r in refs], dtype=torch.long, device=self.device))
+
+    def _state(self, name: str) -> Tensor:
+        state = getattr(self, name)
+        if isinstance(state, list):
+            state = dim_zero_cat(state) if state else torch.zeros(0)
+        return state.to(self._STATE_DTYPES[name])
+
+    def corpus(self) -> tuple[list[str], list[list[str]]]:
+        """The stored (hypotheses, references per clip), in update order."""
+        hyps = _utf8_texts(self._state("hyp_bytes"), self._state("hyp_lengths"))
+        flat_refs = _utf8_texts(self._state("ref_bytes"), self._state("ref_lengths"))
+        counts = self._state("ref_counts").tolist()
+        if len(counts) != len(hyps) or sum(counts) != len(flat_refs):
+            raise RuntimeError("CIDEr-D state is inconsistent: hypotheses, references and counts disagree")
+        refs, start = [], 0
+        for c in counts:
+            refs.append(flat_refs[start:start + c])
+            start += c
+        return hyps, refs
+
+    def compute(self) -> Tensor:
+        """Mean CIDEr-D over clips, float64 scalar (0 with no clips)."""
+        hyps, refs = self.corpus()
+        scores = cider_d_scores(hyps, refs, n=self.n_gram, sigma=self.sigma)
+        mean = sum(scores) / len(scores) if scores else 0.0
+        return torch.tensor(mean, dtype=torch.float64, device=self.device)
+
+    def _sync_dist(self, dist_sync_fn: Callable = gather_all_tensors,
+                   process_group: Any | None = None) -> None:
+        # torchmetrics stands in an empty *float* tensor for an empty list state of a rank that saw
+        # no data, which cannot be all-gathered with the uint8 / int64 tensors of the other ranks:
+        # give such a rank empty tensors of the right dtypes (sync() restores the states after).
+        for name, dtype in self._STATE_DTYPES.items():
+            if isinstance(getattr(self, name), list) and not getattr(self, name):
+                setattr(self, name, [torch.zeros(0, dtype=dtype, device=self.device)])
+        super()._sync_dist(dist_sync_fn, process_group)

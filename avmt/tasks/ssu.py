@@ -12,7 +12,7 @@ from avmt.data.sample import Clip, SampleError
 from avmt.data.synth import DESCRIPTION_TEMPLATE, MOTION_PHRASES
 from avmt.tasks import register_task
 from avmt.tasks.base import TaskParts
-from avmt.tasks.metrics import CaptionBLEU, CaptionROUGEL, ParseFailureRate
+from avmt.tasks.metrics import CaptionBLEU, CaptionCIDErD, CaptionROUGEL, ParseFailureRate
 from avmt.tasks.reasoning import object_sentence
 from avmt.tasks.scene import av_object, scene_objects
 from avmt.tasks.spatial import SEG, MaskTask, sounding_mask
@@ -36,13 +36,17 @@ class DescriptionROUGEL(_DescriptionMetric, CaptionROUGEL):
     """ROUGE-L of the region descriptions."""
 
 
+class DescriptionCIDErD(_DescriptionMetric, CaptionCIDErD):
+    """CIDEr-D of the region descriptions (document frequencies over the evaluated descriptions)."""
+
+
 @register_task
 class SSUTask(MaskTask):
     """Segment the sounding source on every frame and describe its region.
 
     Applies to single-source scenes. Target text: ``<desc> {description} </desc> <seg>`` (with
     reasoning: a sentence on when it is seen and heard first). Answer: ``{"mask": bool [T, H, W],
-    "description": str}``. Metrics: J and F of the mask, BLEU-4 and ROUGE-L of the description,
+    "description": str}``. Metrics: J and F of the mask, BLEU-4, ROUGE-L and CIDEr-D of the description,
     the failure rate (no ``<seg>`` or no description).
     """
 
@@ -78,10 +82,10 @@ class SSUTask(MaskTask):
         return {**mask, "description": description}
 
     def metrics(self) -> MetricCollection:
-        """{"j", "f", "bleu4", "rouge_l", "parse_failure_rate"}."""
+        """{"j", "f", "bleu4", "rouge_l", "cider_d", "parse_failure_rate"}."""
         return self._collection({
             "j": MaskJ(), "f": MaskF(), "bleu4": DescriptionBLEU(n_gram=4), "rouge_l": DescriptionROUGEL(),
-            "parse_failure_rate": ParseFailureRate(),
+            "cider_d": DescriptionCIDErD(), "parse_failure_rate": ParseFailureRate(),
         })
 
     def answer_to_pred(self, answer: dict) -> dict:

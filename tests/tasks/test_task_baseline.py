@@ -40,6 +40,34 @@ def test_avqa_majority_hand_checked():
     assert out["parse_failure_rate"] == 0.0
 
 
+def test_avqa_question_type_prior_hand_checked():
+    task = get_task("avqa")
+    assert task.baseline_name == "question-type prior"
+    answers = [
+        {"answer": "yes", "type": "audio_existential"},
+        {"answer": "no", "type": "audio_existential"},
+        {"answer": "no", "type": "audio_existential"},
+        {"answer": "two", "type": "audio_counting"},
+        {"answer": "three", "type": "audio_counting"},
+    ]
+    # audio_existential: "no" 2 of 3; audio_counting: "three" and "two" tie at 1 -> "three" (alphabetical)
+    assert task.type_prior(answers) == {"audio_existential": "no", "audio_counting": "three"}
+    out = task.trivial_baseline(answers)
+    # predictions no, no, no, three, three: right 2 + 1 = 3 of 5
+    assert out["accuracy"] == pytest.approx(3 / 5)
+    assert out["accuracy/audio_existential"] == pytest.approx(2 / 3)
+    assert out["accuracy/audio_counting"] == pytest.approx(1 / 2)
+    assert out["accuracy/visual_location"] == 0.0  # no questions of that type
+    assert out["parse_failure_rate"] == 0.0
+    assert set(out) == set(task.metrics().keys())
+    # the best single constant ("no") gets 2 of 5 overall; per key it may pick different constants
+    majority = task.majority_baseline(answers)
+    assert majority["accuracy"] == pytest.approx(2 / 5)
+    assert majority["accuracy/audio_counting"] == pytest.approx(1 / 2)
+    with pytest.raises(ValueError, match="at least one"):
+        task.trivial_baseline([])
+
+
 def test_ave_majority_hand_checked():
     answers = [
         {"class": "violin", "range": [2, 7], "num_segments": 10},
@@ -77,6 +105,10 @@ def test_avcap_majority():
     out = get_task("avcap").majority_baseline(caps)
     # constant "a dog is heard": ROUGE-L 1, 1, and 2/4 ("a", "is") -> 5/6
     assert out["rouge_l"] == pytest.approx(5 / 6, abs=1e-5)
+    # CIDEr-D, N = 3: "a", "is" are in every clip's references (weight 0), the dog n-grams in 2 (weight
+    # log 3/2 > 0). "a dog is heard": exact on clips 1, 2 (cos 1 for n = 1..4 -> 10), no weighted
+    # n-gram shared with "a cat is seen" -> 0: 20/3. ("a cat is seen" gets 10/3.)
+    assert out["cider_d"] == pytest.approx(20 / 3)
     assert 0 < out["bleu4"] < 1 and out["parse_failure_rate"] == 0.0
 
 

@@ -30,7 +30,11 @@ def digest(make_clip, random_scene, random_multi_scene):
         for i, clip in enumerate(clips):
             if not task.applies(clip):
                 continue
-            s = task.build(clip, random.Random(i))
+            rng = random.Random(i)
+            others = task.select_others(clip, clips[max(0, i - 16):i][::-1], rng)  # multi-clip tasks
+            if others is None:
+                continue
+            s = task.build(clip, rng, others)
             h.update(repr((s.prompt, s.target, canon(s.answer), s.media, canon(s.dense))).encode())
     return h.hexdigest()
 """

@@ -144,6 +144,32 @@ def test_avvp_empty_cases():
         assert avvp_video_scores(None, empty_gt, level)["audio"] == 0.0
 
 
+def test_avvp_false_alarms_where_there_is_nothing():
+    empty_gt = {"audio": {}, "visual": {}, "num_segments": 10}
+    # audio dog and visual cat predicted on an empty clip: every audio / visual / pooled class is all
+    # false positives -> 0; no class is predicted in both modalities, so no audio-visual event is
+    # predicted or present -> audio-visual 1 (all true negatives, as the LLP evaluation)
+    pred = {"audio": {"dog": [[0, 3]]}, "visual": {"cat": [[2, 5]]}}
+    want = {"audio": 0.0, "visual": 0.0, "audio_visual": 1.0, "event": 0.0}
+    for level in ("segment", "event"):
+        assert avvp_video_scores(pred, empty_gt, level) == want
+    # the same class in both: an audio-visual false alarm [1, 3) -> audio-visual 0 too
+    pred = {"audio": {"dog": [[0, 3]]}, "visual": {"dog": [[1, 5]]}}
+    for level in ("segment", "event"):
+        assert avvp_video_scores(pred, empty_gt, level)["audio_visual"] == 0.0
+    # a class named with no ranges predicts nothing
+    assert avvp_video_scores({"audio": {"dog": []}, "visual": {}}, empty_gt, "event")["audio"] == 1.0
+    # through the metric, with a hand-worked video, a parse failure and this false alarm:
+    # Type@AV per video = mean(audio, visual, audio-visual) -> SEG's, 0, (0 + 0 + 1) / 3
+    m = AVVPF1(level="segment", kind="type_av")
+    m.update([PRED, None, {"audio": {"dog": [[0, 3]]}, "visual": {"cat": [[2, 5]]}}], [GT, GT, empty_gt])
+    type_av = (SEG["audio"] + SEG["visual"] + SEG["audio_visual"]) / 3
+    assert value(m) == pytest.approx((type_av + 0 + 1 / 3) / 3)
+    m = AVVPF1(level="event", kind="event_av")
+    m.update([PRED, None, {"audio": {"dog": [[0, 3]]}, "visual": {"cat": [[2, 5]]}}], [GT, GT, empty_gt])
+    assert value(m) == pytest.approx((EVT["event"] + 0 + 0) / 3)
+
+
 def test_avvp_metric_averages_over_videos():
     empty_gt = {"audio": {}, "visual": {}, "num_segments": 10}
     preds, targets = [PRED, None, {"audio": {}, "visual": {}}], [GT, GT, empty_gt]
@@ -244,6 +270,39 @@ def test_avqa_collection_keys_and_values():
     assert out["parse_failure_rate"] == 0.25
 
 
+def test_action_collection_hand_computed():
+    preds = ["static", "moving left", None, "pulsing", "static", "jumping"]
+    targets = ["static", "static", "moving left", "moving right", "static", "pulsing"]
+    m = get_task("action").metrics()
+    m.update(preds, targets)
+    out = {k: float(v) for k, v in m.compute().items()}
+    # right: 1st and 5th -> 2/6. "jumping" is parsed (no failure) but not a label: a miss like None.
+    # F1: static tp2 fn1 -> 4/5; moving left fp1 fn1 -> 0; moving right (never predicted) fn1 -> 0;
+    # pulsing fp1 fn1 -> 0; moving up / down occur nowhere -> not averaged: (4/5) / 4 = 1/5
+    assert out == {"accuracy": pytest.approx(1 / 3), "macro_f1": pytest.approx(1 / 5),
+                   "parse_failure_rate": pytest.approx(1 / 6)}
+
+
+def test_emotion_collection_hand_computed():
+    m = get_task("emotion").metrics()
+    m.update(["happy", "happy", "sad", None, "tense"], ["happy", "sad", "sad", "calm", "calm"])
+    out = {k: float(v) for k, v in m.compute().items()}
+    # right: 1st, 3rd -> 2/5. F1: happy tp1 fp1 -> 2/3; sad tp1 fn1 -> 2/3; calm (never predicted)
+    # fn2 -> 0; tense (predicted, never true) fp1 -> 0: (2/3 + 2/3) / 4 = 1/3
+    assert out == {"accuracy": pytest.approx(2 / 5), "macro_f1": pytest.approx(1 / 3),
+                   "parse_failure_rate": pytest.approx(1 / 5)}
+
+
+@pytest.mark.parametrize("name", ["action", "emotion", "avqa", "avcap", "ave", "avvp"])
+def test_empty_collections_are_zero_not_nan(name):
+    m = get_task(name).metrics()
+    m.update([], [])
+    out = {k: float(v) for k, v in m.compute().items()}
+    assert out and all(v == 0.0 for v in out.values()), out
+    fresh = {k: float(v) for k, v in get_task(name).metrics().compute().items()}  # no update at all
+    assert fresh == out
+
+
 @pytest.mark.parametrize("name,labels", [("action", "moving left"), ("emotion", "happy")])
 def test_label_task_collection_keys(name, labels):
     m = get_task(name).metrics()
@@ -286,8 +345,11 @@ def test_caption_normalization_and_empty_cases():
     m = get_task("avcap").metrics()
     m.update(["a dog is heard", None], ["a dog is heard", "a cat is seen"])
     out = {k: float(v) for k, v in m.compute().items()}
-    assert set(out) == {"bleu4", "rouge_l", "parse_failure_rate"}
+    assert set(out) == {"bleu4", "rouge_l", "cider_d", "parse_failure_rate"}
     assert out["rouge_l"] == pytest.approx(0.5) and out["parse_failure_rate"] == 0.5
+    # CIDEr-D (tests/tasks/test_caption_metrics.py): N = 2, "dog", "heard", "a dog", ... weigh log 2,
+    # "a" and "is" (in both clips' references) 0; clip 1 is exact: cos 1 for n = 1..4 -> 10; clip 2: 0
+    assert out["cider_d"] == pytest.approx(5.0)
 
 
 # ---- torchmetrics behaviour -------------------------------------------------------------------

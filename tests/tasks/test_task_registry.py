@@ -8,11 +8,13 @@ from avmt.tasks import TASKS, Task, all_words, get_task, list_tasks, num_task_id
 
 V1 = ["action", "avcap", "ave", "avqa", "avvp", "emotion"]
 SPATIAL = ["arig", "avss", "ms3", "ref_avs", "s4", "ssu"]
+LOCALIZATION = ["unav"]
+MATCHING = ["a2v", "v2a"]
 
 
 def test_list_tasks():
-    assert list_tasks() == sorted(V1 + SPATIAL)
-    assert set(TASKS) == set(V1 + SPATIAL)
+    assert list_tasks() == sorted(V1 + SPATIAL + LOCALIZATION + MATCHING)
+    assert set(TASKS) == set(V1 + SPATIAL + LOCALIZATION + MATCHING)
     assert all(issubclass(cls, Task) and cls.name == name for name, cls in TASKS.items())
 
 
@@ -28,7 +30,7 @@ def test_unknown_task_lists_available():
     with pytest.raises(ValueError) as err:
         get_task("avqa2")
     msg = str(err.value)
-    assert "'avqa2'" in msg and all(name in msg for name in V1 + SPATIAL)
+    assert "'avqa2'" in msg and all(name in msg for name in V1 + SPATIAL + LOCALIZATION + MATCHING)
 
 
 def test_bad_kwargs():

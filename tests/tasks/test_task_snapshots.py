@@ -246,6 +246,25 @@ SNAPSHOTS = {
         '<video> <audio> Describe where the sound comes from and segment that region.',
         '<desc> a red violin at the top left, moving right </desc> <seg>',
     ),
+    ('unav', 0, True): (
+        (
+            '<video> <audio> Localize all the events that are audible and visible. Answer with the '
+            'class and the time range of each.'
+        ),
+        (
+            'A dog is heard from second 0 to second 3 and from second 8 to second 10 but not seen. A '
+            'red violin on the left is seen and heard from second 2 to second 7. A blue cat on the '
+            'right is seen from second 4 to second 9 but not heard. So the audible and visible events'
+            ' are <event> violin </event> <range> 2,7 </range>.'
+        ),
+    ),
+    ('unav', 0, False): (
+        (
+            '<video> <audio> Localize all the events that are audible and visible. Answer with the '
+            'class and the time range of each.'
+        ),
+        '<event> violin </event> <range> 2,7 </range>',
+    ),
 }
 
 # (task, seed, reasoning) -> (prompt, target) on the multi-source scene (conftest.multi_scene)
@@ -298,15 +317,82 @@ MULTI_SNAPSHOTS = {
         '<video> <audio> Segment the red violin on the left.',
         '<seg>',
     ),
+    ('unav', 0, True): (
+        (
+            '<video> <audio> Localize all the events that are audible and visible. Answer with the '
+            'class and the time range of each.'
+        ),
+        (
+            'A blue cat in the center is seen from second 0 to second 10 but not heard. A red violin '
+            'on the left is seen and heard from second 1 to second 6. A green flute on the right is '
+            'seen and heard from second 3 to second 9. So the audible and visible events are <event> '
+            'violin </event> <range> 1,6 </range> <event> flute </event> <range> 3,9 </range>.'
+        ),
+    ),
+    ('unav', 0, False): (
+        (
+            '<video> <audio> Localize all the events that are audible and visible. Answer with the '
+            'class and the time range of each.'
+        ),
+        '<event> violin </event> <range> 1,6 </range> <event> flute </event> <range> 3,9 </range>',
+    ),
 }
+
+# Multi-clip tasks: the anchor is conftest.basic_scene, the other clips are one-object scenes of the
+# classes MATCHING_OTHERS (none in the anchor scene), in this order.
+# (task, seed, reasoning) -> (prompt, target, the clip of each media reference)
+MATCHING_OTHERS = ("drum", "bell", "cow")
+MATCHING_SNAPSHOTS = {
+    ('a2v', 0, True): (
+        (
+            '<audio> Video 1: <video> Video 2: <video> Video 3: <video> Video 4: <video> Which of '
+            'these videos matches the sound?'
+        ),
+        'A violin is heard. Video 2 shows a violin. So the answer is <answer> 2 </answer>.',
+        (0, 2, 0, 1, 3),
+    ),
+    ('a2v', 0, False): (
+        (
+            '<audio> Video 1: <video> Video 2: <video> Video 3: <video> Video 4: <video> Which of '
+            'these videos matches the sound?'
+        ),
+        '<answer> 2 </answer>',
+        (0, 2, 0, 1, 3),
+    ),
+    ('v2a', 0, True): (
+        (
+            '<video> Audio 1: <audio> Audio 2: <audio> Audio 3: <audio> Audio 4: <audio> Which of '
+            'these audio tracks is the sound of the video?'
+        ),
+        'A violin is seen. Audio 2 sounds like a violin. So the answer is <answer> 2 </answer>.',
+        (0, 2, 0, 1, 3),
+    ),
+    ('v2a', 0, False): (
+        (
+            '<video> Audio 1: <audio> Audio 2: <audio> Audio 3: <audio> Audio 4: <audio> Which of '
+            'these audio tracks is the sound of the video?'
+        ),
+        '<answer> 2 </answer>',
+        (0, 2, 0, 1, 3),
+    ),
+}
+
+
+@pytest.fixture
+def matching_others(scene_factory):
+    f = scene_factory
+    return [f.clip(f.scene([f.object(0, c, visible=[[1, 5]], sounding=[[1, 5]], color="green")],
+                           clip_id=f"other-{c}")) for c in MATCHING_OTHERS]
 
 
 def test_every_task_is_pinned(clip, multi_clip):
     pinned = {name for name, _, _ in SNAPSHOTS} | {name for name, _, _ in MULTI_SNAPSHOTS}
+    pinned |= {name for name, _, _ in MATCHING_SNAPSHOTS}
     assert pinned == set(list_tasks())
     # each snapshot is of a clip its task applies to
     assert all(get_task(name).applies(clip) for name, _, _ in SNAPSHOTS)
     assert all(get_task(name).applies(multi_clip) for name, _, _ in MULTI_SNAPSHOTS)
+    assert all(get_task(name).applies(clip) for name, _, _ in MATCHING_SNAPSHOTS)
 
 
 def _id(key):
@@ -325,3 +411,10 @@ def test_multi_source_snapshot(key, multi_clip):
     name, seed, reasoning = key
     sample = get_task(name, reasoning=reasoning).build(multi_clip, random.Random(seed))
     assert (sample.prompt, sample.target) == MULTI_SNAPSHOTS[key]
+
+
+@pytest.mark.parametrize("key", sorted(MATCHING_SNAPSHOTS, key=repr), ids=_id)
+def test_matching_snapshot(key, clip, matching_others):
+    name, seed, reasoning = key
+    sample = get_task(name, reasoning=reasoning).build(clip, random.Random(seed), matching_others)
+    assert (sample.prompt, sample.target, tuple(ref.clip for ref in sample.media)) == MATCHING_SNAPSHOTS[key]
