@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -337,7 +338,7 @@ class AVModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, batch: Batch, max_new_tokens: int = 64, return_dense: bool = False,
-                 state_tokens: Sequence[str] = ()) -> GenerationOutput:
+                 state_tokens: Sequence[str] = (), **generate_kwargs: Any) -> GenerationOutput:
         """Greedy answers to ``batch.prompts`` about the batch's clips.
 
         Args:
@@ -347,6 +348,7 @@ class AVModel(nn.Module):
                 predicted each emission of it before the end of the answer, and the heads'
                 predictions there.
             state_tokens: special tokens whose states to return besides the heads' tokens.
+            generate_kwargs: passed to transformers ``generate`` (e.g. ``logits_processor``).
 
         Returns:
             GenerationOutput with B decoded answers (the tokenizer's special tokens such as eos and
@@ -359,7 +361,7 @@ class AVModel(nn.Module):
         media = self.encode_media(batch.frames, batch.audio)
         embeds = self.embed(input_ids, media, batch.media)
         with self._final_states() as captured:
-            output_ids = self.llm.generate(embeds, attention_mask, max_new_tokens=max_new_tokens)
+            output_ids = self.llm.generate(embeds, attention_mask, max_new_tokens=max_new_tokens, **generate_kwargs)
         texts = self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)
         wanted = self.state_token_ids(state_tokens) if return_dense else {}
         if not wanted:

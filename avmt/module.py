@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-import json
 import math
+import time
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-from transformers import get_cosine_schedule_with_warmup
+from transformers import LogitsProcessorList, get_cosine_schedule_with_warmup
 
 from avmt.adapters import Adapter
 from avmt.connectors import Connector
-from avmt.data.sample import Batch, MediaRef, segment_frames
+from avmt.data.sample import IGNORE_INDEX, Batch, MediaRef, segment_frames
 from avmt.encoders import AudioEncoder, VisionEncoder
+from avmt.generation import AnswerShapes, sentence_end_ids
 from avmt.heads import Head
 from avmt.llm import CausalLM, tokenizer_difference
 from avmt.model import AVModel
@@ -85,7 +85,11 @@ class AVModule(L.LightningModule):
         generation_tasks: tasks evaluated by generating answers (``None`` = every task of the data).
         generation_every_n_epochs: run generation metrics every N validation epochs (and on the last).
         max_generation_samples: at most this many samples per task are generated per evaluation.
-        max_new_tokens: generation length limit.
+        max_new_tokens: generation length limit (the cap; with ``answer_budget`` each task stops at
+            its longest training target plus a margin).
+        answer_budget: shape generation by what the training targets look like
+            (:mod:`avmt.generation`): per-task length budgets, and reasoning answers forced to
+            conclude once they have used as many sentences as the targets have, or repeat one.
         num_examples: generated examples per task kept for TensorBoard at each evaluation.
     """
 
@@ -110,6 +114,7 @@ class AVModule(L.LightningModule):
         generation_every_n_epochs: int = 1,
         max_generation_samples: int = 200,
         max_new_tokens: int = 64,
+        answer_budget: bool = True,
         num_examples: int = 3,
     ) -> None:
         super().__init__()
@@ -126,6 +131,10 @@ class AVModule(L.LightningModule):
         self.generation_every_n_epochs = generation_every_n_epochs
         self.max_generation_samples = max_generation_samples
         self.max_new_tokens = max_new_tokens
+        self.answer_budget = bool(answer_budget)
+        self.answer_shapes: AnswerShapes | None = None
+        self._generation_seconds: dict[str, float] = defaultdict(float)
+        self._forced_rows: dict[str, int] = defaultdict(int)
         self.num_examples = num_examples
         self.task_ids = task_ids()
         self.tasks: dict[str, Task] = {}
@@ -249,6 +258,8 @@ class AVModule(L.LightningModule):
         return lm_sum / lm_count.clamp(min=1) + dense_total
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        if self.answer_budget:
+            self._record_answer_shapes(batch)
         loss = self._losses(batch, "train")
         adapter = self.model.adapter
         aux = adapter.aux_loss() if adapter is not None else None
@@ -269,12 +280,13 @@ class AVModule(L.LightningModule):
         self._generate_and_score(batch)
 
     def predict_step(self, batch: Batch, batch_idx: int) -> list[dict[str, Any]]:
-        self._set_task_ids(batch.tasks, batch.frames.device)
-        answers = self.model.generate(batch, self.max_new_tokens).texts
-        return [
-            {"key": key, "task": task, "prompt": prompt, "answer": answer}
-            for key, task, prompt, answer in zip(batch.keys, batch.tasks, batch.prompts, answers, strict=True)
-        ]
+        """Every sample's answer: key, task, prompt, generated text, parsed prediction and (when
+        the data has it) the ground truth; tensors inside stay tensors (on the CPU) for the writer."""
+        out = []
+        for i, text, prediction in self._generate(batch, list(range(len(batch)))):
+            out.append({"key": batch.keys[i], "task": batch.tasks[i], "prompt": batch.prompts[i], "text": text,
+                        "prediction": _to_cpu(prediction), "answer": _to_cpu(batch.answers[i])})
+        return out
 
     # --------------------------------------------------------- generation
     def _generation_epoch(self) -> bool:
@@ -286,6 +298,56 @@ class AVModule(L.LightningModule):
         last_epoch = self.trainer.max_epochs is not None and epoch >= self.trainer.max_epochs
         last_step = 0 < self.trainer.max_steps <= self.global_step
         return epoch % self.generation_every_n_epochs == 0 or last_epoch or last_step
+
+    def _answer_budget(self) -> AnswerShapes:
+        """The per-task answer shapes (built on first use: they need the tokenizer)."""
+        if self.answer_shapes is None:
+            self.answer_shapes = AnswerShapes(sentence_end_ids(self.model.tokenizer))
+        return self.answer_shapes
+
+    def _record_answer_shapes(self, batch: Batch) -> None:
+        """Record the training targets' shapes (lengths, sentences, lead token) per task."""
+        if batch.tokens is None or batch.tokens.labels is None:
+            return
+        shapes = self._answer_budget()
+        labels = batch.tokens.labels
+        for row, (name, target) in enumerate(zip(batch.tasks, batch.targets, strict=True)):
+            ids = labels[row][labels[row] != IGNORE_INDEX].tolist()
+            shapes.update(name, target, ids)
+
+    def _generate(self, batch: Batch, rows: list[int]) -> list[tuple[int, str, Any]]:
+        """Generate answers for ``rows`` of ``batch``, one ``generate`` call per task (each with its
+        own length budget and, when ``answer_budget``, its :class:`~avmt.generation.ReasoningBudget`).
+
+        Returns:
+            ``(row, text, prediction)`` per row, in the order of ``rows``; the prediction is
+            ``Task.predict(text, outputs)`` with the head outputs of that row.
+        """
+        by_task: dict[str, list[int]] = defaultdict(list)
+        for row in rows:
+            by_task[batch.tasks[row]].append(row)
+        results: dict[int, tuple[str, Any]] = {}
+        shapes = self._answer_budget()
+        for name, task_rows in by_task.items():
+            started = time.perf_counter()
+            task = self._task(name)
+            sub = batch.take(task_rows)
+            self._set_task_ids(sub.tasks, sub.frames.device)
+            kwargs: dict[str, Any] = {}
+            budget = shapes.processor(sub.tasks) if self.answer_budget else None
+            if budget is not None:
+                kwargs["logits_processor"] = LogitsProcessorList([budget])
+            generated = self.model.generate(
+                sub, shapes.max_new_tokens(name, self.max_new_tokens) if self.answer_budget else self.max_new_tokens,
+                return_dense=bool(task.outputs), **kwargs,
+            )
+            for i, (row, text) in enumerate(zip(task_rows, generated.texts, strict=True)):
+                outputs = {output: generated.dense[output].for_row(i) for output in task.outputs
+                           if output in generated.dense}
+                results[row] = (text, task.predict(text, outputs))
+            self._generation_seconds[name] += time.perf_counter() - started
+            self._forced_rows[name] += len(budget.forced_rows) if budget is not None else 0
+        return [(row, *results[row]) for row in rows]
 
     def _generate_and_score(self, batch: Batch, score: bool = True) -> None:
         """Generate answers, predict, and update the metrics (``score``) or only collect examples.
@@ -304,45 +366,55 @@ class AVModule(L.LightningModule):
             return
         for i in chosen:
             self._generated[batch.tasks[i]] += int(score)
-        sub = batch.take(chosen)
-        self._set_task_ids(sub.tasks, sub.frames.device)
-        dense = any(self.tasks[name].outputs for name in sub.tasks)
-        generated = self.model.generate(sub, self.max_new_tokens, return_dense=dense)
         by_task: dict[str, tuple[list, list]] = defaultdict(lambda: ([], []))
-        anchors = sub.anchor_clips
-        for i, (name, text) in enumerate(zip(sub.tasks, generated.texts, strict=True)):
-            task = self.tasks[name]
-            outputs = {output: generated.dense[output].for_row(i) for output in task.outputs if output in generated.dense}
-            prediction = task.predict(text, outputs)
+        anchors = batch.anchor_clips
+        for i, text, prediction in self._generate(batch, chosen):
+            name = batch.tasks[i]
             if score:
                 by_task[name][0].append(prediction)
-                by_task[name][1].append(sub.answers[i])
-                self._answers[name].append(sub.answers[i])
+                by_task[name][1].append(batch.answers[i])
+                self._answers[name].append(batch.answers[i])
             if len(self.examples[name]) < self.num_examples:
-                frames = sub.frames[anchors[i], segment_frames(sub.frames.shape[1], self.model.num_segments)]
+                frames = batch.frames[anchors[i], segment_frames(batch.frames.shape[1], self.model.num_segments)]
                 self.examples[name].append(GeneratedExample(
-                    name, sub.prompts[i], sub.targets[i], text, sub.answers[i], _to_cpu(prediction),
-                    frames.cpu(), sub.media[i],
+                    name, batch.prompts[i], batch.targets[i], text, batch.answers[i], _to_cpu(prediction),
+                    frames.cpu(), batch.media[i],
                 ))
         for name, (predictions, answers) in by_task.items():
             self.task_metrics[name].update(predictions, answers)
 
     def _log_generation_metrics(self, stage: str) -> None:
+        """Log every scored task's metrics and keep them, with its trivial baseline, in ``final_metrics``."""
+        total_seconds = 0.0
         for name, collection in self.task_metrics.items():
+            seconds = self._generation_seconds.get(name, 0.0)
+            total_seconds += seconds
             if not self._answers[name]:
                 continue
+            task = self.tasks[name]
             scores = {key: float(value) for key, value in collection.compute().items()}
-            baseline = self.tasks[name].majority_baseline(self._answers[name])
+            baseline = task.trivial_baseline(self._answers[name])
             for key, value in scores.items():
                 self.log(f"{stage}/{name}/{key}", value, sync_dist=True)
+            self.log(f"{stage}/{name}/generation_seconds", seconds, reduce_fx="max")
+            self.log(f"{stage}/{name}/budget_interventions", self._forced_rows.get(name, 0) / len(self._answers[name]),
+                     reduce_fx="max")
+            samples = len(self._answers[name])
             self.final_metrics[name] = {
-                **scores,
-                **{f"majority_baseline/{key}": float(value) for key, value in baseline.items()},
-                "samples": len(self._answers[name]),
+                "scores": scores,
+                "baseline": {key: float(value) for key, value in baseline.items()},
+                "baseline_name": task.baseline_name,
+                "samples": samples,
+                "generation_seconds": round(seconds, 3),
+                "budget_interventions": self._forced_rows.get(name, 0) / samples,
             }
             collection.reset()
+        if total_seconds:
+            self.log(f"{stage}/generation_seconds", total_seconds, reduce_fx="max")
         self._answers.clear()
         self._generated.clear()
+        self._generation_seconds.clear()
+        self._forced_rows.clear()
 
     def on_validation_epoch_start(self) -> None:
         self.examples.clear()
@@ -430,31 +502,6 @@ class AVModule(L.LightningModule):
         lines = ["trainable parameters:"] + [f"  {name:52s} {count:>12,d}" for name, count in self.parameter_report().items()]
         rank_zero_info("\n".join(lines))
 
-    def on_fit_end(self) -> None:
-        self.report_final_metrics()
-
-    def on_validation_end(self) -> None:
-        if self.trainer.state.fn == "validate":
-            self.report_final_metrics()
-
-    def report_final_metrics(self) -> None:
-        """Print each generation metric next to its majority-class baseline and save them as JSON."""
-        if not self.final_metrics or not self.trainer.is_global_zero:
-            return
-        lines = ["", "generation metrics (last evaluation) vs. majority-class baseline on the same split:"]
-        for name, scores in self.final_metrics.items():
-            for key, value in scores.items():
-                if key.startswith("majority_baseline/") or key == "samples":
-                    continue
-                baseline = scores.get(f"majority_baseline/{key}")
-                extra = f"   majority baseline {baseline:.3f}" if baseline is not None else ""
-                lines.append(f"  {name:8s} {key:32s} {value:.3f}{extra}")
-        rank_zero_info("\n".join(lines))
-        log_dir = self.trainer.log_dir
-        if log_dir is not None:
-            Path(log_dir).mkdir(parents=True, exist_ok=True)
-            (Path(log_dir) / "final_metrics.json").write_text(json.dumps(self.final_metrics, indent=2))
-
     # ---------------------------------------------------------- optimizer
     def configure_optimizers(self):
         parameters = [p for p in self.parameters() if p.requires_grad]
@@ -492,6 +539,7 @@ class AVModule(L.LightningModule):
             "tokenizer": self.model.llm.tokenizer_state(),
             "saved_keys": sorted(keep),
             "task_ids": dict(self.task_ids),
+            "answer_shapes": self._answer_budget().state_dict(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -505,6 +553,7 @@ class AVModule(L.LightningModule):
                 f"({tokenizer_difference(meta['tokenizer'], current_tokenizer)}); use the config.yaml saved next "
                 "to the checkpoint, with the avmt version that wrote it"
             )
+        self._answer_budget().load_state_dict(meta.get("answer_shapes", {}))
         saved_ids = meta.get("task_ids", {})
         moved = {name: (tid, self.task_ids[name]) for name, tid in saved_ids.items()
                  if name in self.task_ids and self.task_ids[name] != tid}

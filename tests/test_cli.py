@@ -97,8 +97,46 @@ def test_spatial_experiment_fits_and_logs_metrics_and_example_images(tmp_path):
                 "val/ref_avs/s_null", "val/avss/miou_no_bg", "val/ssu/bleu4", "train/loss/s4/dice", "train/loss/s4/bce"}
     assert expected <= scalars, sorted(expected - scalars)
     assert {"val/s4/examples/0", "val/arig/examples/0"} <= images, sorted(images)
-    final = json.loads((run_dir / "final_metrics.json").read_text())
-    assert {"j", "majority_baseline/j"} <= set(final["s4"]) and "majority_baseline/ciou" in final["arig"]
+    final = json.loads((run_dir / "val_metrics.json").read_text())
+    assert "j" in final["s4"]["baseline"] and "ciou" in final["arig"]["baseline"]
+    # predict on the checkpoint: one jsonl line per sample; masks as PNGs named by key and task
+    from PIL import Image
+
+    out = run_cli("predict", "-c", str(run_dir / "config.yaml"), f"--ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+                  "--trainer.limit_predict_batches=1", cwd=tmp_path)
+    lines = [json.loads(line) for line in next(tmp_path.glob("runs/spatial/version_*/predictions.jsonl")).read_text().splitlines()]
+    assert "predictions.jsonl" in out.stdout + out.stderr
+    assert lines and {"key", "task", "prompt", "text", "prediction", "answer"} <= set(lines[0])
+    masked = [line for line in lines if isinstance(line["answer"], dict) and "mask" in line["answer"]]
+    assert masked, sorted({line["task"] for line in lines})
+    folder = next(tmp_path.glob("runs/spatial/version_*/predictions.jsonl")).parent
+    for line in masked:
+        mask = Image.open(folder / line["answer"]["mask"])
+        assert mask.mode == "L" and mask.size == (32 * 10, 32)  # T frames tiled
+        if line["prediction"] is not None:
+            assert (folder / line["prediction"]["mask"]).is_file()
+
+
+def test_every_task_is_scored_by_generation_next_to_its_baseline(tmp_path):
+    """experiments/all_tasks.yaml on a few clips: all fifteen tasks train, generate, parse and
+    score through the generic path; the table and val_metrics.json hold every one."""
+    from avmt.tasks import list_tasks
+
+    result = run_cli(
+        "fit", "-c", str(EXPERIMENTS / "all_tasks.yaml"), *TINY, "--trainer.max_steps=2", "--model.max_generation_samples=2",
+        "--data.train_clips=8", "--data.val_clips=24", "--data.test_clips=2", "--data.frame_size=32",
+        "--data.clips_per_batch=4", "--model.vision_encoder.init_args.image_size=32",
+        "--model.image_connector.init_args.tokens_per_segment=4", "--trainer.limit_val_batches=6", cwd=tmp_path,
+    )
+    final = json.loads(next(tmp_path.glob("runs/all_tasks/version_*/val_metrics.json")).read_text())
+    assert len(list_tasks()) == 15 and set(final) == set(list_tasks()), sorted(set(list_tasks()) - set(final))
+    for name, entry in final.items():
+        assert entry["samples"] > 0 and set(entry["baseline"]) <= set(entry["scores"]), name
+        assert "parse_failure_rate" in entry["scores"], name
+    assert final["a2v"]["baseline"]["accuracy"] == pytest.approx(0.25)  # chance, K = 4
+    assert final["unav"]["baseline_name"] == "best constant range"
+    table = result.stdout + result.stderr
+    assert all(f"\n{name} " in table for name in list_tasks())
 
 
 def test_data_synth_writes_every_split(shards):
@@ -116,7 +154,7 @@ def test_fit_writes_checkpoint_config_and_tensorboard_scalars(fitted):
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     expected = {"train/loss", "lr-AdamW", "val/loss"}
-    for task in ("ave", "avvp", "avqa", "action", "emotion", "avcap"):
+    for task in ("ave", "unav", "avvp", "avqa", "action", "emotion", "avcap"):
         expected |= {f"train/loss/{task}", f"val/loss/{task}"}
     expected |= {"val/ave/segment_accuracy", "val/ave/class_accuracy", "val/ave/range_iou",
                  "val/ave/parse_failure_rate", "val/avqa/accuracy"}
@@ -127,10 +165,13 @@ def test_fit_writes_checkpoint_config_and_tensorboard_scalars(fitted):
     router = [tag for tag in scalars if tag.startswith("router/ave/")]
     assert any(tag.endswith("/head2") for tag in router) and "router/ave/entropy" in scalars, router[:5]
     assert "router/heatmap" in events.Tags()["images"]
-    final = json.loads((fitted / "final_metrics.json").read_text())
-    assert "majority_baseline/segment_accuracy" in final["ave"]
-    assert {"class_accuracy", "range_iou", "majority_baseline/range_iou"} <= set(final["ave"])
-    assert "majority_baseline/accuracy" in final["avqa"]
+    final = json.loads((fitted / "val_metrics.json").read_text())
+    assert set(final) == {"ave", "unav", "avvp", "avqa", "action", "emotion", "avcap"}  # every task, by default
+    assert {"segment_accuracy", "class_accuracy", "range_iou"} <= set(final["ave"]["baseline"])
+    assert {"accuracy", "macro_f1"} <= set(final["action"]["scores"]) and "bleu4" in final["avcap"]["scores"]
+    assert final["avqa"]["baseline_name"] == "question-type prior"
+    assert all(entry["samples"] > 0 and entry["generation_seconds"] > 0 for entry in final.values())
+    assert "val/generation_seconds" in scalars
 
 
 def test_validate_from_checkpoint_reloads_strictly(fitted):
@@ -143,6 +184,38 @@ def test_validate_from_checkpoint_reloads_strictly(fitted):
         cwd=fitted.parent.parent.parent,
     )
     assert "val/loss" in result.stdout + result.stderr
+
+
+def test_test_prints_one_table_and_writes_test_metrics(fitted):
+    result = run_cli(
+        "test", "-c", str(fitted / "config.yaml"), f"--ckpt_path={fitted / 'checkpoints' / 'last.ckpt'}",
+        "--trainer.logger.init_args.version=test", cwd=fitted.parent.parent.parent,
+    )
+    out = result.stdout + result.stderr
+    assert "task" in out and "trivial baseline" in out and "failure rate" in out and "samples" in out
+    saved = json.loads((fitted.parent / "test" / "test_metrics.json").read_text())
+    assert {"ave", "avqa", "avvp", "action", "emotion", "avcap"} <= set(saved)
+    for name, entry in saved.items():
+        assert f"{name}  " in out
+        assert 0.0 <= entry["scores"]["parse_failure_rate"] <= 1.0 and entry["samples"] > 0
+
+
+def test_predict_writes_one_line_per_sample_with_the_parsed_answer(fitted):
+    result = run_cli(
+        "predict", "-c", str(fitted / "config.yaml"), f"--ckpt_path={fitted / 'checkpoints' / 'last.ckpt'}",
+        "--trainer.logger.init_args.version=predict", cwd=fitted.parent.parent.parent,
+    )
+    path = fitted.parent / "predict" / "predictions.jsonl"
+    assert str(path.relative_to(fitted.parent.parent.parent)) in result.stdout + result.stderr
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert {line["task"] for line in lines} == {"ave", "unav", "avvp", "avqa", "action", "emotion", "avcap"}
+    assert len({(line["key"], line["task"]) for line in lines}) == len(lines)  # every test sample once
+    from avmt.tasks import get_task
+
+    for line in lines:
+        assert {"key", "task", "prompt", "text", "prediction", "answer"} <= set(line)
+        assert line["prediction"] == get_task(line["task"], reasoning=False).parse(line["text"])
+        assert line["answer"] is not None
 
 
 def test_checkpoint_rejects_a_different_adapter(fitted, shards):
@@ -168,7 +241,7 @@ def test_print_config_round_trip(tmp_path):
     config = yaml.safe_load(first)
     assert config["model"]["adapter"]["class_path"] == "avmt.adapters.LoRA"
     assert config["trainer"]["logger"]["init_args"]["name"] == "lora"
-    assert config["data"]["tasks"] == ["ave", "avvp", "avqa", "action", "emotion", "avcap"]
+    assert config["data"]["tasks"] == ["ave", "unav", "avvp", "avqa", "action", "emotion", "avcap"]
 
 
 def test_configs_merge_in_order(tmp_path):
