@@ -12,14 +12,10 @@ from collections import Counter
 import pytest
 import torch
 
-from avmt.adapters import ILoRA
-from avmt.connectors import MLPConnector, QFormerConnector
 from avmt.data.datamodule import ClipTaskStream, collate_rules
 from avmt.data.sample import ClipGroup, MediaRef, SampleError, collate
 from avmt.data.shards import CorruptSampleWarning, write_shards
 from avmt.data.synth import SynthConfig
-from avmt.encoders import ViTVisionEncoder, Wav2Vec2AudioEncoder
-from avmt.llm import CausalLM
 from avmt.module import AVModule
 from avmt.tasks import get_task, task_ids
 from avmt.tasks.base import Task, TaskParts
@@ -422,19 +418,9 @@ def test_stream_builds_matching_samples_over_four_clips(stream_groups):
 
 
 def tiny_module() -> AVModule:
-    torch.manual_seed(0)
-    return AVModule(
-        CausalLM(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
-        ViTVisionEncoder(image_size=32, patch_size=16, hidden_size=32, num_layers=1, num_heads=2),
-        Wav2Vec2AudioEncoder(hidden_size=32, num_layers=1, num_heads=2, tokens_per_segment=1),
-        QFormerConnector(num_queries=1, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
-        QFormerConnector(num_queries=1, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
-        ILoRA(r=4, alpha=8, num_heads=2, dropout=0.0),
-        image_connector=MLPConnector(tokens_per_segment=4, hidden_size=32),
-        num_segments=10,
-        generation_tasks=list(NAMES),
-        max_new_tokens=6,
-    )
+    from tests.test_task_contract import tiny_module as contract_module
+
+    return contract_module(heads=False, generation_tasks=list(NAMES), max_new_tokens=6)
 
 
 def test_model_forward_and_generate_on_a_matching_batch(stream_groups):
