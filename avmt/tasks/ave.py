@@ -41,6 +41,7 @@ class AVETask(Task):
 
     name = "ave"
     task_id = 2
+    baseline_name = "best constant range"
     prompts = (
         "Which event is both audible and visible in this clip, and when does it happen?",
         "Find the audio-visual event: name the object that is seen and heard at the same time and give "

@@ -106,7 +106,7 @@ class Task:
     #: At most this many distinct answers are tried as constants by the default baseline.
     max_baseline_candidates: ClassVar[int] = 64
     #: What :meth:`trivial_baseline` computes, in words (shown next to the scores).
-    baseline_name: ClassVar[str] = "majority"
+    baseline_name: ClassVar[str] = "best constant"
 
     def __init__(self, reasoning: bool = True) -> None:
         """Args: reasoning: include the reasoning sentences in targets (False: tagged answer only)."""

@@ -24,6 +24,7 @@ class LabelTask(Task):
     """
 
     labels: ClassVar[tuple[str, ...]] = ()
+    baseline_name = "majority class"
     conclusion_template: ClassVar[str] = "So the answer is {answer}."
 
     def label(self, scene: dict) -> str:
