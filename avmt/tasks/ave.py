@@ -14,7 +14,7 @@ from avmt.tasks.base import Task, TaskParts
 from avmt.tasks.metrics import BACKGROUND, EventClassAccuracy, ParseFailureRate, RangeIoU, SegmentAccuracy
 from avmt.tasks.reasoning import object_sentence
 from avmt.tasks.scene import av_object, ordered_objects
-from avmt.tasks.text import extract_tag
+from avmt.tasks.text import extract_tag, wrap_tag
 
 _RANGE_RE = re.compile(r"^(\d+)\s*[,\s]\s*(\d+)$")
 
@@ -28,6 +28,11 @@ def parse_range(text: str | None) -> list[int] | None:
         return None
     s, e = int(m.group(1)), int(m.group(2))
     return [s, e] if e >= s else None
+
+
+def event_tags(cls: str, rng: Sequence[int]) -> str:
+    """``("Church bell", [2, 7])`` -> "<event> Church bell </event> <range> 2,7 </range>" (the target format)."""
+    return f"{wrap_tag('event', cls)} {wrap_tag('range', f'{rng[0]},{rng[1]}')}"
 
 
 @register_task
@@ -58,7 +63,7 @@ class AVETask(Task):
     def _compose(self, scene: dict, rng: random.Random) -> TaskParts:
         ev = scene["av_event"]
         cls, (s, e) = ev["class"], ev["range"]
-        event, rng_text = f"<event> {cls} </event>", f"<range> {s},{e} </range>"
+        event, rng_text = wrap_tag("event", cls), wrap_tag("range", f"{s},{e}")  # bare == event_tags(cls, [s, e])
         sentences = [object_sentence(o) for o in ordered_objects(scene)]
         av_object(scene)  # validates the reference
         return TaskParts(
@@ -71,9 +76,11 @@ class AVETask(Task):
 
     def parse(self, text: Any) -> dict | None:
         """``{"class": str, "range": [s, e]}`` from the ``<event>`` and ``<range>`` tags; None if
-        either is missing or the range is malformed."""
+        either is missing or the range is malformed. The class is everything inside the last
+        ``<event>`` pair as written (case and punctuation kept, whitespace collapsed), so real
+        names such as "Male speech, man speaking" or "Frying (food)" come back whole."""
         try:
-            cls = extract_tag(text, "event")
+            cls = extract_tag(text, "event", keep_case=True)
             rng = parse_range(extract_tag(text, "range"))
             if cls is None or rng is None:
                 return None

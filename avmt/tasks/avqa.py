@@ -34,7 +34,7 @@ from avmt.tasks.scene import (
     sort_objects,
     unique_class_objects,
 )
-from avmt.tasks.text import extract_tag
+from avmt.tasks.text import extract_tag, wrap_tag
 
 #: Two sounds count as "louder" / "quieter" only if their loudness differs by at least this.
 LOUDNESS_MARGIN = 0.1
@@ -524,13 +524,14 @@ class AVQATask(Task):
         sentences = [object_sentence(o) for o in sort_objects(qa.objects)]
         if qa.evidence:
             sentences.append(qa.evidence)
-        tagged = f"<answer> {qa.answer} </answer>"
+        tagged = wrap_tag("answer", qa.answer)
         return TaskParts(qa.question, sentences, f"So the answer is {tagged}.", tagged,
                          {"answer": qa.answer, "type": qtype})
 
     def parse(self, text: Any) -> str | None:
-        """The normalized content of the ``<answer>`` tag, or None."""
-        return extract_tag(text, "answer")  # never raises
+        """The content of the ``<answer>`` tag as written (case kept, whitespace collapsed), or
+        None; the accuracy compares it with the answer case-insensitively."""
+        return extract_tag(text, "answer", keep_case=True)  # never raises
 
     def metrics(self) -> MetricCollection:
         """{"accuracy", "accuracy/{type}" for every question type, "parse_failure_rate"}."""

@@ -21,15 +21,22 @@ from avmt.tasks.reasoning import object_sentence
 from avmt.tasks.scene import has_overlap, ordered_objects
 from avmt.tasks.spatial import SEG
 from avmt.tasks.spatial_metrics import ClassMapF, ClassMapIoU
-from avmt.tasks.text import normalize_text
+from avmt.tasks.text import clean_text, label_key, wrap_tag
 
 #: Class ids of the class maps: 0 = background, ``i + 1`` = ``CLASSES[i]``.
 CLASS_IDS = {name: index + 1 for index, name in enumerate(CLASSES)}
+#: :data:`CLASS_IDS` by :func:`label_key`: predicted names match case and whitespace insensitively.
+_CLASS_IDS_BY_KEY = {label_key(name): index for name, index in CLASS_IDS.items()}
 NUM_CLASSES = len(CLASSES) + 1
 CLASS_MAP = DenseSpec("class_map", ("T", "H", "W"), torch.long, doc="class id of every pixel (0 = background)")
 SEG_CLASSES = DenseSpec("seg_classes", ("K",), torch.long, collate="pad",
                         doc="class id of each <seg> of the answer, in order (0-padded)")
 _CLASS_RE = re.compile(r"<\s*class\s*>(.*?)<\s*/\s*class\s*>", re.IGNORECASE | re.DOTALL)
+
+
+def class_tags(classes: Sequence[str]) -> str:
+    """``["Violin", "dog"]`` -> "<class> Violin </class> <seg> <class> dog </class> <seg>" (the target text)."""
+    return " ".join(f"{wrap_tag('class', name)} {SEG}" for name in classes)
 
 
 @register_task
@@ -69,7 +76,7 @@ class AVSSTask(Task):
             class_map[(ids == int(obj["id"]) + 1) & sounding[:, None, None]] = CLASS_IDS[obj["class"]]
             if obj["class"] not in classes:
                 classes.append(obj["class"])
-        bare = " ".join(f"<class> {name} </class> {SEG}" for name in classes)
+        bare = class_tags(classes)
         return TaskParts(
             question=self._question(rng),
             sentences=[object_sentence(o) for o in sources],
@@ -98,10 +105,13 @@ class AVSSTask(Task):
         return {"ce": torch.stack(losses).mean()} if losses else {}
 
     def parse(self, text: Any) -> list[str] | None:
-        """The class names of the ``<class>`` tags, in order (unknown names kept); None if there is none."""
+        """The class names of the ``<class>`` tags, in order (unknown names kept); None if there is none.
+
+        Names come back as written (case and punctuation kept, whitespace collapsed):
+        "vacuum-cleaner", "Frying_(food)"."""
         if not isinstance(text, str):
             return None
-        names = [normalize_text(m) for m in _CLASS_RE.findall(text)]
+        names = [clean_text(m) for m in _CLASS_RE.findall(text)]
         return [n for n in names if n] or None
 
     def predict(self, text: str, outputs: dict[str, torch.Tensor]) -> dict | None:
@@ -111,7 +121,7 @@ class AVSSTask(Task):
         if names is None or masks is None or masks.shape[0] == 0:
             return None
         count = min(len(names), masks.shape[0])
-        ids = torch.tensor([0] + [CLASS_IDS.get(n, 0) for n in names[:count]], device=masks.device)
+        ids = torch.tensor([0] + [_CLASS_IDS_BY_KEY.get(label_key(n), 0) for n in names[:count]], device=masks.device)
         channels = torch.cat([masks.new_zeros((1, *masks.shape[1:])), masks[:count]])
         return {"class_map": ids[channels.argmax(0)]}
 

@@ -19,32 +19,52 @@ from avmt.tasks.scene import ordered_objects, scene_objects
 from avmt.tasks.text import extract_tag
 
 _RANGE = r"\(\s*(\d+)\s*[\s,\-]\s*(\d+)\s*\)"
-_ITEM_RE = re.compile(rf"([^,()<>;]+?)\s*,\s*((?:{_RANGE}\s*,?\s*)+)")
 _RANGE_RE = re.compile(_RANGE)
+#: The ranges part of one item: the comma that ends its class, then one or more ``(s e)`` ranges
+#: (spaces or commas between them, an optional trailing comma).
+_RANGES_RE = re.compile(rf",\s*((?:{_RANGE}\s*,?\s*)+)")
+#: What may stand between items and around the whole list.
+_SEPARATORS = " ,;\t\n\r\f\v"
 
 
 def events_text(events: dict[str, list[list[int]]]) -> str:
     """``{"violin": [[2, 7], [8, 10]], "dog": [[0, 3]]}`` -> "violin,(2 7) (8 10) dog,(0 3)".
 
-    Classes in the dict's order (targets order them by onset)."""
+    Classes in the dict's order (targets order them by onset), written as they are (real names
+    such as "Frying_(food)" or "Male speech, man speaking" included; :func:`parse_events` reads
+    them back)."""
     return " ".join(f"{c}," + " ".join(f"({s} {e})" for s, e in ranges) for c, ranges in events.items())
 
 
 def parse_events(content: str | None) -> dict[str, list[list[int]]] | None:
     """Inverse of :func:`events_text`, tolerant: ``"violin,(2 7),(8 10) violin,(1,2)"`` is fine.
 
-    Returns class -> merged ranges ({} for empty content), or None when the content has text
-    that is not a ``class,(s e)`` item.
+    Grammar: the content is a sequence of items ``CLASS,RANGES`` where RANGES is one or more
+    ``(s e)`` (``(s,e)`` / ``(s-e)`` too), separated by spaces or commas. The class of an item is
+    everything after the previous item's ranges up to the last ``,`` before its first range, i.e.
+    up to the first ``,`` that is followed (after optional spaces) by ``(digits``; it may hold
+    spaces, commas, underscores, hyphens and parentheses ("Male speech, man speaking",
+    "Frying_(food)", "Race car, auto racing"), and comes back as written, whitespace collapsed
+    (case kept). Unambiguous as long as no class itself contains ``,(digits digits)``; a class
+    that holds a whole ``(s e)`` range, or ``<`` / ``>``, is rejected. Spaces, commas and ``;``
+    between items are ignored.
+
+    Returns class -> merged ranges ({} for empty content; entries of the same class merged), or
+    None when the content has text that is not such an item (an empty class, text after the
+    last ranges, a class holding a range).
     """
     if content is None:
         return None
     out: dict[str, list[list[int]]] = {}
-    for m in _ITEM_RE.finditer(content):
-        cls = " ".join(m.group(1).split())
-        ranges = [[int(s), int(e)] for s, e in _RANGE_RE.findall(m.group(2))]
+    pos = 0
+    for m in _RANGES_RE.finditer(content):
+        cls = " ".join(content[pos:m.start()].strip(_SEPARATORS).split())
+        if not cls or "<" in cls or ">" in cls or _RANGE_RE.search(cls):
+            return None
+        ranges = [[int(s), int(e)] for s, e in _RANGE_RE.findall(m.group(1))]
         out[cls] = merge_ranges(out.get(cls, []) + ranges)
-    leftover = _ITEM_RE.sub(" ", content)
-    if leftover.strip(" ,;\n\t"):
+        pos = m.end()
+    if content[pos:].strip(_SEPARATORS):
         return None
     return out
 
@@ -97,13 +117,13 @@ class AVVPTask(Task):
 
     def parse(self, text: Any) -> dict | None:
         """``{"audio": {...}, "visual": {...}}``; None if a tag is missing or holds non-events.
-        An empty tag pair (``<audio_event> </audio_event>``) is a valid "no events"."""
+        Class names come back as written (see :func:`parse_events`). An empty tag pair (``<audio_event> </audio_event>``) is a valid "no events"."""
         try:
             if not isinstance(text, str):
                 return None
             out = {}
             for key, tag in (("audio", "audio_event"), ("visual", "visual_event")):
-                content = extract_tag(text, tag)
+                content = extract_tag(text, tag, keep_case=True)
                 if content is None:
                     if not re.search(rf"<\s*{tag}\s*>\s*<\s*/\s*{tag}\s*>", text, re.IGNORECASE):
                         return None

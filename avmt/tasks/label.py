@@ -10,7 +10,7 @@ from torchmetrics import MetricCollection
 from avmt.data.sample import SampleError
 from avmt.tasks.base import Task, TaskParts
 from avmt.tasks.metrics import LabelAccuracy, LabelMacroF1, ParseFailureRate
-from avmt.tasks.text import extract_tag, template_words
+from avmt.tasks.text import extract_tag, template_words, wrap_tag
 
 __all__ = ["LabelTask"]
 
@@ -40,13 +40,14 @@ class LabelTask(Task):
         if label not in self.labels:
             raise SampleError(f"task {self.name!r}: label {label!r} of scene {scene.get('clip_id')!r} "
                               f"is not one of {self.labels}")
-        tagged = f"<answer> {label} </answer>"
+        tagged = wrap_tag("answer", label)
         return TaskParts(self._question(rng), self.sentences(scene),
                          self.conclusion_template.format(answer=tagged), tagged, label)
 
     def parse(self, text: Any) -> str | None:
-        """The normalized content of the ``<answer>`` tag (e.g. "moving left"), or None."""
-        return extract_tag(text, "answer")  # never raises
+        """The content of the ``<answer>`` tag as written, whitespace collapsed (e.g. "moving left",
+        "Frying_(food)"), or None. Case is kept; the metrics compare labels case-insensitively."""
+        return extract_tag(text, "answer", keep_case=True)  # never raises
 
     def metrics(self) -> MetricCollection:
         """{"accuracy", "macro_f1", "parse_failure_rate"}."""

@@ -23,7 +23,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from avmt.data.vocab import CLASSES
 from avmt.tasks.metrics import _check_lengths
-from avmt.tasks.text import normalize_text
+from avmt.tasks.text import label_key
 
 __all__ = [
     "MAP_THRESHOLDS",
@@ -90,13 +90,13 @@ def match_detections(
         one ``(class, position, [is_tp at each threshold])`` per valid prediction, position = its
         index in ``pred`` (its rank: 0 is the most confident).
     """
-    gt = [(normalize_text(e["class"]), e["range"]) for e in events]
+    gt = [(label_key(e["class"]), e["range"]) for e in events]
     matched = [[False] * len(gt) for _ in thresholds]
     out = []
     for position, item in enumerate(pred):
         if not _valid_item(item):
             continue
-        cls = normalize_text(item["class"])
+        cls = label_key(item["class"])  # case and whitespace insensitive
         ious = [(temporal_iou(item["range"], rng, num_segments), j) for j, (c, rng) in enumerate(gt) if c == cls]
         ious.sort(key=lambda x: (-x[0], x[1]))
         flags = []
@@ -171,8 +171,9 @@ class TemporalDetectionMAP(Metric):
         if not thresholds or not all(0.0 < t <= 1.0 for t in thresholds):
             raise ValueError(f"thresholds must be a non-empty sequence of values in (0, 1], got {thresholds}")
         self.thresholds = thresholds
-        self.classes = tuple(normalize_text(c) for c in (CLASSES if classes is None else classes))
-        self._index = {c: i for i, c in enumerate(self.classes)}
+        self.classes = tuple(CLASSES if classes is None else classes)
+        # classes are compared by their label_key: case and whitespace insensitive
+        self._index = {label_key(c): i for i, c in enumerate(self.classes)}
         if len(self._index) != len(self.classes):
             raise ValueError(f"classes contain duplicates: {self.classes}")
         self._width = 2 + len(thresholds)
@@ -187,7 +188,7 @@ class TemporalDetectionMAP(Metric):
         for pred, target in zip(preds, targets):
             events = list(target["events"])
             for event in events:
-                cls = normalize_text(event["class"])
+                cls = label_key(event["class"])
                 if cls not in self._index:
                     raise ValueError(
                         f"target class {event['class']!r} is not one of the metric's classes {self.classes}")

@@ -28,7 +28,7 @@ from torchmetrics.utilities.data import dim_zero_cat
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from avmt.intervals import mask_to_ranges, ranges_to_mask
-from avmt.tasks.text import normalize_text
+from avmt.tasks.text import label_key
 
 __all__ = [
     "ParseFailureRate",
@@ -94,10 +94,11 @@ class ParseFailureRate(Metric):
 
 
 def _segment_labels(cls: str | None, rng: Sequence[int] | None, num_segments: int) -> list[str | None]:
-    if cls is None or cls == BACKGROUND or rng is None:
+    if not isinstance(cls, str) or label_key(cls) == BACKGROUND or rng is None:
         return [None] * num_segments
+    key = label_key(cls)  # classes compare case and whitespace insensitively
     mask = ranges_to_mask([rng], num_segments)
-    return [cls if on else None for on in mask]
+    return [key if on else None for on in mask]
 
 
 class SegmentAccuracy(Metric):
@@ -186,8 +187,8 @@ class EventClassAccuracy(_MeanOverClips):
 
     def _score(self, pred: dict, target: dict) -> float:
         pr, gt = _masks(pred, target)
-        predicted = pred.get("class") if any(pr) else BACKGROUND
-        return float(predicted == (target.get("class") if any(gt) else BACKGROUND))
+        predicted = label_key(pred.get("class")) if any(pr) else BACKGROUND
+        return float(predicted == (label_key(target.get("class")) if any(gt) else BACKGROUND))
 
 
 class RangeIoU(_MeanOverClips):
@@ -211,8 +212,11 @@ class RangeIoU(_MeanOverClips):
 def _class_masks(
     events: dict[str, Sequence[Sequence[int]]] | None, num_segments: int
 ) -> dict[str, list[bool]]:
+    """Per-class segment masks, keyed by :func:`label_key` (entries whose classes differ only in
+    case or whitespace are one class)."""
     out: dict[str, list[bool]] = {}
-    for cls, ranges in (events or {}).items():
+    for name, ranges in (events or {}).items():
+        cls = label_key(name)
         mask = ranges_to_mask(ranges, num_segments)
         if cls in out:
             mask = [a or b for a, b in zip(out[cls], mask)]
@@ -357,7 +361,8 @@ class _LabelEncoder:
 
     def _setup(self, labels: Sequence[str], target_key: str | None, qtype: str | None) -> None:
         self.labels = tuple(labels)
-        self._index = {label: i for i, label in enumerate(self.labels)}
+        # labels are compared by their label_key: case and whitespace insensitive
+        self._index = {label_key(label): i for i, label in enumerate(self.labels)}
         if len(self._index) != len(self.labels):
             raise ValueError(f"labels contain duplicates: {labels}")
         self.target_key = target_key
@@ -371,10 +376,10 @@ class _LabelEncoder:
             if self.qtype is not None and target.get("type") != self.qtype:
                 continue
             label = target[self.target_key] if self.target_key is not None else target
-            if label not in self._index:
+            if not isinstance(label, str) or label_key(label) not in self._index:
                 raise ValueError(f"target label {label!r} is not one of the metric's labels {self.labels}")
-            t_idx.append(self._index[label])
-            p_idx.append(self._index.get(normalize_text(pred), invalid) if isinstance(pred, str) else invalid)
+            t_idx.append(self._index[label_key(label)])
+            p_idx.append(self._index.get(label_key(pred), invalid) if isinstance(pred, str) else invalid)
         if not t_idx:
             return None
         device = getattr(self, "device", torch.device("cpu"))

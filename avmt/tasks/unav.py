@@ -18,7 +18,7 @@ from avmt.tasks.localization_metrics import MAP_THRESHOLDS, TemporalDetectionMAP
 from avmt.tasks.metrics import ParseFailureRate
 from avmt.tasks.reasoning import object_sentence
 from avmt.tasks.scene import ordered_objects, scene_objects
-from avmt.tasks.text import normalize_text
+from avmt.tasks.text import clean_text
 
 __all__ = ["av_events", "events_tags", "UNAVTask"]
 
@@ -103,6 +103,8 @@ class UNAVTask(Task):
         """``[{"class": str, "range": [s, e]}, ...]``: every ``<event> X </event>`` with the
         ``<range> s,e </range>`` that follows it, in output order (duplicates kept).
 
+        A class is everything between ``<event>`` and ``</event>`` as written (case and inner
+        punctuation kept, whitespace collapsed): "Race car, auto racing", "Frying (food)".
         Tags are case and whitespace tolerant, and any text may stand between an event's tags and
         its range (e.g. ", and the time range is"). Returns None (a parse failure) when the text
         has no complete event/range pair, when the ``<event>``/``<range>`` tags do not form a
@@ -121,7 +123,7 @@ class UNAVTask(Task):
                 group = tags[i:i + 4]
                 if tuple((m.group(1), m.group(2).lower()) for m in group) != _PAIR:
                     return None
-                cls = normalize_text(text[group[0].end():group[1].start()])
+                cls = clean_text(text[group[0].end():group[1].start()])  # as written, case kept
                 rng = parse_range(text[group[2].end():group[3].start()])
                 if not cls or rng is None or rng[1] <= rng[0]:
                     return None

@@ -258,7 +258,7 @@ def test_avss_predict_combines_names_and_masks():
     assert task.predict("<seg> <seg>", {"mask_logits": logits}) is None  # no class named
     assert task.predict(text, {"mask_logits": logits[:0]}) is None  # no <seg>
     assert task.predict(text, {}) is None
-    assert task.parse(text) == ["violin", "flute"] and task.parse("no tags") is None
+    assert task.parse(text) == ["Violin", "flute"] and task.parse("no tags") is None  # names as written
 
 
 # ---- dense losses -------------------------------------------------------------------------------

@@ -28,8 +28,9 @@ def test_answer_tag_parsers(name):
     task = get_task(name)
     assert task.parse("It moves. So the answer is <answer> moving left </answer>.") == "moving left"
     assert task.parse("<answer>yes</answer>") == "yes"
-    assert task.parse("  <answer>   Flute \n </answer>  ") == "flute"
-    assert task.parse("<ANSWER> HAPPY </ANSWER>") == "happy"
+    # labels come back as written (case kept, whitespace collapsed); the metrics ignore case
+    assert task.parse("  <answer>   Flute \n </answer>  ") == "Flute"
+    assert task.parse("<ANSWER> HAPPY </ANSWER>") == "HAPPY"
     assert task.parse("So the answer is flute.") is None  # missing tag
     assert task.parse("<answer> flute") is None  # missing closing tag
     for g in GARBAGE:
@@ -42,7 +43,7 @@ def test_ave_parser():
     text = "So the event is <event> violin </event>, and the range is <range> 2,7 </range>."
     assert task.parse(text) == want
     assert task.parse("<event>violin</event><range>2,7</range>") == want
-    assert task.parse("<EVENT>  Violin </EVENT>\n<RANGE> 2 , 7 </RANGE>") == want
+    assert task.parse("<EVENT>  Violin </EVENT>\n<RANGE> 2 , 7 </RANGE>") == {**want, "class": "Violin"}  # case kept
     assert task.parse("<event> violin </event> <range> 2 7 </range>") == want
     assert task.parse("<event> violin </event>") is None  # missing range
     assert task.parse("<range> 2,7 </range>") is None  # missing event
@@ -62,7 +63,8 @@ def test_avvp_parser():
     assert task.parse(text) == want
     loose = ("<AUDIO_EVENT>Dog , (0 3),(8  10)  VIOLIN,( 2 7 )</AUDIO_EVENT>"
              "<visual_event>\nviolin,(2,7)  cat,(4 9)\n</visual_event>")
-    assert task.parse(loose) == want
+    assert task.parse(loose) == {"audio": {"Dog": [[0, 3], [8, 10]], "VIOLIN": [[2, 7]]},  # case kept
+                                 "visual": want["visual"]}
     # repeated class entries are merged; overlapping ranges too
     assert task.parse("<audio_event> dog,(0 2) dog,(1 3) </audio_event> <visual_event> </visual_event>") == {
         "audio": {"dog": [[0, 3]]}, "visual": {}}

@@ -110,7 +110,7 @@ def test_round_trip_on_real_synth_clips(synth_clips):
 
 def test_parser_tolerates_case_whitespace_and_filler():
     task = get_task("unav")
-    assert task.parse("< EVENT >  Violin\n</Event><range>2 , 7</ RANGE >") == [ev("violin", 2, 7)]
+    assert task.parse("< EVENT >  Violin\n</Event><range>2 , 7</ RANGE >") == [ev("Violin", 2, 7)]  # case kept
     assert task.parse("So the event is <event> violin </event>, and the time range is <range> 2 7 </range>. "
                       "Then <event> french  dog </event> from <range>0,3</range>.") == [
         ev("violin", 2, 7), ev("french dog", 0, 3)]
