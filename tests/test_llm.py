@@ -258,3 +258,22 @@ def test_bad_arguments():
         CausalLM(architecture="gpt9", words=WORDS)
     with pytest.raises(OSError, match="could not load"):
         CausalLM(model="/nonexistent/path/to/model")
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    """Recomputing activations in the backward pass trades compute for memory, nothing else."""
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        lm = CausalLM(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                      gradient_checkpointing=checkpointing, train_modules=["embed_tokens", "lm_head", "norm"])
+        lm.freeze_base()
+        lm.model.train()
+        ids = lm.tokenizer(["the violin is heard", "a dog is seen"], return_tensors="pt", padding=True)["input_ids"]
+        loss = lm.model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads.append((loss.detach(), [p.grad for p in lm.parameters() if p.requires_grad and p.grad is not None]))
+        assert getattr(lm.model, "is_activation_checkpointing", None) in (checkpointing, None)
+    (loss_a, grads_a), (loss_b, grads_b) = grads
+    assert torch.allclose(loss_a, loss_b) and len(grads_a) == len(grads_b) > 0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_a, grads_b))

@@ -28,12 +28,15 @@ class Encoder(nn.Module):
     frozen: bool
 
     def _apply_freeze(self, freeze: bool) -> None:
-        """Freeze (``requires_grad=False`` + eval mode) or unfreeze the backbone."""
+        """Freeze (``requires_grad=False`` + eval mode) or unfreeze (train mode) the backbone.
+
+        A backbone from ``from_pretrained`` arrives in eval mode and Lightning keeps submodule
+        modes, so an unfrozen one is put in train mode here (its dropout, an adapter's dropout).
+        """
         self.frozen = bool(freeze)
         for p in self.backbone.parameters():
             p.requires_grad_(not self.frozen)
-        if self.frozen:
-            self.backbone.eval()
+        self.backbone.train(not self.frozen)
 
     def train(self, mode: bool = True) -> "Encoder":
         """Set train/eval mode; a frozen backbone always stays in eval mode."""
