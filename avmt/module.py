@@ -23,7 +23,7 @@ from avmt.heads import Head
 from avmt.llm import CausalLM, tokenizer_difference
 from avmt.model import AVModel
 from avmt.outputs import ModelOutput
-from avmt.tasks import Task, get_task, task_ids
+from avmt.tasks import TASKS, Task, get_task, task_ids
 
 CHECKPOINT_FORMAT = 1
 
@@ -192,6 +192,10 @@ class AVModule(L.LightningModule):
         """Tell a task-conditioned adapter (MoE-LoRA ``gate: task``) the stable id of each sample's task."""
         adapter = self.model.adapter
         if adapter is not None and getattr(adapter, "num_tasks", None):
+            unknown = sorted({name for name in task_names if name not in self.task_ids})
+            if unknown:
+                raise ValueError(f"the adapter routes by task and {unknown} is not a registered task; "
+                                 "ask a task (e.g. a request's 'task') rather than a free instruction")
             ids = [self.task_ids[name] for name in task_names]
             adapter.set_task_ids(torch.tensor(ids, dtype=torch.long, device=device))
 
@@ -330,7 +334,7 @@ class AVModule(L.LightningModule):
         shapes = self._answer_budget()
         for name, task_rows in by_task.items():
             started = time.perf_counter()
-            task = self._task(name)
+            task = self._task(name) if name in TASKS else None  # None: a free instruction (predict on files)
             sub = batch.take(task_rows)
             self._set_task_ids(sub.tasks, sub.frames.device)
             kwargs: dict[str, Any] = {}
@@ -339,9 +343,12 @@ class AVModule(L.LightningModule):
                 kwargs["logits_processor"] = LogitsProcessorList([budget])
             generated = self.model.generate(
                 sub, shapes.max_new_tokens(name, self.max_new_tokens) if self.answer_budget else self.max_new_tokens,
-                return_dense=bool(task.outputs), **kwargs,
+                return_dense=task is not None and bool(task.outputs), **kwargs,
             )
             for i, (row, text) in enumerate(zip(task_rows, generated.texts, strict=True)):
+                if task is None:
+                    results[row] = (text, None)
+                    continue
                 outputs = {output: generated.dense[output].for_row(i) for output in task.outputs
                            if output in generated.dense}
                 results[row] = (text, task.predict(text, outputs))

@@ -218,6 +218,30 @@ def test_predict_writes_one_line_per_sample_with_the_parsed_answer(fitted):
         assert line["answer"] is not None
 
 
+def test_predict_on_media_files_from_a_request_file(fitted, tmp_path):
+    """The way Crab's quick-start script is used: a request file names media and a task or an instruction."""
+    from tests.data.test_media import write_video
+
+    write_video(tmp_path / "clip.mp4", seconds=3.0)
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"id": "mine", "task": "ave", "video": "clip.mp4"}) + "\n"
+                        + json.dumps({"id": "free", "instruction": "What is heard?", "video": "clip.mp4"}) + "\n")
+    run_cli(
+        "predict", "-c", str(fitted / "config.yaml"), f"--ckpt_path={fitted / 'checkpoints' / 'last.ckpt'}",
+        f"--data.requests={requests}", "--trainer.logger.init_args.version=requests", cwd=fitted.parent.parent.parent,
+    )
+    lines = [json.loads(line) for line in (fitted.parent / "requests" / "predictions.jsonl").read_text().splitlines()]
+    assert [(line["key"], line["task"]) for line in lines] == [("mine", "ave"), ("free", "instruction")]
+    assert lines[1]["prompt"] == "<video> <audio> What is heard?" and isinstance(lines[1]["text"], str)
+    assert lines[0]["answer"] is None and lines[1]["prediction"] is None
+    bad = run_cli(
+        "predict", "-c", str(fitted / "config.yaml"), f"--ckpt_path={fitted / 'checkpoints' / 'last.ckpt'}",
+        f"--data.requests={tmp_path / 'missing.jsonl'}", "--trainer.logger=false", cwd=fitted.parent.parent.parent,
+        check=False,
+    )
+    assert bad.returncode == 2 and "missing.jsonl" in bad.stderr
+
+
 def test_checkpoint_rejects_a_different_adapter(fitted, shards):
     result = run_cli(
         "validate",

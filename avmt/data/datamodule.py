@@ -193,6 +193,9 @@ class AVDataModule(L.LightningDataModule):
         train_clips, val_clips, test_clips: AVSynth clip counts (only when ``root`` is ``None``).
         num_classes, frame_size, noise_level, max_objects, multi_source: AVSynth generator knobs
             (``multi_source``: fraction of scenes with several simultaneous sound sources).
+        requests: a request file (JSON list or JSONL, :mod:`avmt.data.requests`): ``predict``
+            answers its requests about media files (decoded to this module's segments, frame size
+            and sample rate) instead of the test split.
     """
 
     def __init__(
@@ -213,6 +216,7 @@ class AVDataModule(L.LightningDataModule):
         noise_level: float = 0.05,
         max_objects: int = 3,
         multi_source: float = 0.0,
+        requests: str | None = None,
     ) -> None:
         super().__init__()
         known = list_tasks()
@@ -239,6 +243,7 @@ class AVDataModule(L.LightningDataModule):
             max_objects=max_objects,
             multi_source=multi_source,
         )
+        self.requests = requests
         self.shards: dict[str, list[Path]] = {}
         self.counts: dict[str, int | None] = {}
         self.datasets: dict[str, ClipTaskStream] = {}
@@ -250,10 +255,20 @@ class AVDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Generate the AVSynth shards into the cache on first use (``root`` unset)."""
-        if self.root is None:
+        if self.root is None and self.requests is None:
             ensure_shards(self.default_root(), self.clip_counts, self.seed, self.synth_config)
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict" and self.requests is not None:
+            from avmt.data.media import MediaConfig
+            from avmt.data.requests import RequestDataset, load_requests
+
+            cfg = self.synth_config
+            media = MediaConfig(num_segments=cfg.num_segments, segment_seconds=cfg.segment_seconds,
+                                frames_per_segment=cfg.frames_per_segment, image_size=cfg.frame_size,
+                                sample_rate=cfg.sample_rate, missing_audio="silence")
+            self.datasets["predict"] = RequestDataset(load_requests(self.requests), media)
+            return
         root = self.root if self.root is not None else self.default_root()
         if self.root is None:  # prepare_data ran on rank 0; on other ranks this only reads the manifest
             ensure_shards(root, self.clip_counts, self.seed, self.synth_config)
@@ -297,4 +312,4 @@ class AVDataModule(L.LightningDataModule):
         return self._loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self._loader("predict" if "predict" in self.datasets else "test")
