@@ -109,8 +109,8 @@ class AnswerShapes:
         if len(ends) < before:
             shape.tagged = False  # the tokenizer does not split sentences where the text does
             return
-        start = ends[before - 1] + 1 if before else 0
-        starts = [0, *(e + 1 for e in ends[:before])]
+        starts = [0, *(e + 1 for e in ends[:before])]  # starts[before]: the tagged sentence
+        start = starts[before]
         for a, b in zip(starts, ends[:before]):
             shape.max_sentence_tokens = max(shape.max_sentence_tokens, b - a + 1)
         shape.max_sentences = max(shape.max_sentences, before)
@@ -148,11 +148,23 @@ class AnswerShapes:
         self.shapes = {task: AnswerShape(**values) for task, values in state.items()}
 
 
+@dataclass
+class _RowState:
+    """What :class:`ReasoningBudget` has read of one row so far (rows only grow between calls)."""
+
+    seen: int = 0  # tokens read
+    start: int = 0  # where the current sentence starts
+    count: int = 0  # sentences completed
+    sentences: set[tuple[int, ...]] = field(default_factory=set)
+    last_repeated: bool = False  # the last completed sentence repeats an earlier one
+    concluded: bool = False  # the lead began a sentence: leave the row alone
+
+
 class ReasoningBudget(LogitsProcessor):
     """Force a row to conclude once its reasoning has used its budget (see the module docstring).
 
     Per row (the generated tokens only; transformers passes no prompt ids when generation starts
-    from embeddings): once the token that starts the tagged sentence (``lead``) has been emitted
+    from embeddings; each call reads only the tokens added since the previous one): once the token that starts the tagged sentence (``lead``) has been emitted
     at a sentence start, the row is left alone. Before that, at a sentence start, the lead is
     forced when the row has written ``max_sentences`` sentences or its last sentence repeats an
     earlier one; inside a sentence, a sentence end is forced after ``max_sentence_tokens`` tokens.
@@ -175,27 +187,35 @@ class ReasoningBudget(LogitsProcessor):
         self.end_id = int(end_ids[0])
         #: Rows where a forced token was not the model's own first choice (the budget intervened).
         self.forced_rows: set[int] = set()
+        self._rows = [_RowState() for _ in self.leads]
 
     def _forced_token(self, row: int, ids: list[int]) -> int | None:
         lead = self.leads[row]
         if lead is None:
             return None
-        sentences: list[tuple[int, ...]] = []
-        start = 0
-        for i, token in enumerate(ids):
-            if i == start and token == lead:
-                return None  # the tagged sentence has begun
+        state = self._rows[row]
+        if len(ids) < state.seen:  # a new generation with this processor: start over
+            state = self._rows[row] = _RowState()
+        for i in range(state.seen, len(ids)):  # only the tokens generated since the last call
+            token = ids[i]
+            if i == state.start and token == lead:
+                state.concluded = True  # the tagged sentence has begun
+                break
             if token in self.end_ids:
-                sentences.append(tuple(ids[start:i + 1]))
-                start = i + 1
-        at_start = start == len(ids)
-        if at_start:
-            repeated = len(sentences) >= 2 and sentences[-1] in sentences[:-1]
-            if len(sentences) >= self.max_sentences[row] or repeated:
+                sentence = tuple(ids[state.start:i + 1])
+                state.last_repeated = sentence in state.sentences
+                state.sentences.add(sentence)
+                state.count += 1
+                state.start = i + 1
+        state.seen = len(ids)
+        if state.concluded:
+            return None
+        if state.start == len(ids):  # at a sentence start
+            if state.count >= self.max_sentences[row] or state.last_repeated:
                 return lead
             return None
         limit = self.max_sentence_tokens[row]
-        if limit and len(ids) - start >= limit:
+        if limit and len(ids) - state.start >= limit:
             return self.end_id
         return None
 

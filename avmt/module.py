@@ -403,17 +403,17 @@ class AVModule(L.LightningModule):
             baseline = task.trivial_baseline(self._answers[name])
             for key, value in scores.items():
                 self.log(f"{stage}/{name}/{key}", value, sync_dist=True)
-            self.log(f"{stage}/{name}/generation_seconds", seconds, reduce_fx="max")
-            self.log(f"{stage}/{name}/budget_interventions", self._forced_rows.get(name, 0) / len(self._answers[name]),
-                     reduce_fx="max")
             samples = len(self._answers[name])
+            interventions = self._forced_rows.get(name, 0) / samples
+            self.log(f"{stage}/{name}/generation_seconds", seconds, reduce_fx="max")
+            self.log(f"{stage}/{name}/budget_interventions", interventions, reduce_fx="max")
             self.final_metrics[name] = {
                 "scores": scores,
                 "baseline": {key: float(value) for key, value in baseline.items()},
                 "baseline_name": task.baseline_name,
                 "samples": samples,
                 "generation_seconds": round(seconds, 3),
-                "budget_interventions": self._forced_rows.get(name, 0) / samples,
+                "budget_interventions": interventions,
             }
             collection.reset()
         if total_seconds:

@@ -138,3 +138,18 @@ def test_an_untrained_model_is_made_to_answer(make_batch):
         assert text.startswith("<answer>")
         assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= shapes.max_new_tokens("action", 40)
     assert module._forced_rows["action"] == 2
+
+
+def test_budget_reads_each_row_incrementally_with_the_same_decisions():
+    """Generation calls the budget once per step with one more token per row; its decisions must
+    equal those of a fresh budget reading the whole row at once."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(50):
+        streams = [[rng.choice([0, END, LEAD, A, B]) for _ in range(30)] for _ in range(3)]
+        args = ([LEAD, LEAD, None], [2, 3, 1], [4, 0, 3], [END])
+        stepwise = ReasoningBudget(*args)
+        for n in range(31):
+            rows = [s[:n] for s in streams]
+            assert run(stepwise, rows).tolist() == run(ReasoningBudget(*args), rows).tolist(), (streams, n)

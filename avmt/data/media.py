@@ -284,6 +284,13 @@ def _seconds(value, time_base) -> float | None:
     return float(value * time_base)
 
 
+def _frame_time(frame, origin: float, running: float | None) -> float:
+    """A decoded frame's time in seconds from ``origin``; a frame without pts takes ``running``
+    (where the previous frame ended; 0 for the first)."""
+    t = _seconds(frame.pts, frame.time_base)
+    return (running if running is not None else 0.0) if t is None else t - origin
+
+
 def _video_stream(container):
     for stream in container.streams.video:
         if not (stream.disposition & av.stream.Disposition.attached_pic):  # skip cover art
@@ -431,8 +438,7 @@ def _decode(container, path, config: MediaConfig, start: float, end: float | Non
             if video_done:
                 continue
             for frame in packet.decode():
-                t = _seconds(frame.pts, frame.time_base)
-                t = (video_next if video_next is not None else 0.0) if t is None else t - origin
+                t = _frame_time(frame, origin, video_next)
                 video_next = t + 1.0 / fps
                 video_end = max(video_end, video_next)
                 if t >= limit:
@@ -449,8 +455,7 @@ def _decode(container, path, config: MediaConfig, start: float, end: float | Non
             if audio_done:
                 continue
             for frame in packet.decode():
-                t = _seconds(frame.pts, frame.time_base)
-                t = (audio_next if audio_next is not None else 0.0) if t is None else t - origin
+                t = _frame_time(frame, origin, audio_next)
                 audio_next = t + frame.samples / frame.sample_rate
                 if audio_t0 is None:
                     audio_t0 = t

@@ -171,5 +171,5 @@ class RequestDataset(IterableDataset):
                                      "name the media file(s)")
             media = tuple(MediaRef(p, 0, int(request.fields.get("segment", 0)) if p == "<image>" else None)
                           for p in inputs)
-            prompt = " ".join(p for p in inputs) + " " + request.question
+            prompt = " ".join(inputs) + " " + request.question
             yield ClipGroup([clip], [TaskSample(request.task, prompt, "", None, media, {})])

@@ -27,7 +27,7 @@ from avmt.data.sample import Clip, MediaRef, SampleError
 from avmt.data.vocab import NUMBER_WORDS
 from avmt.tasks import register_task
 from avmt.tasks.base import Task, TaskParts
-from avmt.tasks.metrics import ParseFailureRate
+from avmt.tasks.metrics import ParseFailureRate, _check_lengths, _ratio
 from avmt.tasks.scene import is_sounding, is_visible, ordered_objects, scene_objects
 from avmt.tasks.text import extract_tag
 
@@ -86,17 +86,14 @@ class CandidateAccuracy(Metric):
 
     def update(self, preds: Sequence[int | None], targets: Sequence[dict]) -> None:
         """Count right choices over N (prediction, answer) pairs."""
-        if len(preds) != len(targets):
-            raise ValueError(f"got {len(preds)} predictions for {len(targets)} targets; they must pair up")
+        _check_lengths(preds, targets)
         self.correct += sum(isinstance(p, int) and not isinstance(p, bool) and p == int(t["index"])
                             for p, t in zip(preds, targets))
         self.total += len(targets)
 
     def compute(self) -> torch.Tensor:
         """Right choices / samples."""
-        if self.total == 0:
-            return torch.zeros((), dtype=torch.float64, device=self.correct.device)
-        return self.correct.double() / self.total.double()
+        return _ratio(self.correct, self.total)
 
 
 class MatchingTask(Task):
