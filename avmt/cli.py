@@ -120,13 +120,10 @@ def check_plugins(argv: list[str]) -> None:
         check_class_path(MODULE_ARGUMENTS[argument], class_path, f"model.{argument}.class_path")
 
 
-def data_main(argv: list[str]) -> None:
-    """``python -m avmt data synth ...``: write AVSynth WebDataset shards."""
-    from avmt.data.shards import synthesize
+def synth_parser() -> ArgumentParser:
+    """Arguments of ``python -m avmt data synth``."""
     from avmt.data.synth import SynthConfig
 
-    parser = ArgumentParser(prog="python -m avmt data", description="Data utilities.")
-    commands = parser.add_subcommands(dest="command")
     synth = ArgumentParser(description="Write AVSynth shards (train/val/test) and a manifest into --out.")
     synth.add_argument("--out", type=str, required=True, help="output folder")
     synth.add_argument("--clips", type=int, default=2000, help="training clips")
@@ -134,11 +131,14 @@ def data_main(argv: list[str]) -> None:
     synth.add_argument("--test_clips", type=int | None, default=None, help="test clips (default: clips/10)")
     synth.add_argument("--seed", type=int, default=0, help="generation seed (same seed, same bytes)")
     synth.add_class_arguments(SynthConfig, "synth", help="generator knobs")
-    commands.add_subcommand("synth", synth, help="generate AVSynth shards")
-    cfg = parser.parse_args(argv)
-    if cfg.command != "synth":
-        parser.error("choose a data command: synth")
-    args = cfg.synth
+    return synth
+
+
+def synth_run(args: Any) -> None:
+    """Run ``python -m avmt data synth`` with its parsed arguments."""
+    from avmt.data.shards import synthesize
+    from avmt.data.synth import SynthConfig
+
     held_out = max(1, args.clips // 10)
     clips = {
         "train": args.clips,
@@ -149,6 +149,32 @@ def data_main(argv: list[str]) -> None:
     shards = synthesize(Path(args.out), clips, args.seed, config, progress=True)
     for split, paths in shards.items():
         print(f"{split}: {clips[split]} clips in {len(paths)} shard(s) under {Path(args.out) / split}")
+
+
+#: ``python -m avmt data NAME``: NAME -> ("module:parser_function", "module:run_function", help).
+#: A parser function returns a jsonargparse ``ArgumentParser``; the run function gets its parsed namespace.
+DATA_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "synth": ("avmt.cli:synth_parser", "avmt.cli:synth_run", "generate AVSynth shards"),
+}
+
+
+def _resolve(reference: str) -> Any:
+    import importlib
+
+    module_name, _, attribute = reference.partition(":")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+def data_main(argv: list[str]) -> None:
+    """``python -m avmt data COMMAND ...``: the commands of :data:`DATA_COMMANDS`."""
+    parser = ArgumentParser(prog="python -m avmt data", description="Data utilities.")
+    commands = parser.add_subcommands(dest="command")
+    for name, (build, _, help_text) in DATA_COMMANDS.items():
+        commands.add_subcommand(name, _resolve(build)(), help=help_text)
+    cfg = parser.parse_args(argv)
+    if cfg.command not in DATA_COMMANDS:
+        parser.error(f"choose a data command: {', '.join(DATA_COMMANDS)}")
+    _resolve(DATA_COMMANDS[cfg.command][1])(cfg[cfg.command])
 
 
 def load_tensors(path: Path) -> dict:
