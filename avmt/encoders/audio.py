@@ -15,14 +15,14 @@ import logging
 import math
 
 import torch
-import torch.nn.functional as F
 
-from avmt.encoders.base import AudioEncoder, torch_dtype
+from avmt.encoders.base import check_heads, disable_training_noise, load_pretrained
+from avmt.encoders.windowed import WindowedAudioEncoder, sample_rate_mismatch
 
 log = logging.getLogger(__name__)
 
 
-class Wav2Vec2AudioEncoder(AudioEncoder):
+class Wav2Vec2AudioEncoder(WindowedAudioEncoder):
     """Per-segment waveform features.
 
     Args:
@@ -36,10 +36,14 @@ class Wav2Vec2AudioEncoder(AudioEncoder):
         normalize: zero-mean / unit-variance normalization of each clip's waveform (what the
             wav2vec2 feature extractor does), before it is cut into windows.
         dtype: dtype of a loaded checkpoint.
+        window_seconds: audio window per segment, centred on it (Crab: 1 s; MUSIC-AVQA: 2 s);
+            ``None`` = the whole segment (the windows tile the clip).
 
     SpecAugment-style masking and layer-drop are switched off: the backbone is a feature
     extractor here.
     """
+
+    resample_hint = "resample when converting the data (or set the encoder's sample_rate)"
 
     def __init__(
         self,
@@ -53,20 +57,15 @@ class Wav2Vec2AudioEncoder(AudioEncoder):
         freeze: bool = False,
         normalize: bool = True,
         dtype: str = "float32",
+        window_seconds: float | None = None,
     ) -> None:
-        super().__init__()
-        if tokens_per_segment < 1:
-            raise ValueError(f"tokens_per_segment must be >= 1, got {tokens_per_segment}")
-        self.model_name = model
+        super().__init__(model, tokens_per_segment, window_seconds)
         self.sample_rate = int(sample_rate)
-        self.tokens_per_segment = int(tokens_per_segment)
         self.normalize = bool(normalize)
         if model is None:
             from transformers import Wav2Vec2Config, Wav2Vec2Model
 
-            if hidden_size % num_heads != 0:
-                raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
-            groups = math.gcd(hidden_size, 4)
+            check_heads(hidden_size, num_heads)
             config = Wav2Vec2Config(
                 hidden_size=hidden_size,
                 num_hidden_layers=num_layers,
@@ -76,7 +75,7 @@ class Wav2Vec2AudioEncoder(AudioEncoder):
                 conv_stride=(5, 2, 2, 2, 2, 2, 2),
                 conv_kernel=(10, 3, 3, 3, 3, 2, 2),
                 num_conv_pos_embeddings=16,
-                num_conv_pos_embedding_groups=groups,
+                num_conv_pos_embedding_groups=math.gcd(hidden_size, 4),
                 hidden_dropout=0.0,
                 activation_dropout=0.0,
                 attention_dropout=0.0,
@@ -87,33 +86,14 @@ class Wav2Vec2AudioEncoder(AudioEncoder):
                 mask_time_prob=0.0,
             )
             self.backbone = Wav2Vec2Model(config)
-            self.pretrained = False
         else:
-            from transformers import AutoModel
-
-            try:
-                self.backbone = AutoModel.from_pretrained(model, dtype=torch_dtype(dtype))
-            except OSError as e:
-                raise OSError(
-                    f"could not load the audio encoder {model!r} (a hub id or a local directory with a "
-                    f"transformers checkpoint is expected; set init_args.model: null for the tiny "
-                    f"offline one): {e}"
-                ) from e
-            cfg = self.backbone.config
-            for name, value in (("apply_spec_augment", False), ("mask_time_prob", 0.0), ("layerdrop", 0.0)):
-                if hasattr(cfg, name):
-                    setattr(cfg, name, value)
-            self.pretrained = True
-            _check_sample_rate(model, self.sample_rate)
+            self.backbone = load_pretrained(model, dtype, "audio")
+            _warn_on_other_sample_rate(model, self.sample_rate)
+        disable_training_noise(self.backbone)
         self._apply_freeze(freeze)
 
-    @property
-    def output_dim(self) -> int:
-        """Feature width D."""
-        return int(self.backbone.config.hidden_size)
-
     def num_frames(self, window: int) -> int:
-        """Backbone frames produced for a window of ``window`` samples."""
+        """Backbone frames produced for a window of ``window`` samples (< 1: shorter than the receptive field)."""
         fn = getattr(self.backbone, "_get_feat_extract_output_lengths", None)
         if fn is not None:
             return int(fn(torch.tensor(window)).item())
@@ -122,54 +102,47 @@ class Wav2Vec2AudioEncoder(AudioEncoder):
             length = (length - k) // s + 1
         return length
 
-    def forward(self, audio: torch.Tensor, num_segments: int, sample_rate: int | None = None) -> torch.Tensor:
-        """Encode the waveform window by window.
+    @property
+    def min_window_samples(self) -> int:
+        """The conv feature extractor's receptive field: the shortest window giving one frame (400 samples)."""
+        samples = 1
+        for k, s in zip(reversed(self.backbone.config.conv_kernel), reversed(self.backbone.config.conv_stride)):
+            samples = (samples - 1) * s + k
+        return samples
+
+    def preprocess(self, audio: torch.Tensor) -> torch.Tensor:
+        """Zero-mean / unit-variance normalization of each clip when ``normalize``.
 
         Args:
-            audio: ``[B, S]`` float waveform at ``self.sample_rate`` (mono).
-            num_segments: T, the number of video segments; the waveform is split into T windows
-                of ``S // T`` samples (a remainder of fewer than T samples at the end is dropped).
-            sample_rate: rate of ``audio`` when known; must equal ``self.sample_rate``.
+            audio: ``[B, S]`` float32 waveform.
         Returns:
-            ``[B, T, Q, D]`` features, ``Q = tokens_per_segment``, ``D = output_dim``.
+            ``[B, S]`` float32.
         """
-        if audio.dim() != 2:
-            raise ValueError(f"audio must be [B, S], got shape {tuple(audio.shape)}")
-        if sample_rate is not None and int(sample_rate) != self.sample_rate:
-            raise ValueError(
-                f"audio at {sample_rate} Hz but the audio encoder expects {self.sample_rate} Hz; "
-                f"resample when converting the data (or set the encoder's sample_rate)"
-            )
-        t = int(num_segments)
-        if t < 1:
-            raise ValueError(f"num_segments must be >= 1, got {num_segments}")
-        b, s = audio.shape
-        window = s // t
-        if self.num_frames(window) < 1:
-            raise ValueError(
-                f"audio windows of {window} samples ({s} samples / {t} segments) are shorter than the "
-                f"audio encoder's receptive field"
-            )
-        x = audio.float()
-        if self.normalize:
-            std = torch.sqrt(x.var(dim=1, keepdim=True, unbiased=False) + 1e-7)
-            x = (x - x.mean(dim=1, keepdim=True)) / std
-        x = x[:, : window * t].reshape(b * t, window).to(self.dtype)
-        hidden = self.backbone(input_values=x).last_hidden_state  # [B*T, frames, D]
-        pooled = F.adaptive_avg_pool1d(hidden.transpose(1, 2).float(), self.tokens_per_segment)
-        pooled = pooled.transpose(1, 2).to(hidden.dtype)  # [B*T, Q, D]
-        return pooled.reshape(b, t, self.tokens_per_segment, hidden.shape[-1])
+        if not self.normalize:
+            return audio
+        std = torch.sqrt(audio.var(dim=1, keepdim=True, unbiased=False) + 1e-7)
+        return (audio - audio.mean(dim=1, keepdim=True)) / std
+
+    def encode_windows(self, windows: torch.Tensor) -> torch.Tensor:
+        """Backbone frames of independent windows.
+
+        Args:
+            windows: ``[N, L]`` float32 waveform, ``L >= min_window_samples``.
+        Returns:
+            ``[N, num_frames(L), D]`` (one frame per 20 ms for wav2vec2 checkpoints).
+        """
+        return self.backbone(input_values=windows.to(self.dtype)).last_hidden_state
 
 
-def _check_sample_rate(model: str, sample_rate: int) -> None:
+def _warn_on_other_sample_rate(model: str, sample_rate: int) -> None:
     """Warn when the checkpoint's feature extractor declares another sampling rate."""
     try:
         from transformers import AutoFeatureExtractor
 
-        fe = AutoFeatureExtractor.from_pretrained(model)
-        rate = getattr(fe, "sampling_rate", None)
+        rate = getattr(AutoFeatureExtractor.from_pretrained(model), "sampling_rate", None)
     except Exception as e:  # noqa: BLE001 - the check is advisory
         log.info("no feature extractor for %s (%s); not checking its sampling rate", model, e)
         return
-    if rate is not None and int(rate) != sample_rate:
-        log.warning("%s was trained on %s Hz audio but sample_rate=%s", model, rate, sample_rate)
+    problem = None if rate is None else sample_rate_mismatch(sample_rate, rate, model)
+    if problem is not None:
+        log.warning("%s; resample the audio to %s Hz or check the encoder's sample_rate", problem, rate)

@@ -1,4 +1,5 @@
-"""Shared machinery of the encoders: the ``freeze`` switch and the ``pretrained`` record.
+"""Shared machinery of the encoders: the ``freeze`` switch, the ``pretrained`` record, and the
+checks and checkpoint loading every encoder's constructor does.
 
 An encoder wraps a transformers backbone (``self.backbone``). ``freeze=True`` turns off the
 gradients of every backbone parameter and keeps the backbone in eval mode even when the
@@ -10,6 +11,7 @@ not touched by the switch: only the parameters present when ``freeze`` was appli
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -20,7 +22,8 @@ class Encoder(nn.Module):
 
     Subclasses set ``self.backbone`` (an ``nn.Module``) and ``self.pretrained`` (``True`` when
     the weights came from a checkpoint, ``False`` for a randomly initialized tiny config),
-    then call :meth:`_apply_freeze`.
+    then call :meth:`_apply_freeze`; they override ``output_dim`` when their width is not the
+    backbone config's ``hidden_size``.
     """
 
     backbone: nn.Module
@@ -47,8 +50,8 @@ class Encoder(nn.Module):
 
     @property
     def output_dim(self) -> int:
-        """Feature width D of the encoder's output."""
-        raise NotImplementedError
+        """Feature width D of the encoder's output (by default the backbone config's ``hidden_size``)."""
+        return int(self.backbone.config.hidden_size)
 
     @property
     def device(self) -> torch.device:
@@ -62,7 +65,6 @@ class Encoder(nn.Module):
             if p.is_floating_point():
                 return p.dtype
         return torch.float32
-
 
 
 class VisionEncoder(Encoder):
@@ -110,3 +112,68 @@ def torch_dtype(name: str) -> torch.dtype:
     if name not in _DTYPES:
         raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}")
     return _DTYPES[name]
+
+
+def check_heads(hidden_size: int, num_heads: int) -> None:
+    """A tiny config's width must split evenly over its attention heads.
+
+    Raises:
+        ValueError: ``hidden_size`` is not a multiple of ``num_heads``.
+    """
+    if hidden_size % num_heads != 0:
+        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+
+
+def load_pretrained(
+    model: str,
+    dtype: str,
+    role: str,
+    family: str = "",
+    load: Callable[..., nn.Module] | None = None,
+) -> nn.Module:
+    """A checkpoint loaded with ``load(model, dtype=...)`` (default ``AutoModel.from_pretrained``).
+
+    Args:
+        model: hub id or local path of the checkpoint.
+        dtype: ``"float32"`` / ``"bfloat16"`` / ``"float16"`` (:func:`torch_dtype`).
+        role: ``"audio"`` / ``"vision"``, the encoder named in the error.
+        family: the kind of checkpoint expected (``"Whisper"``, ...), named in the error.
+        load: the loader, called as ``load(model, dtype=torch.dtype)``.
+    Raises:
+        OSError: the checkpoint cannot be read; the message names ``model`` and the config key
+            (``init_args.model``) that selects it.
+    """
+    if load is None:
+        from transformers import AutoModel
+
+        load = AutoModel.from_pretrained
+    checkpoint = f"transformers {family} checkpoint" if family else "transformers checkpoint"
+    try:
+        return load(model, dtype=torch_dtype(dtype))
+    except OSError as e:
+        raise OSError(
+            f"could not load the {role} encoder {model!r} (a hub id or a local directory with a {checkpoint} "
+            f"is expected; set the encoder's init_args.model: null for the tiny offline one): {e}"
+        ) from e
+
+
+# SpecAugment-style masking and layer-drop, as the configs of transformers' audio backbones name them
+_TRAINING_NOISE = (
+    ("apply_spec_augment", False),
+    ("mask_time_prob", 0.0),
+    ("layerdrop", 0.0),
+    ("encoder_layerdrop", 0.0),
+)
+
+
+def disable_training_noise(backbone: nn.Module) -> None:
+    """Switch off SpecAugment-style masking and layer-drop where ``backbone`` has them.
+
+    The backbone is a feature extractor here: its output must not depend on such training-time
+    noise. Sets the options its config has (and a ``layerdrop`` the module copied from it).
+    """
+    for name, value in _TRAINING_NOISE:
+        if hasattr(backbone.config, name):
+            setattr(backbone.config, name, value)
+    if hasattr(backbone, "layerdrop"):
+        backbone.layerdrop = 0.0

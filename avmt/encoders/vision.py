@@ -4,17 +4,28 @@ By default a tiny randomly initialized ``ViTModel`` (64 px, 16 px patches -> 16 
 width 64), so everything runs offline on a CPU. A hub id or local path (``model=``) loads a
 checkpoint with ``AutoModel.from_pretrained``; for dual-tower checkpoints (CLIP, SigLIP) only
 the vision tower is kept.
+
+A trainable tower (``freeze=False``) keeps only what the selected hidden state passes through
+(for the families of ``_LAYOUTS``): the layers after ``select_layer``, the final norm when the
+selected state is not the final output, and the parts that only compute ``pooler_output``
+(CLIP's ``post_layernorm``, SigLIP's attention-pooling head, a hub ViT's pooler) are dropped at
+construction. The output is unchanged, every trainable parameter gets a gradient (as DDP
+requires), and the dropped weights take no memory or optimizer state. A frozen tower is kept
+whole: it needs no gradients, and its state dict is the fingerprint of cached features
+(:mod:`avmt.data.features`), which then differ from those of another ``select_layer`` in
+``select_layer`` alone.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avmt.encoders.base import VisionEncoder, torch_dtype
+from avmt.encoders.base import VisionEncoder, check_heads, load_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +42,32 @@ _FAMILY_NORM = {
     "siglip_vision_model": (_HALF, _HALF),
     "siglip": (_HALF, _HALF),
     "dinov2": (_IMAGENET_MEAN, _IMAGENET_STD),
+}
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where a vision tower family keeps its parts (module paths inside the tower).
+
+    Attributes:
+        layers: the ``nn.ModuleList`` of transformer layers (``hidden_states[k]`` is the output of
+            the first k; ``hidden_states[0]`` the input of the first).
+        final_norm: the norm that turns the last layer's output into ``last_hidden_state``;
+            ``None`` when ``last_hidden_state`` is the last layer's output.
+        unused: parts the patch tokens never pass through (pooling heads, mask tokens).
+    """
+
+    layers: str
+    final_norm: str | None
+    unused: tuple[str, ...] = ()
+
+
+# model_type -> layout, read from each family's forward in transformers
+_LAYOUTS = {
+    "vit": _Layout("layers", "layernorm", ("pooler",)),
+    "clip_vision_model": _Layout("encoder.layers", None, ("post_layernorm",)),  # it only normalizes the pooled CLS
+    "siglip_vision_model": _Layout("encoder.layers", "post_layernorm", ("head",)),
+    "dinov2": _Layout("encoder.layer", "layernorm", ("embeddings.mask_token",)),
 }
 
 
@@ -83,8 +120,7 @@ class ViTVisionEncoder(VisionEncoder):
 
             if image_size % patch_size != 0:
                 raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
-            if hidden_size % num_heads != 0:
-                raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+            check_heads(hidden_size, num_heads)
             config = ViTConfig(
                 image_size=image_size,
                 patch_size=patch_size,
@@ -104,6 +140,15 @@ class ViTVisionEncoder(VisionEncoder):
             family = getattr(self.backbone.config, "model_type", "")
             mean, std = _processor_norm(model)
         cfg = self.backbone.config
+        layers = getattr(cfg, "num_hidden_layers", None)  # hidden states: the embeddings + one per layer
+        if layers is not None and not -layers - 1 <= self.select_layer <= layers:
+            raise ValueError(
+                f"select_layer={select_layer} is out of range for a backbone with {layers} layers "
+                f"({layers + 1} hidden states: use -1 .. -{layers + 1} or 0 .. {layers})"
+            )
+        self._hidden_index = None if self.select_layer == -1 else self.select_layer  # of the tower's hidden_states
+        if not freeze:
+            self._hidden_index = _drop_unused(self.backbone, self.select_layer)
         self.image_size = _as_int(cfg.image_size)
         self.patch_size = _as_int(cfg.patch_size)
         if mean is None or std is None:
@@ -119,11 +164,6 @@ class ViTVisionEncoder(VisionEncoder):
         self.register_buffer("pixel_mean", mean_t, persistent=False)
         self.register_buffer("pixel_std", std_t, persistent=False)
         self._apply_freeze(freeze)
-
-    @property
-    def output_dim(self) -> int:
-        """Patch feature width D."""
-        return int(self.backbone.config.hidden_size)
 
     @property
     def num_patches(self) -> int:
@@ -157,11 +197,11 @@ class ViTVisionEncoder(VisionEncoder):
             raise ValueError(f"video must be [B, T, 3, H, W], got shape {tuple(video.shape)}")
         b, t = video.shape[:2]
         pixels = self.preprocess(video.flatten(0, 1)).to(self.dtype)
-        if self.select_layer == -1:
+        if self._hidden_index is None:
             hidden = self.backbone(pixel_values=pixels).last_hidden_state
         else:
             out = self.backbone(pixel_values=pixels, output_hidden_states=True)
-            hidden = out.hidden_states[self.select_layer]
+            hidden = out.hidden_states[self._hidden_index]
         p = self.num_patches
         if hidden.shape[1] < p:
             raise RuntimeError(f"backbone returned {hidden.shape[1]} tokens, fewer than {p} patches")
@@ -171,16 +211,7 @@ class ViTVisionEncoder(VisionEncoder):
 
 def _load_vision_tower(model: str, dtype: str) -> nn.Module:
     """Load ``model`` with ``AutoModel`` and return its vision tower (the model itself for plain ViTs)."""
-    from transformers import AutoModel
-
-    try:
-        loaded = AutoModel.from_pretrained(model, dtype=torch_dtype(dtype))
-    except OSError as e:
-        raise OSError(
-            f"could not load the vision encoder {model!r} (a hub id or a local directory with a "
-            f"transformers checkpoint is expected; set the encoder's init_args.model: null for the tiny "
-            f"offline one): {e}"
-        ) from e
+    loaded = load_pretrained(model, dtype, "vision")
     tower = getattr(loaded, "vision_model", None)
     if tower is None:
         tower = loaded
@@ -189,6 +220,45 @@ def _load_vision_tower(model: str, dtype: str) -> nn.Module:
             f"{model!r} ({type(tower).__name__}) is not a ViT-like vision model (no image_size/patch_size)"
         )
     return tower
+
+
+def _drop_unused(tower: nn.Module, select_layer: int) -> int | None:
+    """Drop from ``tower`` what the selected hidden state never passes through.
+
+    For a family of ``_LAYOUTS``: the layers after ``select_layer`` and, unless ``select_layer``
+    is ``-1`` (the final output), the final norm are removed, so that the tower's
+    ``last_hidden_state`` is the selected state; the ``unused`` parts are removed too (a module
+    becomes ``nn.Identity``, a parameter ``None``). ``config.num_hidden_layers`` follows. An
+    unknown family is kept whole, with a warning.
+
+    Args:
+        tower: the vision tower (modified in place).
+        select_layer: the encoder's ``select_layer``, already checked to be in range.
+    Returns:
+        Which of the tower's ``hidden_states`` to read; ``None``: its ``last_hidden_state``
+        (always for a known family).
+    """
+    model_type = getattr(tower.config, "model_type", "")
+    layout = _LAYOUTS.get(model_type)
+    if layout is None:
+        log.warning(
+            "vision tower %r: unknown layout, so its layers after select_layer and its pooling head are kept; "
+            "they get no gradient while training (DDP then needs find_unused_parameters)", model_type,
+        )
+        return None if select_layer == -1 else select_layer
+    dropped = list(layout.unused)
+    if select_layer != -1:
+        layers = tower.get_submodule(layout.layers)
+        keep = select_layer % (len(layers) + 1)  # hidden_states[keep] is the output of the first `keep` layers
+        del layers[keep:]
+        tower.config.num_hidden_layers = keep
+        if layout.final_norm is not None:
+            dropped.append(layout.final_norm)
+    for path in dropped:
+        owner_path, _, name = path.rpartition(".")
+        owner = tower.get_submodule(owner_path)
+        setattr(owner, name, nn.Identity() if isinstance(getattr(owner, name, None), nn.Module) else None)
+    return None
 
 
 def _processor_norm(model: str) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:

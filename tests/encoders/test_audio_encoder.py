@@ -72,3 +72,35 @@ def test_local_checkpoint(tmp_path):
     assert enc.pretrained is True and enc.output_dim == 32
     assert enc(torch.randn(1, 3 * 1600), 3).shape == (1, 3, 2, 32)
     assert all(not p.requires_grad for p in enc.parameters())
+
+
+def test_min_window_is_the_receptive_field(encoder):
+    shortest = encoder.min_window_samples
+    assert shortest == 400  # wav2vec2's conv stack: 25 ms at 16 kHz
+    assert encoder.num_frames(shortest) == 1 and encoder.num_frames(shortest - 1) < 1
+    assert encoder(torch.randn(1, 2 * shortest), num_segments=2).shape == (1, 2, 4, 64)
+
+
+def test_window_seconds_centres_each_segments_window_on_it():
+    """With window_seconds, segment t sees only the window centred on it (MUSIC-AVQA: 2 s windows of
+    6 s segments); the rest of the segment changes nothing, and the window's own samples do."""
+    torch.manual_seed(0)
+    encoder = Wav2Vec2AudioEncoder(hidden_size=32, num_layers=1, num_heads=2, tokens_per_segment=2,
+                                   normalize=False, window_seconds=0.25).eval()
+    audio = torch.randn(1, 16000)  # 4 segments of 0.25 s... of a 1 s clip: windows of 0.25 s = the segments
+    half = Wav2Vec2AudioEncoder(hidden_size=32, num_layers=1, num_heads=2, tokens_per_segment=2,
+                                normalize=False, window_seconds=0.125)
+    half.load_state_dict(encoder.state_dict())
+    half.eval()
+    with torch.no_grad():
+        tiled = Wav2Vec2AudioEncoder.forward(encoder, audio, 4)
+        encoder.window_seconds = None
+        assert torch.allclose(tiled, encoder(audio, 4), atol=1e-6)  # a window as long as the segment: the tiling
+        base = half(audio, 4)
+        edges = audio.clone()
+        edges[:, 4000:4000 + 1000] += 1.0  # first eighth of segment 1: outside its centred window
+        assert torch.allclose(half(edges, 4)[:, 1], base[:, 1], atol=1e-6)
+        centre = audio.clone()
+        centre[:, 6000:6100] += 1.0  # the middle of segment 1
+        changed = half(centre, 4)
+        assert not torch.allclose(changed[:, 1], base[:, 1]) and torch.allclose(changed[:, 0], base[:, 0], atol=1e-6)

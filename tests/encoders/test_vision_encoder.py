@@ -96,3 +96,13 @@ def test_local_clip_checkpoint_keeps_vision_tower(tmp_path):
     assert enc.num_patches == 4 and enc.output_dim == 32
     torch.testing.assert_close(enc.pixel_mean.flatten(), torch.tensor([0.48145466, 0.4578275, 0.40821073]))
     assert enc(torch.rand(2, 1, 3, 28, 28)).shape == (2, 1, 4, 32)
+
+
+@pytest.mark.parametrize("select_layer", [-1, -2, 0])
+def test_tiny_trainable_encoder_every_parameter_gets_a_gradient(select_layer):
+    torch.manual_seed(0)
+    enc = ViTVisionEncoder(image_size=32, patch_size=8, hidden_size=32, num_layers=3, num_heads=2,
+                           select_layer=select_layer).train()
+    enc(torch.rand(1, 2, 3, 32, 32)).sum().backward()
+    silent = [name for name, p in enc.named_parameters() if p.requires_grad and p.grad is None]
+    assert not silent, silent
