@@ -38,7 +38,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["MediaError", "MediaConfig", "MediaFlags", "DecodedClip", "decode_clip", "audio_windows"]
+__all__ = [
+    "MediaError",
+    "MediaConfig",
+    "MediaFlags",
+    "DecodedClip",
+    "decode_clip",
+    "audio_windows",
+    "square_geometry",
+    "sampling_times",
+    "read_image",
+]
 
 _FRAME_SAMPLING = ("center", "uniform")
 _RESIZE = ("crop", "pad")
@@ -298,8 +308,17 @@ def _video_stream(container):
     return None
 
 
-def _sampling_times(config: MediaConfig, start: float, fps: float) -> np.ndarray:
-    """Sampling time (seconds from the file start) of each output frame, in output order."""
+def sampling_times(config: MediaConfig, start: float, fps: float) -> np.ndarray:
+    """``float64 [T·F]``: the time (seconds from the file start) each output frame of a clip is
+    taken at, in output order (segment by segment), as ``config.frame_sampling`` places them.
+
+    Args:
+        config: the cut (``num_segments`` T, ``segment_seconds``, ``frames_per_segment`` F,
+            ``frame_sampling``).
+        start: where the clip starts in the file, in seconds.
+        fps: the source's frame rate; ``"center"`` spaces a segment's F frames ``1 / fps`` apart
+            around its centre (``"uniform"`` does not use it).
+    """
     seg, f = config.segment_seconds, config.frames_per_segment
     times = []
     for t in range(config.num_segments):
@@ -311,26 +330,72 @@ def _sampling_times(config: MediaConfig, start: float, fps: float) -> np.ndarray
     return np.asarray(times, dtype=np.float64)
 
 
-def _square(frame: av.VideoFrame, config: MediaConfig) -> np.ndarray:
-    """``uint8 [3, S, S]`` RGB: scaled (short side for crop, long side for pad), cropped or padded."""
+def square_geometry(width: int, height: int, config: MediaConfig) -> tuple[int, int]:
+    """The scaled size ``(w', h')`` of a ``width x height`` picture before it is cropped or padded
+    to the ``S x S`` square of ``config`` (short side to S for ``"crop"``, long side for ``"pad"``)."""
     s = config.image_size
-    w, h = frame.width, frame.height
-    scale = s / (min(w, h) if config.resize == "crop" else max(w, h))
-    nw, nh = max(1, int(round(w * scale))), max(1, int(round(h * scale)))
+    scale = s / (min(width, height) if config.resize == "crop" else max(width, height))
+    nw, nh = max(1, int(round(width * scale))), max(1, int(round(height * scale)))
     if config.resize == "crop":
-        nw, nh = max(nw, s), max(nh, s)
-    else:
-        nw, nh = min(nw, s), min(nh, s)
-    interp = "AREA" if nw < w or nh < h else "BILINEAR"
-    rgb = frame.to_ndarray(width=nw, height=nh, format="rgb24", interpolation=interp)
+        return max(nw, s), max(nh, s)
+    return min(nw, s), min(nh, s)
+
+
+def _fit_square(scaled: np.ndarray, config: MediaConfig) -> np.ndarray:
+    """Centre-crop or zero-pad a scaled ``[h', w'(, C)]`` picture to ``[S, S(, C)]``."""
+    s = config.image_size
+    nh, nw = scaled.shape[:2]
     if config.resize == "crop":
         y0, x0 = (nh - s) // 2, (nw - s) // 2
-        out = rgb[y0 : y0 + s, x0 : x0 + s]
-    else:
-        out = np.zeros((s, s, 3), dtype=np.uint8)
-        y0, x0 = (s - nh) // 2, (s - nw) // 2
-        out[y0 : y0 + nh, x0 : x0 + nw] = rgb
-    return np.ascontiguousarray(out.transpose(2, 0, 1))
+        return np.ascontiguousarray(scaled[y0 : y0 + s, x0 : x0 + s])
+    out = np.zeros((s, s, *scaled.shape[2:]), dtype=scaled.dtype)
+    y0, x0 = (s - nh) // 2, (s - nw) // 2
+    out[y0 : y0 + nh, x0 : x0 + nw] = scaled
+    return out
+
+
+def _square(frame: av.VideoFrame, config: MediaConfig) -> np.ndarray:
+    """``uint8 [3, S, S]`` RGB: scaled (short side for crop, long side for pad), cropped or padded."""
+    nw, nh = square_geometry(frame.width, frame.height, config)
+    interp = "AREA" if nw < frame.width or nh < frame.height else "BILINEAR"
+    rgb = frame.to_ndarray(width=nw, height=nh, format="rgb24", interpolation=interp)
+    return np.ascontiguousarray(_fit_square(rgb, config).transpose(2, 0, 1))
+
+
+def read_image(path: str | os.PathLike, config: MediaConfig, mode: str = "RGB") -> np.ndarray:
+    """An image file (a dataset's frame or mask) fitted to the ``S x S`` square of ``config``, with
+    the geometry :func:`decode_clip` gives video frames, so frames and masks stay aligned.
+
+    Args:
+        path: PNG / JPEG / ... file.
+        config: the clip's :class:`MediaConfig` (``image_size``, ``resize``).
+        mode: ``"RGB"``: a frame, resampled with area / bilinear filtering -> ``uint8 [3, S, S]``;
+            ``"mask"``: labels kept as they are (nearest-neighbour resampling), a colour or palette
+            image -> ``uint8 [S, S, 3]`` RGB, a grayscale one -> ``uint8 [S, S]``.
+    Raises:
+        MediaError: the file is missing or not a readable image.
+    """
+    from PIL import Image
+
+    if mode not in ("RGB", "mask"):
+        raise ValueError(f"mode must be 'RGB' or 'mask', got {mode!r}")
+    try:
+        with Image.open(os.fspath(path)) as img:
+            img.load()
+            if mode == "RGB" or img.mode in ("P", "RGBA", "LA", "CMYK", "YCbCr"):
+                img = img.convert("RGB")
+            elif img.mode not in ("RGB", "L"):
+                img = img.convert("L")  # 1-bit / 16-bit masks: labels > 0 stay > 0
+            nw, nh = square_geometry(img.width, img.height, config)
+            shrink = nw < img.width or nh < img.height
+            resample = Image.NEAREST if mode == "mask" else (Image.BOX if shrink else Image.BILINEAR)
+            scaled = np.asarray(img.resize((nw, nh), resample=resample), dtype=np.uint8)
+    except FileNotFoundError:
+        raise MediaError(path, "cannot open: no such file") from None
+    except OSError as exc:
+        raise MediaError(path, f"not a readable image ({_why(exc)})") from None
+    out = _fit_square(scaled, config)
+    return np.ascontiguousarray(out.transpose(2, 0, 1)) if mode == "RGB" else out
 
 
 class _FramePicker:
@@ -406,7 +471,7 @@ def _decode(container, path, config: MediaConfig, start: float, end: float | Non
         flags.fps = float(rate) if rate else None
         flags.width, flags.height = vstream.codec_context.width, vstream.codec_context.height
         vstream.thread_type = "AUTO"
-        picker = _FramePicker(_sampling_times(config, start, fps), config)
+        picker = _FramePicker(sampling_times(config, start, fps), config)
     resampler = None
     if astream is not None:
         flags.source_sample_rate = astream.codec_context.sample_rate or astream.rate

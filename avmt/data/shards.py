@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -42,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from avmt.data.annotation import is_annotation, validate_annotation
 from avmt.data.synth import (
     GENERATOR_VERSION,
     SCHEMA_VERSION,
@@ -67,6 +69,7 @@ __all__ = [
     "CorruptSampleError",
     "encode_clip",
     "decode_sample",
+    "write_tar",
     "write_shards",
     "synthesize",
     "ensure_shards",
@@ -82,6 +85,8 @@ __all__ = [
 SHARD_FORMAT_VERSION = 2
 #: Sample members, in the (sorted) order they are written.
 MEMBERS: tuple[str, ...] = ("audio.flac", "frames.png", "masks.png", "scene.json")
+#: Members a reader decodes: ``MEMBERS`` plus ``frames.jpg`` (converted datasets may store JPEG frames).
+READ_MEMBERS: tuple[str, ...] = ("audio.flac", "frames.jpg", "frames.png", "masks.png", "scene.json")
 # SYNTH_COMMAND (how a user makes the shards, the CLI's ``data synth`` subcommand) is defined in
 # avmt.data.synth, so that the scene validator can say it too, and re-exported here.
 MANIFEST = "manifest.json"
@@ -167,7 +172,7 @@ def _png(array: np.ndarray) -> bytes:
 
 
 def encode_clip(scene: dict, frames: np.ndarray, audio: np.ndarray, masks: np.ndarray) -> dict[str, bytes]:
-    """Encode one clip into its shard members (``MEMBERS`` -> bytes).
+    """Encode one AVSynth clip into its shard members (``MEMBERS`` -> bytes).
 
     Args:
         scene: scene graph (JSON-able dict).
@@ -176,29 +181,52 @@ def encode_clip(scene: dict, frames: np.ndarray, audio: np.ndarray, masks: np.nd
         masks: ``uint8 [N, H, W]`` object-id maps (``synth.render_masks``), stored as one 8-bit
             grayscale PNG of ``H x (N*W)`` pixels.
     """
+    return encode_members(scene, frames, audio, masks, frames_format="png")
+
+
+def encode_members(
+    scene: dict, frames: np.ndarray, audio: np.ndarray, masks: np.ndarray | None, frames_format: str = "png"
+) -> dict[str, bytes]:
+    """Encode a clip (AVSynth or converted) into shard members.
+
+    Args:
+        scene: the ``scene.json`` content (scene graph or :mod:`avmt.data.annotation`).
+        frames: ``uint8 [N, 3, H, W]``, tiled horizontally into one ``frames.png`` or
+            ``frames.jpg`` (``frames_format``: ``"png"`` lossless, ``"jpg"`` quality 92).
+        audio: ``float [S]``, mono PCM-16 FLAC at ``scene["sample_rate"]``.
+        masks: ``uint8 [N, H, W]`` object-id maps (one grayscale ``masks.png``), or ``None``.
+    """
     import soundfile as sf
 
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1] != 3:
         raise ValueError(f"frames must be uint8 [N, 3, H, W], got {frames.dtype} {frames.shape}")
+    if frames_format not in ("png", "jpg"):
+        raise ValueError(f"frames_format must be 'png' or 'jpg', got {frames_format!r}")
     n, _, h, w = frames.shape
-    masks = np.asarray(masks)
-    if masks.dtype != np.uint8 or masks.shape != (n, h, w):
-        raise ValueError(
-            f"masks must be uint8 [N, H, W] = [{n}, {h}, {w}] like the frames, "
-            f"got {masks.dtype} {masks.shape}"
-        )
     tiled = np.ascontiguousarray(frames.transpose(2, 0, 3, 1).reshape(h, n * w, 3))
-    tiled_masks = np.ascontiguousarray(masks.transpose(1, 0, 2).reshape(h, n * w))
     flac = io.BytesIO()
     sf.write(flac, _quantize(audio), int(scene["sample_rate"]), format="FLAC", subtype="PCM_16")
     text = json.dumps(scene, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-    return {
-        "audio.flac": flac.getvalue(),
-        "frames.png": _png(tiled),
-        "masks.png": _png(tiled_masks),
-        "scene.json": text.encode("utf-8"),
-    }
+    members = {"audio.flac": flac.getvalue(), "scene.json": text.encode("utf-8")}
+    members[f"frames.{frames_format}"] = _png(tiled) if frames_format == "png" else _jpeg(tiled)
+    if masks is not None:
+        masks = np.asarray(masks)
+        if masks.dtype != np.uint8 or masks.shape != (n, h, w):
+            raise ValueError(
+                f"masks must be uint8 [N, H, W] = [{n}, {h}, {w}] like the frames, "
+                f"got {masks.dtype} {masks.shape}"
+            )
+        members["masks.png"] = _png(np.ascontiguousarray(masks.transpose(1, 0, 2).reshape(h, n * w)))
+    return dict(sorted(members.items()))
+
+
+def _jpeg(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="JPEG", quality=92)
+    return out.getvalue()
 
 
 def _expected_sizes(scene: dict) -> tuple[int, int, int, int, int]:
@@ -215,42 +243,54 @@ def _expected_sizes(scene: dict) -> tuple[int, int, int, int, int]:
 def _check_not_old(data: bytes, key: str) -> None:
     """Raise the ``"old schema"`` error when ``data`` is a scene of an older schema version."""
     try:
-        version = json.loads(data.decode("utf-8")).get("version")
+        scene = json.loads(data.decode("utf-8"))
     except Exception:  # noqa: BLE001 - unreadable: not this check's business
         return
+    _check_scene_version(scene, key)
+
+
+def _check_scene_version(scene: Any, key: str) -> None:
+    """Raise the ``"old schema"`` error when ``scene`` (a parsed ``scene.json``) is an AVSynth scene
+    of an older schema version; a converted clip's annotation has its own versions."""
+    if not isinstance(scene, dict) or is_annotation(scene):
+        return
+    version = scene.get("version")
     if isinstance(version, int) and not isinstance(version, bool) and version < SCHEMA_VERSION:
         raise CorruptSampleError("old schema", old_schema_message(version, f"sample {key!r}"))
 
 
 def _decode_scene(data: bytes, key: str) -> dict:
+    """``scene.json`` bytes -> a valid AVSynth scene or converted annotation whose ``clip_id`` is
+    ``key``; CorruptSampleError (``"bad scene.json"`` or ``"old schema"``) otherwise."""
     try:
         scene = json.loads(data.decode("utf-8"))
     except Exception as exn:  # noqa: BLE001 - any parse failure is a corrupt member
         raise CorruptSampleError("bad scene.json", f"not JSON ({exn})") from None
     if not isinstance(scene, dict):
         raise CorruptSampleError("bad scene.json", f"expected an object, got {type(scene).__name__}")
-    version = scene.get("version")
-    if isinstance(version, int) and not isinstance(version, bool) and version < SCHEMA_VERSION:
-        raise CorruptSampleError("old schema", old_schema_message(version, f"sample {key!r}"))
+    annotated = is_annotation(scene)
+    _check_scene_version(scene, key)
     try:
-        validate_scene(scene)
+        (validate_annotation if annotated else validate_scene)(scene)
     except ValueError as exn:
         raise CorruptSampleError("bad scene.json", str(exn)) from None
     if scene["clip_id"] != key:
         raise CorruptSampleError("bad scene.json", f"clip_id {scene['clip_id']!r} does not match the key")
-    try:
-        _expected_sizes(scene)
-    except Exception as exn:  # noqa: BLE001
-        raise CorruptSampleError("bad scene.json", f"bad sizes ({exn})") from None
+    if not annotated:
+        try:
+            _expected_sizes(scene)
+        except Exception as exn:  # noqa: BLE001
+            raise CorruptSampleError("bad scene.json", f"bad sizes ({exn})") from None
     return scene
 
 
 def _decode_tiled_png(data: bytes, member: str, mode: str, n: int, h: int, w: int) -> np.ndarray:
-    """A PNG of ``n`` frames tiled horizontally -> ``uint8 [h, n * w(, 3)]``; CorruptSampleError naming ``member``."""
+    """A PNG (or, for ``*.jpg`` members, a JPEG) of ``n`` frames tiled horizontally ->
+    ``uint8 [h, n * w(, 3)]``; CorruptSampleError naming ``member``."""
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data), formats=["PNG"]) as img:
+        with Image.open(io.BytesIO(data), formats=["JPEG" if member.endswith(".jpg") else "PNG"]) as img:
             if img.size != (n * w, h) or img.mode != mode:
                 raise CorruptSampleError(
                     "wrong shape",
@@ -264,8 +304,8 @@ def _decode_tiled_png(data: bytes, member: str, mode: str, n: int, h: int, w: in
         raise CorruptSampleError(f"bad {member}", str(exn)) from None
 
 
-def _decode_frames(data: bytes, n: int, h: int, w: int) -> np.ndarray:
-    arr = _decode_tiled_png(data, "frames.png", "RGB", n, h, w)
+def _decode_frames(data: bytes, n: int, h: int, w: int, member: str = "frames.png") -> np.ndarray:
+    arr = _decode_tiled_png(data, member, "RGB", n, h, w)
     return np.ascontiguousarray(arr.reshape(h, n, w, 3).transpose(1, 3, 0, 2))
 
 
@@ -306,9 +346,13 @@ def decode_sample(sample: dict[str, Any]) -> Clip:
     ``audio`` (float32 tensor ``[S]``), ``scene`` (dict) and ``masks`` (uint8 tensor
     ``[T*F, H, W]``, 0 background, ``id + 1`` where object ``id`` is drawn).
 
+    A converted clip (``scene.json`` an :mod:`avmt.data.annotation`) may store ``frames.jpg``
+    instead of ``frames.png`` and has ``masks.png`` only when its ``mask_frames`` is not empty
+    (``masks`` is ``None`` otherwise).
+
     Raises :class:`CorruptSampleError` on any problem (reason ``"missing {member}"``, ``"bad
-    {member}"``, ``"wrong shape"`` or ``"old schema"``); members other than ``MEMBERS`` are not
-    decoded.  A v1 sample (no ``masks.png``, scene version 1) is ``"old schema"``.
+    {member}"``, ``"wrong shape"`` or ``"old schema"``); members other than ``READ_MEMBERS`` are
+    not decoded.  A v1 sample (no ``masks.png``, scene version 1) is ``"old schema"``.
     """
     import torch
 
@@ -317,23 +361,34 @@ def decode_sample(sample: dict[str, Any]) -> Clip:
     key = sample.get("__key__")
     if not isinstance(key, str):
         raise CorruptSampleError("missing key", "sample without __key__")
-    missing = [m for m in MEMBERS if not isinstance(sample.get(m), (bytes, bytearray))]
-    if missing:
-        if "scene.json" not in missing:  # a v1 sample is reported as old, not as one without masks.png
-            _check_not_old(sample["scene.json"], key)
+    if not isinstance(sample.get("scene.json"), (bytes, bytearray)):
+        raise CorruptSampleError("missing scene.json", "no scene.json member")
+    scene = _decode_scene(sample["scene.json"], key) if not _is_old(sample) else None
+    annotated = is_annotation(scene)
+    frames_member = "frames.jpg" if annotated and "frames.png" not in sample and "frames.jpg" in sample else "frames.png"
+    required = ["audio.flac", frames_member]
+    if not annotated or scene["mask_frames"]:
+        required.append("masks.png")
+    missing = [m for m in required if not isinstance(sample.get(m), (bytes, bytearray))]
+    if scene is None or missing:
+        _check_not_old(sample["scene.json"], key)  # a v1 sample is reported as old, not as one without masks.png
         raise CorruptSampleError(f"missing {missing[0]}", f"no {missing[0]} member")
-    scene = _decode_scene(sample["scene.json"], key)
     n, h, w, s, sr = _expected_sizes(scene)
-    frames = _decode_frames(sample["frames.png"], n, h, w)
-    masks = _decode_masks(sample["masks.png"], n, h, w, len(scene["objects"]))
+    frames = _decode_frames(sample[frames_member], n, h, w, frames_member)
+    masks = None
+    if "masks.png" in required:
+        masks = torch.from_numpy(_decode_masks(sample["masks.png"], n, h, w, len(scene["objects"])))
     audio = _decode_audio(sample["audio.flac"], s, sr)
-    return Clip(
-        key=key,
-        frames=torch.from_numpy(frames),
-        audio=torch.from_numpy(audio),
-        scene=scene,
-        masks=torch.from_numpy(masks),
-    )
+    return Clip(key=key, frames=torch.from_numpy(frames), audio=torch.from_numpy(audio), scene=scene, masks=masks)
+
+
+def _is_old(sample: dict[str, Any]) -> bool:
+    """A sample of an older AVSynth schema (its scene is reported as ``"old schema"``)."""
+    try:
+        _check_not_old(sample["scene.json"], "?")
+    except CorruptSampleError:
+        return True
+    return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,14 +436,41 @@ def _make_sample(job: tuple[int, str, int, SynthConfig]) -> tuple[str, dict[str,
     return scene["clip_id"], encode_clip(scene, frames, audio, render_masks(scene, cfg))
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = _TAR_MTIME
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
+def write_tar(path: str | os.PathLike, samples: Iterable[tuple[str, dict[str, bytes]]]) -> int:
+    """Write ``samples`` to the WebDataset tar ``path``, reproducibly and atomically: the one tar
+    writer of avmt (AVSynth shards, converted shards, feature caches).
+
+    Each sample ``(key, members)`` (member suffix -> bytes, e.g. ``{"audio.flac": ...}``) becomes
+    the tar members ``{key}.{suffix}``: samples in the order given, a sample's members sorted by
+    suffix, every member with the same metadata (mtime 2000-01-01T00:00:00Z, uid and gid 0, empty
+    uname and gname, mode 0644; ustar format), so the same samples always give the same bytes.
+    ``samples`` may be a generator: it is consumed once, while the tar is written.
+
+    The tar is written to ``.{name}.tmp`` next to ``path`` and renamed over ``path`` when
+    complete; if writing fails, the temporary file is removed and ``path`` is left as it was.
+
+    Returns:
+        the number of samples written.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    count = 0
+    try:
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, members in samples:
+                for suffix in sorted(members):
+                    data = members[suffix]
+                    info = tarfile.TarInfo(f"{key}.{suffix}")
+                    info.size, info.mtime, info.mode = len(data), _TAR_MTIME, 0o644
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
+                    tar.addfile(info, io.BytesIO(data))
+                count += 1
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return count
 
 
 def _default_workers(num_clips: int) -> int:
@@ -446,17 +528,16 @@ def write_shards(
     with tqdm(total=num_clips, desc=f"AVSynth {split}", unit="clip", disable=not progress) as bar:
         with _sample_stream(jobs, workers) as stream:
             stream = iter(stream)
+
+            def shard_samples(count: int) -> Iterator[tuple[str, dict[str, bytes]]]:
+                """The next ``count`` samples of the stream, ticking the bar as each is written."""
+                for sample in itertools.islice(stream, count):
+                    yield sample
+                    bar.update(1)
+
             for shard_index, first in enumerate(range(0, num_clips, clips_per_shard)):
                 path = folder / f"{split}-{shard_index:06d}.tar"
-                tmp = folder / f".{path.name}.tmp"
-                with open(tmp, "wb") as fh:
-                    with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                        for _ in range(min(clips_per_shard, num_clips - first)):
-                            key, members = next(stream)
-                            for suffix in sorted(members):
-                                _add_member(tar, f"{key}.{suffix}", members[suffix])
-                            bar.update(1)
-                os.replace(tmp, path)
+                write_tar(path, shard_samples(min(clips_per_shard, num_clips - first)))
                 paths.append(path)
     return paths
 
@@ -532,6 +613,16 @@ def check_shard_version(root: str | os.PathLike) -> None:
     them.  No manifest (or an unreadable one, or one of another format): nothing is checked.
     """
     manifest = read_manifest(root)
+    if manifest is not None and manifest.get("format") == "avmt-converted":
+        from avmt.data.converters.base import CONVERTED_FORMAT_VERSION
+
+        if manifest.get("format_version") != CONVERTED_FORMAT_VERSION:
+            raise ValueError(
+                f"the converted shards in '{root}' are of format version {manifest.get('format_version')!r}; this "
+                f"avmt reads version {CONVERTED_FORMAT_VERSION}: convert the {manifest.get('source_format')} data again "
+                f"(python -m avmt data convert {manifest.get('source_format')} --src ... --out ...)"
+            )
+        return
     if manifest is None or manifest.get("format", "avsynth-webdataset") != "avsynth-webdataset":
         return
     schema, fmt = manifest.get("schema_version"), manifest.get("format_version")
@@ -719,17 +810,17 @@ def _iter_clips(
     for sample in samples:
         key = str(sample.get("__key__", "?"))
         for suffix in sample:
-            if suffix.startswith("__") or suffix in MEMBERS:
+            if suffix.startswith("__") or suffix in READ_MEMBERS:
                 continue
             counter.ignore(suffix)
             if suffix not in warned_suffixes:
                 warned_suffixes.add(suffix)
                 warnings.warn(
-                    f"AVSynth: ignoring member '{key}.{suffix}' (only {', '.join(MEMBERS)} are decoded; "
+                    f"AVSynth: ignoring member '{key}.{suffix}' (only {', '.join(READ_MEMBERS)} are decoded; "
                     "nothing is ever unpickled)", CorruptSampleWarning, stacklevel=2,
                 )
         try:
-            clip = decode_sample({k: sample[k] for k in (*MEMBERS, "__key__") if k in sample})
+            clip = decode_sample({k: sample[k] for k in (*READ_MEMBERS, "__key__") if k in sample})
         except CorruptSampleError as exn:
             counter.add(key, exn.reason)
             warnings.warn(

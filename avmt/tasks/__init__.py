@@ -75,4 +75,4 @@ def all_words() -> list[str]:
 
 
 # Task modules register themselves on import (after the registry exists).
-from avmt.tasks import action, arig, ave, avcap, avqa, avss, avvp, emotion, matching, ms3, ref_avs, s4, ssu, unav  # noqa: E402,F401
+from avmt.tasks import action, arig, ave, avcap, avqa, avss, avvp, avvp_weak, emotion, instruct, matching, ms3, ref_avs, s4, ssu, unav  # noqa: E402,F401

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 from torchmetrics import MetricCollection
 
+from avmt.data.sample import Clip, SampleError
 from avmt.intervals import merge_ranges
 from avmt.tasks import register_task
 from avmt.tasks.base import Task, TaskParts
@@ -72,6 +73,23 @@ class AVETask(Task):
             conclusion=f"So the audible and visible event is {event}, and the time range is {rng_text}.",
             bare=f"{event} {rng_text}",
             answer={"class": cls, "range": [int(s), int(e)], "num_segments": int(scene["num_segments"])},
+        )
+
+    def compose_annotated(self, clip: Clip, answer: Any, rng: random.Random) -> TaskParts:
+        """AVE's own annotation: ``{"class": str, "range": [s, e]}`` in segments (``ave`` converter)."""
+        try:
+            cls, (s, e) = str(answer["class"]), (int(v) for v in answer["range"])
+        except (KeyError, TypeError, ValueError):
+            raise SampleError(f"clip {clip.key!r}: ave answer {answer!r} is not {{'class': str, 'range': [s, e]}}") from None
+        if not 0 <= s < e <= clip.num_segments:
+            raise SampleError(f"clip {clip.key!r}: ave range [{s}, {e}] is not within the {clip.num_segments} segments")
+        event, rng_text = wrap_tag("event", cls), wrap_tag("range", f"{s},{e}")
+        return TaskParts(
+            question=self._question(rng),
+            sentences=[],
+            conclusion=f"So the audible and visible event is {event}, and the time range is {rng_text}.",
+            bare=f"{event} {rng_text}",
+            answer={"class": cls, "range": [s, e], "num_segments": clip.num_segments},
         )
 
     def parse(self, text: Any) -> dict | None:

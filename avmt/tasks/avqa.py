@@ -7,6 +7,11 @@ subjects with the rng and returns the question, the one-word answer and the obje
 reasoning should describe, or None when the scene cannot support it (e.g. "which is louder"
 with one sounding object). ``build`` picks a type uniformly among the types the scene supports,
 then a template of that type; yes/no templates aim for yes or no with probability 1/2 each.
+
+Real data: MUSIC-AVQA clips (converter ``music-avqa``) carry their questions under
+``answers["avqa"]`` (:meth:`AVQATask.compose_annotated`); their nine question types are the
+same ``{modality}_{kind}`` types (:data:`MUSIC_AVQA_GROUPS`), so one set of metric keys serves both:
+overall, per question type and per modality (on MUSIC-AVQA exactly the paper's groups).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from typing import Any, Callable, Sequence
 
 from torchmetrics import MetricCollection
 
+from avmt.data.labels import MUSIC_AVQA_ANSWERS
+from avmt.data.sample import Clip, SampleError
 from avmt.data.vocab import CLASSES, NUMBER_WORDS, POSITIONS
 from avmt.intervals import intersect_ranges, merge_ranges, ranges_onset, ranges_total
 from avmt.tasks import register_task
@@ -34,7 +41,7 @@ from avmt.tasks.scene import (
     sort_objects,
     unique_class_objects,
 )
-from avmt.tasks.text import extract_tag, wrap_tag
+from avmt.tasks.text import extract_tag, label_key, wrap_tag
 
 #: Two sounds count as "louder" / "quieter" only if their loudness differs by at least this.
 LOUDNESS_MARGIN = 0.1
@@ -42,8 +49,26 @@ LOUDNESS_MARGIN = 0.1
 MODALITIES = ("audio", "visual", "audio_visual")
 KINDS = ("counting", "location", "existential", "temporal", "comparative")
 
-#: Every answer word a template can produce (the label vocabulary of the accuracy metric).
+#: Every answer word a template can produce.
 ANSWERS: tuple[str, ...] = ("yes", "no", *POSITIONS, *NUMBER_WORDS, *CLASSES)
+#: The label vocabulary of the accuracy metrics: the AVSynth answers, then MUSIC-AVQA's 42 answers
+#: (``avmt.data.labels``) not already among them (labels compare by :func:`label_key`).
+METRIC_LABELS: tuple[str, ...] = (
+    *ANSWERS, *(a for a in MUSIC_AVQA_ANSWERS if label_key(a) not in {label_key(b) for b in ANSWERS})
+)
+
+#: MUSIC-AVQA's nine question types as the paper groups them, by modality (its "Audio",
+#: "Visual" and "Audio-Visual" columns); each is one of this task's question types.
+MUSIC_AVQA_GROUPS: dict[str, tuple[str, ...]] = {
+    "audio": ("audio_counting", "audio_comparative"),
+    "visual": ("visual_counting", "visual_location"),
+    "audio_visual": ("audio_visual_existential", "audio_visual_counting", "audio_visual_location",
+                     "audio_visual_comparative", "audio_visual_temporal"),
+}
+_METRIC_KEYS = frozenset(label_key(a) for a in METRIC_LABELS)
+#: A real dataset's modality name (lower-cased) -> this task's.
+_REAL_MODALITIES = {"audio": "audio", "visual": "visual", "audio-visual": "audio_visual",
+                    "audio_visual": "audio_visual"}
 
 _POSITION_ORDER = {p: i for i, p in enumerate(POSITIONS)}  # left < center < right
 
@@ -482,13 +507,67 @@ _ALL_QUESTIONS: tuple[str, ...] = tuple(
 )
 
 
+
+
+def question_modality(qtype: str) -> str:
+    """The modality of a question type: ``"audio_visual_counting"`` -> ``"audio_visual"``."""
+    for modality in sorted(MODALITIES, key=len, reverse=True):
+        if qtype.startswith(modality + "_"):
+            return modality
+    raise ValueError(f"question type {qtype!r} starts with none of the modalities {MODALITIES}")
+
+
+def real_question_type(value: Any) -> str:
+    """A converted question's type -> this task's question type.
+
+    Accepts MUSIC-AVQA's ``"Audio-Visual/Location"`` (what the ``music-avqa`` converter writes), the
+    pair ``["Audio-Visual", "Location"]`` and the type itself (``"audio_visual_location"``).
+
+    Raises:
+        ValueError: not one of :data:`QUESTION_TYPES` once mapped.
+    """
+    if isinstance(value, str) and value in QUESTION_TYPES:
+        return value
+    parts = value.split("/") if isinstance(value, str) else value
+    if isinstance(parts, (list, tuple)) and len(parts) == 2 and all(isinstance(p, str) for p in parts):
+        modality = _REAL_MODALITIES.get(parts[0].strip().lower())
+        qtype = f"{modality}_{parts[1].strip().lower()}"
+        if modality is not None and qtype in QUESTION_TYPES:
+            return qtype
+    raise ValueError(f"question type {value!r} is none of {', '.join(QUESTION_TYPES)} "
+                     f"(nor 'Modality/Kind' naming one of them)")
+
+
+class QuestionGroupAccuracy(LabelAccuracy):
+    """Accuracy over the questions whose ``type`` is one of ``qtypes`` (micro: every question
+    counts once), e.g. the per-modality accuracy MUSIC-AVQA reports. 0 with no such question.
+
+    Args:
+        labels: the label vocabulary (targets must be in it); qtypes: the question types scored.
+    """
+
+    def __init__(self, labels: Sequence[str], qtypes: Sequence[str], **kwargs: Any) -> None:
+        super().__init__(labels, target_key="answer", **kwargs)
+        self.qtypes = frozenset(qtypes)
+
+    def update(self, preds: Sequence[str | None], targets: Sequence[dict]) -> None:  # type: ignore[override]
+        """Score the (prediction, target) pairs whose target type is in ``qtypes``."""
+        if len(preds) != len(targets):
+            raise ValueError(f"got {len(preds)} predictions for {len(targets)} targets; they must pair up")
+        kept = [(p, t) for p, t in zip(preds, targets) if t.get("type") in self.qtypes]
+        if kept:
+            super().update([p for p, _ in kept], [t for _, t in kept])
+
+
 @register_task
 class AVQATask(Task):
     """Audio-visual question answering with one-word answers.
 
-    Target: ``<answer> {word} </answer>``. Answer: ``{"answer": word, "type": question_type}``.
-    Metrics: accuracy overall and per question type, parse-failure rate. Trivial baseline: the
-    question-type prior (:meth:`trivial_baseline`).
+    Target: ``<answer> {word} </answer>``. Answer: ``{"answer": word, "type": question_type}``
+    (converted clips add ``"question_id"``). Metrics: accuracy overall, per question type and per
+    modality, parse-failure rate; the labels are the AVSynth answers and MUSIC-AVQA's 42
+    (:data:`METRIC_LABELS`). Trivial baseline: the question-type prior (:meth:`trivial_baseline`).
+    Real data: :meth:`compose_annotated` (MUSIC-AVQA through the ``music-avqa`` converter).
 
     Args:
         reasoning: include reasoning sentences.
@@ -528,16 +607,62 @@ class AVQATask(Task):
         return TaskParts(qa.question, sentences, f"So the answer is {tagged}.", tagged,
                          {"answer": qa.answer, "type": qtype})
 
+    def compose_annotated(self, clip: Clip, answer: Any, rng: random.Random) -> TaskParts:
+        """A converted clip's question: ``answer`` is ``{"questions": [{"question_id", "question",
+        "answer", "type"}, ...]}`` (``music-avqa`` converter; a single question object is read
+        too). A clip holding several questions (a MUSIC-AVQA train video) gives one, chosen with
+        the rng; val / test clips hold one each, so every question is scored once.
+
+        The prompt is the dataset's question; the target is ``<answer> {answer} </answer>`` as for
+        AVSynth (no reasoning sentences); ``type`` becomes this task's question type
+        (:func:`real_question_type`: "Audio/Counting" -> "audio_counting").
+
+        Raises:
+            SampleError: no question, or one with an empty text, an answer outside
+                :data:`METRIC_LABELS` or an unknown type (names the clip).
+        """
+        questions = answer.get("questions", [answer]) if isinstance(answer, dict) else None
+        if not isinstance(questions, list) or not questions:
+            raise SampleError(f"clip {clip.key!r}: avqa answer {answer!r} holds no questions")
+        chosen = rng.choice(questions)
+        try:
+            question, word = chosen["question"], chosen["answer"]
+            if not isinstance(question, str) or not question.strip() or not isinstance(word, str):
+                raise ValueError("question and answer must be strings, the question not empty")
+            if label_key(word) not in _METRIC_KEYS:
+                raise ValueError(f"answer {word!r} is not one of the task's {len(METRIC_LABELS)} answers")
+            qtype = real_question_type(chosen["type"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise SampleError(f"clip {clip.key!r}: avqa question {chosen!r} is not "
+                              f"{{'question', 'answer', 'type'}}: {error}") from None
+        tagged = wrap_tag("answer", word)
+        parsed = {"answer": word, "type": qtype}
+        if "question_id" in chosen:
+            parsed["question_id"] = chosen["question_id"]
+        return TaskParts(" ".join(question.split()), [], f"So the answer is {tagged}.", tagged, parsed)
+
     def parse(self, text: Any) -> str | None:
         """The content of the ``<answer>`` tag as written (case kept, whitespace collapsed), or
         None; the accuracy compares it with the answer case-insensitively."""
         return extract_tag(text, "answer", keep_case=True)  # never raises
 
     def metrics(self) -> MetricCollection:
-        """{"accuracy", "accuracy/{type}" for every question type, "parse_failure_rate"}."""
-        metrics: dict = {"accuracy": LabelAccuracy(ANSWERS, target_key="answer")}
+        """The same keys for AVSynth and MUSIC-AVQA answers (a key with no question scores 0):
+
+        - ``accuracy``: every question;
+        - ``accuracy/{type}`` for each of the 14 question types (on MUSIC-AVQA the paper's nine
+          columns, e.g. ``accuracy/audio_visual_temporal``; the other five score 0);
+        - ``accuracy/{modality}`` for audio, visual and audio_visual: the questions of every type
+          of that modality, micro-averaged (on MUSIC-AVQA exactly the paper's Audio, Visual and
+          Audio-Visual averages, :data:`MUSIC_AVQA_GROUPS`);
+        - ``parse_failure_rate``.
+        """
+        metrics: dict = {"accuracy": LabelAccuracy(METRIC_LABELS, target_key="answer")}
         for qtype in QUESTION_TYPES:
-            metrics[f"accuracy/{qtype}"] = LabelAccuracy(ANSWERS, target_key="answer", qtype=qtype)
+            metrics[f"accuracy/{qtype}"] = LabelAccuracy(METRIC_LABELS, target_key="answer", qtype=qtype)
+        for modality in MODALITIES:
+            qtypes = [qtype for qtype in QUESTION_TYPES if question_modality(qtype) == modality]
+            metrics[f"accuracy/{modality}"] = QuestionGroupAccuracy(METRIC_LABELS, qtypes)
         metrics["parse_failure_rate"] = ParseFailureRate()
         return self._collection(metrics)
 

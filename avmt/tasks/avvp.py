@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 from torchmetrics import MetricCollection
 
+from avmt.data.sample import Clip, SampleError
 from avmt.intervals import merge_ranges
 from avmt.tasks import register_task
 from avmt.tasks.base import Task, TaskParts
@@ -78,6 +79,46 @@ def scene_events(scene: dict, key: str) -> dict[str, list[list[int]]]:
     return dict(sorted(out.items(), key=lambda kv: (kv[1][0][0], kv[0])))
 
 
+def order_events(events: dict[str, list[list[int]]]) -> dict[str, list[list[int]]]:
+    """Per-class merged ranges, classes ordered by onset then name (the order targets list them in);
+    classes without a non-empty range are dropped."""
+    merged = {cls: merge_ranges(ranges) for cls, ranges in events.items()}
+    return dict(sorted(((c, r) for c, r in merged.items() if r), key=lambda kv: (kv[1][0][0], kv[0])))
+
+
+def avvp_tags(audio: dict[str, list[list[int]]], visual: dict[str, list[list[int]]]) -> tuple[str, str]:
+    """The two tagged halves of an avvp target: ``("<audio_event> dog,(0 3) </audio_event>",
+    "<visual_event> </visual_event>")`` (an empty pair when there are no events)."""
+    a_tag = f"<audio_event> {events_text(audio)} </audio_event>".replace("  ", " ")
+    v_tag = f"<visual_event> {events_text(visual)} </visual_event>".replace("  ", " ")
+    return a_tag, v_tag
+
+
+def _annotated_events(clip: Clip, answer: Any, key: str) -> dict[str, list[list[int]]]:
+    """``answer[key]`` of a converted clip checked: class -> ``[[s, e], ...]`` whole segments with
+    ``0 <= s < e <= T``; returned merged and ordered (:func:`order_events`).
+
+    Raises:
+        SampleError: not that structure, or a range outside the clip (names the clip and the class).
+    """
+    events = answer.get(key) if isinstance(answer, dict) else None
+    if not isinstance(events, dict):
+        raise SampleError(f"clip {clip.key!r}: avvp answer has no {key!r} events dict "
+                          f"({{'audio': {{class: [[s, e], ...]}}, 'visual': {{...}}}} expected)")
+    out: dict[str, list[list[int]]] = {}
+    for cls, ranges in events.items():
+        if not isinstance(cls, str) or not cls.strip() or not isinstance(ranges, list):
+            raise SampleError(f"clip {clip.key!r}: avvp {key} event {cls!r}: {ranges!r} is not class -> [[s, e], ...]")
+        for pair in ranges:
+            valid = (isinstance(pair, (list, tuple)) and len(pair) == 2
+                     and all(isinstance(v, int) and not isinstance(v, bool) for v in pair))
+            if not valid or not 0 <= pair[0] < pair[1] <= clip.num_segments:
+                raise SampleError(f"clip {clip.key!r}: avvp {key} range {pair!r} of {cls!r} is not [s, e] "
+                                  f"with 0 <= s < e <= {clip.num_segments}")
+        out[cls] = [list(pair) for pair in ranges]
+    return order_events(out)
+
+
 @register_task
 class AVVPTask(Task):
     """Parse the clip into audio events (sounding intervals per class) and visual events
@@ -105,14 +146,34 @@ class AVVPTask(Task):
 
     def _compose(self, scene: dict, rng: random.Random) -> TaskParts:
         audio, visual = scene_events(scene, "sounding"), scene_events(scene, "visible")
-        a_tag = f"<audio_event> {events_text(audio)} </audio_event>".replace("  ", " ")
-        v_tag = f"<visual_event> {events_text(visual)} </visual_event>".replace("  ", " ")
+        a_tag, v_tag = avvp_tags(audio, visual)
         return TaskParts(
             question=self._question(rng),
             sentences=[object_sentence(o) for o in ordered_objects(scene)],
             conclusion=f"So the audio events are {a_tag} and the visual events are {v_tag}.",
             bare=f"{a_tag} {v_tag}",
             answer={"audio": audio, "visual": visual, "num_segments": int(scene["num_segments"])},
+        )
+
+    def compose_annotated(self, clip: Clip, answer: Any, rng: random.Random) -> TaskParts:
+        """LLP's dense evaluation labels (``llp`` converter, val / test clips):
+        ``{"audio": {class: [[s, e], ...]}, "visual": {...}}`` in segments, ``[s, e)`` per class.
+
+        The target is the AVSynth one without reasoning sentences: ``<audio_event> Speech,(0 8)
+        Blender,(8 10) </audio_event> <visual_event> ... </visual_event>`` (classes by onset, ranges
+        merged); the answer adds ``num_segments``. No events of a kind is the empty tag pair.
+
+        Raises:
+            SampleError: the answer is not that structure, or a range lies outside the clip.
+        """
+        audio, visual = _annotated_events(clip, answer, "audio"), _annotated_events(clip, answer, "visual")
+        a_tag, v_tag = avvp_tags(audio, visual)
+        return TaskParts(
+            question=self._question(rng),
+            sentences=[],
+            conclusion=f"So the audio events are {a_tag} and the visual events are {v_tag}.",
+            bare=f"{a_tag} {v_tag}",
+            answer={"audio": audio, "visual": visual, "num_segments": clip.num_segments},
         )
 
     def parse(self, text: Any) -> dict | None:

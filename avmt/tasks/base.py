@@ -12,7 +12,11 @@ A task declares
 - the **dense losses** it adds given those outputs (``dense_losses``), and how outputs become the
   prediction its metrics score (``predict``; default: ``parse`` the generated text);
 - its **metrics** (a torchmetrics ``MetricCollection`` with a failure rate) and the trivial
-  baseline computed through the same metric code (``majority_baseline``).
+  baseline computed through the same metric code (``majority_baseline``);
+- how it reads **real data**: a converted clip (:mod:`avmt.data.annotation`) carries each task's
+  structured answer under ``answers[task name]``, and ``compose_annotated`` turns it into the
+  same prompt / target / dense targets the AVSynth scene graph gives (no reasoning sentences:
+  real datasets have none).
 
 The LightningModule, the model and the data module only loop over what tasks declare; none of
 them names a task. ``task_id`` is the task's stable identity: it is saved in checkpoints and
@@ -32,6 +36,7 @@ from typing import Any, ClassVar, Iterable, Sequence
 import torch
 from torchmetrics import MetricCollection
 
+from avmt.data.annotation import is_annotation
 from avmt.data.sample import PLACEHOLDERS, Clip, Dense, DenseSpec, MediaRef, SampleError, TaskSample
 from avmt.data.vocab import CLASSES, COLORS, MOODS, MOTIONS, NUMBER_WORDS, POSITIONS, ROWS, SHAPES
 from avmt.tasks.reasoning import SHARED_PHRASES
@@ -119,9 +124,30 @@ class Task:
 
     def applies(self, clip: Clip) -> bool:
         """Whether a sample of this task can be built from ``clip`` (e.g. an MS3 sample needs a
-        multi-source scene). The data stream builds only the tasks that apply to a clip."""
+        multi-source scene; a converted clip needs this task's answer and a task that reads real
+        data). The data stream builds only the tasks that apply to a clip."""
         scene = clip.scene if isinstance(clip.scene, dict) else {}
+        if is_annotation(scene):
+            return self.name in scene["answers"] and self.reads_annotations
         return not self.needs_av_event or scene.get("av_event") is not None
+
+    @property
+    def reads_annotations(self) -> bool:
+        """Whether the task builds samples from converted clips (it implements ``compose_annotated``)."""
+        return type(self).compose_annotated is not Task.compose_annotated
+
+    def compose_annotated(self, clip: Clip, answer: Any, rng: random.Random) -> TaskParts:
+        """The sample's parts from a converted clip whose annotation gives this task's ``answer``.
+
+        Args:
+            clip: the converted clip (``clip.scene`` is its :mod:`avmt.data.annotation`; its
+                ``masks`` / ``objects`` hold the dense annotation, when the source has one).
+            answer: ``clip.scene["answers"][self.name]``, as the converter wrote it.
+            rng: the random source (prompt phrasing, which of several questions, ...).
+        Raises:
+            SampleError: the answer is malformed (names the clip and what is wrong).
+        """
+        raise SampleError(f"clip {clip.key!r}: task {self.name!r} does not read converted datasets")
 
     def select_others(self, clip: Clip, recent: Sequence[Clip], rng: random.Random) -> list[Clip] | None:
         """The ``num_clips - 1`` other clips a sample of ``clip`` looks at, chosen from ``recent``.
@@ -168,12 +194,17 @@ class Task:
             ValueError: a task bug: the prompt's placeholders do not match the media references, or
                 a reference names a clip that is not there.
         """
-        self._scene(clip)
-        for name in self.text_fields:
-            value = clip.scene.get(name)
-            if not isinstance(value, (str, list)) or not value:
-                raise SampleError(f"clip {clip.key!r}: task {self.name!r} needs the annotation field {name!r}")
-        parts = self._compose_clips(clip, list(others), rng)
+        if isinstance(clip, Clip) and is_annotation(clip.scene):
+            if self.name not in clip.scene["answers"]:
+                raise SampleError(f"clip {clip.key!r}: its annotation has no answer for task {self.name!r}")
+            parts = self.compose_annotated(clip, clip.scene["answers"][self.name], rng)
+        else:
+            self._scene(clip)
+            for name in self.text_fields:
+                value = clip.scene.get(name)
+                if not isinstance(value, (str, list)) or not value:
+                    raise SampleError(f"clip {clip.key!r}: task {self.name!r} needs the annotation field {name!r}")
+            parts = self._compose_clips(clip, list(others), rng)
         media = parts.media if parts.media is not None else tuple(MediaRef(p) for p in self.inputs)
         if parts.inline_media:
             prompt = parts.question

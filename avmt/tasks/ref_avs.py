@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torchmetrics import MetricCollection
 
@@ -14,8 +14,22 @@ from avmt.tasks.base import TaskParts
 from avmt.tasks.metrics import ParseFailureRate
 from avmt.tasks.reasoning import object_noun, object_sentence
 from avmt.tasks.scene import scene_objects
-from avmt.tasks.spatial import MaskTask, object_mask
+from avmt.tasks.spatial import MaskTask, object_mask, objects_mask
 from avmt.tasks.spatial_metrics import MaskF, MaskJ, NullS
+
+
+#: Leading articles of a dataset's expression that the prompts write in lower case (words every
+#: vocabulary has; other capitalized first words stay as written, the way the manifest lists them).
+_ARTICLES = {"The": "the", "A": "a", "An": "an"}
+
+
+def expression_phrase(text: str) -> str:
+    """A dataset's referring expression as a noun phrase for the prompts: whitespace collapsed,
+    trailing full stops dropped, a leading article lower-cased ("The object making the loudest
+    sound." -> "the object making the loudest sound"; "Roaring is the sound ..." stays)."""
+    phrase = " ".join(str(text).split()).rstrip(". ").strip()
+    first, _, rest = phrase.partition(" ")
+    return f"{_ARTICLES[first]} {rest}".strip() if first in _ARTICLES else phrase
 
 
 @register_task
@@ -25,10 +39,11 @@ class RefAVSTask(MaskTask):
     has the empty mask as its target.
 
     Reads the annotation's ``expressions`` (``[{"text", "object": id | None}]``); a null one is
-    picked with probability ``null_fraction`` when the clip has one. Answer: ``{"mask": bool
-    [T, H, W], "null": bool, "expression": str}``. Metrics: J and F over the non-null samples (the
-    Ref-AVS seen split), S = sqrt(mean predicted foreground fraction) over the null samples
-    (lower is better), the failure rate (no ``<seg>``).
+    picked with probability ``null_fraction`` when the clip has one. A converted Ref-AVS clip (one
+    expression per clip) is read by :meth:`compose_annotated`. Answer: ``{"mask": bool [T, H, W],
+    "annotated_frames": bool [T], "null": bool, "expression": str}``. Metrics: J and F over the
+    non-null samples (the Ref-AVS seen split), S = sqrt(mean predicted foreground fraction) over the
+    null samples (lower is better), the failure rate (no ``<seg>``).
     """
 
     name = "ref_avs"
@@ -77,6 +92,28 @@ class RefAVSTask(MaskTask):
             conclusion = f"So {text} is the {object_noun(referent)}, and its mask is"
         return self._mask_sample(self._question(rng, expression=text), sentences, conclusion, mask,
                                  null=referent is None, expression=text)
+
+    def compose_annotated(self, clip: Clip, answer: Any, rng: random.Random) -> TaskParts:
+        """Ref-AVS's own annotation (``ref-avs`` converter): ``{"expression": str, "null": bool,
+        "object": class name | None}``; the referred object is mask object 0 of the clip, a null
+        expression's target is the empty mask. No reasoning sentences (the dataset has none): the
+        target is the AVSynth conclusion, "So {expression} is the {class}, and its mask is <seg>"
+        or "So the mask is empty: <seg>", and ``<seg>`` alone without reasoning."""
+        try:
+            expression, null = expression_phrase(answer["expression"]), answer["null"]
+            noun = answer.get("object")
+        except (KeyError, TypeError, AttributeError):
+            raise SampleError(f"clip {clip.key!r}: ref_avs answer {answer!r} is not "
+                              "{'expression': str, 'null': bool, 'object': str | None}") from None
+        named = isinstance(noun, str) and bool(noun.strip())
+        if not expression or not isinstance(null, bool) or not (null or named):
+            raise SampleError(f"clip {clip.key!r}: ref_avs answer {answer!r} needs a non-empty expression, a "
+                              "boolean 'null' and, unless null, the referred object's class")
+        mask = object_mask(clip, self.name, None) if null else objects_mask(clip, self.name, [0])
+        conclusion = ("So the mask is empty:" if null
+                      else f"So {expression} is the {' '.join(noun.split())}, and its mask is")
+        return self._mask_sample(self._question(rng, expression=expression), [], conclusion, mask, null=null,
+                                 expression=expression)
 
     def metrics(self) -> MetricCollection:
         """{"j", "f" (non-null samples), "s_null" (null samples), "parse_failure_rate"}."""

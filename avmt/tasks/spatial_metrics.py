@@ -12,6 +12,9 @@ Formats:
   or None (scored as the empty mask: an all-zero probability map). Mask target:
   ``{"mask": bool [T, H, W]}`` (non-bool masks: foreground where > 0); Ref-AVS targets also carry
   ``"null": bool`` (a null expression: the target mask is all empty).
+- Any target may carry ``"annotated_frames": bool [T]`` (real datasets annotate only some frames,
+  e.g. AVSBench S4 training clips the first): only those frames are scored, of the prediction and
+  of the target alike. Without it every frame is.
 - Class-map prediction (AVSS): ``{"class_map": long [T, H, W]}``, 0 = background and 1..K the
   classes, or None (scored as all background). Target: ``{"class_map": long [T, H, W]}``.
   Metrics take ``num_classes = K + 1`` (background included).
@@ -65,19 +68,33 @@ def _as_bool(mask: Tensor) -> Tensor:
 
 
 def _mask_pair(pred: dict | None, target: dict, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(prob float [T, H, W], target bool [T, H, W]) on ``device``; None -> all-zero probability."""
+    """(prob float [N, H, W], target bool [N, H, W]) on ``device``: the target's annotated frames
+    (all T without ``annotated_frames``); None -> all-zero probability."""
     tgt = _as_bool(torch.as_tensor(target["mask"], device=device))
     if tgt.ndim != 3:
         raise ValueError(f"target mask must be [T, H, W], got shape {tuple(tgt.shape)}")
     if pred is None:
-        return torch.zeros(tgt.shape, dtype=torch.float32, device=device), tgt
-    prob = torch.as_tensor(pred["mask"], device=device)
-    if prob.shape != tgt.shape:
-        raise ValueError(
-            f"predicted mask {tuple(prob.shape)} and target mask {tuple(tgt.shape)} differ in shape")
-    if prob.dtype != torch.float64:
-        prob = prob.float()
-    return prob, tgt
+        prob = torch.zeros(tgt.shape, dtype=torch.float32, device=device)
+    else:
+        prob = torch.as_tensor(pred["mask"], device=device)
+        if prob.shape != tgt.shape:
+            raise ValueError(
+                f"predicted mask {tuple(prob.shape)} and target mask {tuple(tgt.shape)} differ in shape")
+        if prob.dtype != torch.float64:
+            prob = prob.float()
+    annotated = _annotated_frames(target, tgt.shape[0], device)
+    return (prob, tgt) if annotated is None else (prob[annotated], tgt[annotated])
+
+
+def _annotated_frames(target: dict, num_frames: int, device: torch.device) -> Tensor | None:
+    """The target's ``annotated_frames`` as ``bool [T]`` on ``device``, or None (every frame scored)."""
+    annotated = target.get("annotated_frames")
+    if annotated is None:
+        return None
+    annotated = torch.as_tensor(annotated, device=device).bool()
+    if annotated.shape != (num_frames,):
+        raise ValueError(f"annotated_frames must be [T] = [{num_frames}], got shape {tuple(annotated.shape)}")
+    return None if bool(annotated.all()) else annotated
 
 
 def _keep(target: dict, subset: str) -> bool:
@@ -279,6 +296,9 @@ def _class_counts(
         if prd.shape != tgt.shape:
             raise ValueError(
                 f"predicted class map {tuple(prd.shape)} and target {tuple(tgt.shape)} differ in shape")
+    annotated = _annotated_frames(target, tgt.shape[0], device)
+    if annotated is not None:
+        prd, tgt = prd[annotated], tgt[annotated]
     for name, m in (("predicted", prd), ("target", tgt)):
         if m.numel() and (int(m.min()) < 0 or int(m.max()) >= num_classes):
             raise ValueError(f"{name} class map has values outside [0, {num_classes})")

@@ -263,6 +263,9 @@ def test_avqa_answers_round_trip():
         metric = LabelAccuracy(MUSIC_AVQA_ANSWERS, target_key="answer")
         metric.update(p, answers)
         assert float(metric.compute()) == 1.0
+        # the task's own metrics take every MUSIC-AVQA answer (its label set holds all 42)
+        values = metric_values(task.metrics(), p, answers)
+        assert values["accuracy"] == 1.0 and values["accuracy/audio"] == 1.0
     # the task's own metrics: unchanged behaviour for AVSynth answers whatever the case
     values = metric_values(task.metrics(), ["VIOLIN", " Yes "], [{"answer": "violin", "type": "audio_counting"},
                                                                  {"answer": "yes", "type": "audio_existential"}])

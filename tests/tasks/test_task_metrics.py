@@ -256,7 +256,8 @@ def test_avqa_collection_keys_and_values():
         "audio_temporal", "visual_temporal", "audio_visual_temporal",
         "audio_comparative", "visual_comparative", "audio_visual_comparative",
     ]
-    assert set(m.keys()) == {"accuracy", "parse_failure_rate"} | {f"accuracy/{t}" for t in types}
+    modalities = {"accuracy/audio", "accuracy/visual", "accuracy/audio_visual"}  # per-modality averages
+    assert set(m.keys()) == {"accuracy", "parse_failure_rate"} | {f"accuracy/{t}" for t in types} | modalities
     targets = [{"answer": "yes", "type": "audio_existential"}, {"answer": "two", "type": "audio_counting"},
                {"answer": "flute", "type": "audio_temporal"}, {"answer": "left", "type": "visual_location"}]
     m.update(["yes", "three", None, "left"], targets)
@@ -267,6 +268,9 @@ def test_avqa_collection_keys_and_values():
     assert out["accuracy/audio_temporal"] == 0.0
     assert out["accuracy/visual_location"] == 1.0
     assert out["accuracy/visual_temporal"] == 0.0  # empty type
+    # audio: existential right, counting and temporal wrong; visual: location right
+    assert out["accuracy/audio"] == pytest.approx(1 / 3) and out["accuracy/visual"] == 1.0
+    assert out["accuracy/audio_visual"] == 0.0  # no audio-visual question
     assert out["parse_failure_rate"] == 0.25
 
 

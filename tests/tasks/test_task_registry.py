@@ -10,11 +10,13 @@ V1 = ["action", "avcap", "ave", "avqa", "avvp", "emotion"]
 SPATIAL = ["arig", "avss", "ms3", "ref_avs", "s4", "ssu"]
 LOCALIZATION = ["unav"]
 MATCHING = ["a2v", "v2a"]
+WEAK = ["avvp_weak"]  # trained on weak, video-level labels (LLP)
+INSTRUCT = ["instruct"]  # free-form instructions (Crab's AV-UIE)
 
 
 def test_list_tasks():
-    assert list_tasks() == sorted(V1 + SPATIAL + LOCALIZATION + MATCHING)
-    assert set(TASKS) == set(V1 + SPATIAL + LOCALIZATION + MATCHING)
+    assert list_tasks() == sorted(V1 + SPATIAL + LOCALIZATION + MATCHING + WEAK + INSTRUCT)
+    assert set(TASKS) == set(V1 + SPATIAL + LOCALIZATION + MATCHING + WEAK + INSTRUCT)
     assert all(issubclass(cls, Task) and cls.name == name for name, cls in TASKS.items())
 
 
@@ -30,7 +32,7 @@ def test_unknown_task_lists_available():
     with pytest.raises(ValueError) as err:
         get_task("avqa2")
     msg = str(err.value)
-    assert "'avqa2'" in msg and all(name in msg for name in V1 + SPATIAL + LOCALIZATION + MATCHING)
+    assert "'avqa2'" in msg and all(name in msg for name in V1 + SPATIAL + LOCALIZATION + MATCHING + WEAK)
 
 
 def test_bad_kwargs():

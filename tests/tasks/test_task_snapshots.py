@@ -170,6 +170,19 @@ SNAPSHOTS = {
             'cat,(4 9) </visual_event>'
         ),
     ),
+    ('avvp_weak', 0, True): (
+        '<video> <audio> Tag this clip with its events: every class that is audible or visible at some time.',
+        (
+            'A dog is heard from second 0 to second 3 and from second 8 to second 10 but not seen. A '
+            'red violin on the left is seen and heard from second 2 to second 7. A blue cat on the '
+            'right is seen from second 4 to second 9 but not heard. So the events in this clip are '
+            '<event> cat </event> <event> dog </event> <event> violin </event>.'
+        ),
+    ),
+    ('avvp_weak', 0, False): (
+        '<video> <audio> Tag this clip with its events: every class that is audible or visible at some time.',
+        '<event> cat </event> <event> dog </event> <event> violin </event>',
+    ),
     ('emotion', 0, True): (
         '<video> <audio> What feeling do the sights and sounds of this clip express?',
         (
@@ -182,6 +195,27 @@ SNAPSHOTS = {
     ('emotion', 0, False): (
         '<video> <audio> What feeling do the sights and sounds of this clip express?',
         '<answer> happy </answer>',
+    ),
+    # instruct on AVSynth: a sample of one of its source tasks (here avvp) as the instruction
+    ('instruct', 0, True): (
+        (
+            '<video> <audio> What can be heard and what can be seen in this clip? Give the class and '
+            'the time ranges of each audio event and each visual event.'
+        ),
+        (
+            'A dog is heard from second 0 to second 3 and from second 8 to second 10 but not seen. A '
+            'red violin on the left is seen and heard from second 2 to second 7. A blue cat on the '
+            'right is seen from second 4 to second 9 but not heard. So the audio events are '
+            '<audio_event> dog,(0 3) (8 10) violin,(2 7) </audio_event> and the visual events are '
+            '<visual_event> violin,(2 7) cat,(4 9) </visual_event>.'
+        ),
+    ),
+    ('instruct', 0, False): (
+        (
+            '<video> <audio> What can be heard and what can be seen in this clip? Give the class and '
+            'the time ranges of each audio event and each visual event.'
+        ),
+        '<audio_event> dog,(0 3) (8 10) violin,(2 7) </audio_event> <visual_event> violin,(2 7) cat,(4 9) </visual_event>',
     ),
     ('arig', 0, True): (
         '<image> <audio> Draw a box around the object that is heard in this frame.',
