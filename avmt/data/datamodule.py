@@ -23,6 +23,7 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from avmt.data.features import FeatureReader
 from avmt.data.sample import Clip, ClipGroup, SampleError, collate
 from avmt.data.shards import (
     CorruptSampleCounter,
@@ -31,6 +32,7 @@ from avmt.data.shards import (
     ensure_shards,
     iter_clips,
     list_shards,
+    read_manifest,
 )
 from avmt.data.synth import SCHEMA_VERSION, SynthConfig
 from avmt.tasks import Task, get_task, list_tasks
@@ -67,6 +69,9 @@ class ClipTaskStream(IterableDataset):
         recent_clips: clips remembered as the other clips of multi-clip samples, most recent
             first; each task picks its others from them (``Task.select_others``) and is not built
             for a clip when too few of them fit.
+        features: a feature cache reader (``data.features``): every clip read gets its cached
+            encoder features attached (:meth:`~avmt.data.features.FeatureReader.attach`; a clip
+            missing from the cache is an error naming it and the cache).
     """
 
     def __init__(
@@ -80,6 +85,7 @@ class ClipTaskStream(IterableDataset):
         num_clips: int | None = None,
         shuffle_buffer: int = 256,
         recent_clips: int = 16,
+        features: FeatureReader | None = None,
     ) -> None:
         super().__init__()
         self.shards = [Path(s) for s in shards]
@@ -91,6 +97,7 @@ class ClipTaskStream(IterableDataset):
         self.num_clips = num_clips
         self.shuffle_buffer = shuffle_buffer
         self.recent_clips = recent_clips
+        self.features = features
         self.epoch = 0
         self.counter = CorruptSampleCounter()
 
@@ -143,6 +150,8 @@ class ClipTaskStream(IterableDataset):
         buffer: list[ClipGroup] = []
         recent: deque[Clip] = deque(maxlen=self.recent_clips)
         for clip in iter_clips(shards, counter=self.counter):
+            if self.features is not None:
+                clip = self.features.attach(clip)
             group = self._build(clip, list(recent))
             recent.appendleft(clip)
             if not group.samples:
@@ -196,6 +205,11 @@ class AVDataModule(L.LightningDataModule):
         requests: a request file (JSON list or JSONL, :mod:`avmt.data.requests`): ``predict``
             answers its requests about media files (decoded to this module's segments, frame size
             and sample rate) instead of the test split.
+        features: a feature cache folder written by ``python -m avmt data features``: the clips
+            carry their cached encoder features and the model skips its (frozen) encoders; the
+            module refuses a cache made by other encoders. ``None`` encodes the media.
+        splits: the folder under ``root`` each stage reads: ``{"train": ..., "val": ..., "test": ...}``
+            (defaults: the same names); e.g. ``{"test": "test_u"}`` tests on Ref-AVS's unseen split.
     """
 
     def __init__(
@@ -217,6 +231,8 @@ class AVDataModule(L.LightningDataModule):
         max_objects: int = 3,
         multi_source: float = 0.0,
         requests: str | None = None,
+        features: str | None = None,
+        splits: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         known = list_tasks()
@@ -244,6 +260,11 @@ class AVDataModule(L.LightningDataModule):
             multi_source=multi_source,
         )
         self.requests = requests
+        self.features = Path(features).expanduser() if features is not None else None
+        unknown_splits = sorted(set(splits or {}) - set(SPLITS))
+        if unknown_splits:
+            raise ValueError(f"data.splits: unknown stage split(s) {unknown_splits}; the keys are {', '.join(SPLITS)}")
+        self.split_folders = {**{split: split for split in SPLITS}, **(splits or {})}
         self.shards: dict[str, list[Path]] = {}
         self.counts: dict[str, int | None] = {}
         self.datasets: dict[str, ClipTaskStream] = {}
@@ -278,8 +299,8 @@ class AVDataModule(L.LightningDataModule):
         for split in wanted.get(stage, SPLITS) if stage else SPLITS:
             if split in self.datasets:
                 continue
-            self.shards[split] = list_shards(root / split)
-            self.counts[split] = self.clip_counts[split] if self.root is None else None
+            self.shards[split] = list_shards(root / self.split_folders[split])
+            self.counts[split] = self.clip_counts[split] if self.root is None else self._manifest_count(root, split)
             self.datasets[split] = ClipTaskStream(
                 self.shards[split],
                 self.task_names,
@@ -288,6 +309,38 @@ class AVDataModule(L.LightningDataModule):
                 shuffle=split == "train",
                 tasks_per_clip=self.tasks_per_clip if split == "train" else None,
                 num_clips=self.counts[split],
+                features=FeatureReader(self.features, split) if self.features is not None else None,
+            )
+
+    def _manifest_count(self, root: Path, split: str) -> int | None:
+        """Clips of a converted split, from its manifest (``None``: unknown)."""
+        manifest = read_manifest(root) or {}
+        info = manifest.get("splits", {}).get(self.split_folders[split]) if isinstance(manifest.get("splits"), dict) else None
+        return int(info["clips"]) if isinstance(info, dict) and isinstance(info.get("clips"), int) else None
+
+    def data_words(self) -> list[str]:
+        """The words of a converted dataset's text (its manifest's ``words``); ``[]`` for AVSynth."""
+        if self.root is None:
+            return []
+        words = (read_manifest(self.root) or {}).get("words")
+        return [str(w) for w in words] if isinstance(words, list) else []
+
+    def check_vocabulary(self, tokenizer) -> None:
+        """Refuse a tokenizer that cannot spell the data's words (the tiny LLM's offline tokenizer
+        without the dataset's words would turn them into ``<unk>`` and learn nothing from them).
+
+        Raises:
+            ValueError: names a few missing words and the config key that adds them.
+        """
+        unk = getattr(tokenizer, "unk_token_id", None)
+        if unk is None:
+            return
+        missing = [w for w in self.data_words() if unk in tokenizer(w, add_special_tokens=False)["input_ids"]]
+        if missing:
+            raise ValueError(
+                f"the LLM's tokenizer cannot spell {len(missing)} word(s) of the data in '{self.root}' (e.g. "
+                f"{', '.join(repr(w) for w in missing[:5])}): set model.llm.init_args.words_from: ['{self.root}'] "
+                f"so the offline vocabulary includes them, or use a pretrained LLM"
             )
 
     def _loader(self, split: str) -> DataLoader:

@@ -26,6 +26,7 @@ __all__ = [
     "SampleError",
     "segment_frames",
     "Clip",
+    "ClipFeatures",
     "MediaRef",
     "DenseSpec",
     "TaskSample",
@@ -64,6 +65,22 @@ def segment_frames(num_frames: int, num_segments: int) -> list[int]:
 
 
 @dataclass
+class ClipFeatures:
+    """Cached outputs of the frozen encoders for one clip (read from a feature cache,
+    :mod:`avmt.data.features`), used by the model instead of running the encoders.
+
+    Attributes:
+        vision: ``[T, P, D_v]`` vision encoder features of the T segment frames.
+        audio: ``[T, Q, D_a]`` audio encoder features of the T windows.
+        cache: the cache folder they come from (the module checks its encoder fingerprint).
+    """
+
+    vision: Tensor
+    audio: Tensor
+    cache: str
+
+
+@dataclass
 class Clip:
     """One decoded clip.
 
@@ -74,6 +91,7 @@ class Clip:
         scene: the annotation: AVSynth's scene graph or a converter's structured annotation.
         masks: ``uint8 [T·F, H, W]`` object-id map (0 background, ``id + 1`` where object ``id``
             is drawn), or ``None`` when the source has no masks.
+        features: the clip's cached encoder features (``data.features``), or ``None``.
     """
 
     key: str
@@ -81,6 +99,7 @@ class Clip:
     audio: Tensor
     scene: dict
     masks: Tensor | None = None
+    features: ClipFeatures | None = None
 
     @property
     def num_segments(self) -> int:
@@ -263,6 +282,10 @@ class Batch:
         dense: dense targets by name (rows = samples carrying them).
         corrupt_total: corrupt samples skipped so far by the reading process.
         tokens: set by the LightningModule (which owns the tokenizer) before the forward.
+        vision_features: ``[C, T, P, D_v]`` cached vision encoder features of the clips, or
+            ``None`` (the model then runs the vision encoder on ``frames``).
+        audio_features: ``[C, T, Q, D_a]`` cached audio encoder features, or ``None``.
+        feature_cache: the folder the cached features come from, or ``None``.
     """
 
     frames: Tensor
@@ -276,6 +299,9 @@ class Batch:
     dense: dict[str, Dense] = field(default_factory=dict)
     corrupt_total: int = 0
     tokens: TokenizedBatch | None = None
+    vision_features: Tensor | None = None
+    audio_features: Tensor | None = None
+    feature_cache: str | None = None
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -315,6 +341,9 @@ class Batch:
             dense={name: table.take(rows) for name, table in self.dense.items()},
             corrupt_total=self.corrupt_total,
             tokens=None if self.tokens is None else self.tokens.take(rows),
+            vision_features=_take_clips(self.vision_features, index),
+            audio_features=_take_clips(self.audio_features, index),
+            feature_cache=self.feature_cache,
         )
 
     def to(self, device: torch.device | str) -> "Batch":
@@ -325,7 +354,35 @@ class Batch:
             audio=self.audio.to(device),
             dense={name: table.to(device) for name, table in self.dense.items()},
             tokens=None if self.tokens is None else self.tokens.to(device),
+            vision_features=None if self.vision_features is None else self.vision_features.to(device),
+            audio_features=None if self.audio_features is None else self.audio_features.to(device),
         )
+
+
+def _take_clips(features: Tensor | None, index: Tensor) -> Tensor | None:
+    """Rows ``index`` of per-clip features ``[C, ...]`` (``None`` stays ``None``)."""
+    return None if features is None else features.index_select(0, index.to(features.device))
+
+
+def _collate_features(clips: Sequence[Clip]) -> tuple[Tensor | None, Tensor | None, str | None]:
+    """Stack the clips' cached features: ``vision [C, T, P, D_v]``, ``audio [C, T, Q, D_a]`` and
+    their cache folder, or ``(None, None, None)`` when no clip has any.
+
+    Raises:
+        ValueError: some clips have cached features and others not, or they come from two caches.
+    """
+    cached = [clip for clip in clips if clip.features is not None]
+    if not cached:
+        return None, None, None
+    if len(cached) != len(clips):
+        raw = [clip.key for clip in clips if clip.features is None]
+        raise ValueError(f"clips {raw[:3]} have no cached features while {cached[0].key!r} has: a batch "
+                         "is encoded from cached features or from media, not both")
+    caches = sorted({clip.features.cache for clip in cached})
+    if len(caches) > 1:
+        raise ValueError(f"one batch holds cached features of several caches ({caches}); use one data.features")
+    return (torch.stack([clip.features.vision for clip in cached]),
+            torch.stack([clip.features.audio for clip in cached]), caches[0])
 
 
 def _collate_values(name: str, rule: str, values: list[Tensor], owners: list[str]) -> Tensor:
@@ -388,6 +445,7 @@ def collate(groups: Sequence[ClipGroup], rules: dict[str, str] | None = None) ->
         )
         for name, values in dense_values.items()
     }
+    vision_features, audio_features, feature_cache = _collate_features(clips)
     return Batch(
         frames=torch.stack([clip.frames for clip in clips]),
         audio=torch.stack([clip.audio for clip in clips]),
@@ -399,6 +457,9 @@ def collate(groups: Sequence[ClipGroup], rules: dict[str, str] | None = None) ->
         media=media,
         dense=dense,
         corrupt_total=max((group.corrupt_total for group in groups), default=0),
+        vision_features=vision_features,
+        audio_features=audio_features,
+        feature_cache=feature_cache,
     )
 
 
