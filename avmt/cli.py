@@ -2,6 +2,7 @@
 
 * ``python -m avmt fit -c experiments/ilora.yaml`` — train; several ``-c`` merge in order.
 * ``python -m avmt data synth --out DIR --clips N --seed S`` — write AVSynth shards.
+* ``python -m avmt data convert FORMAT --src DIR --out DIR`` — convert a real dataset into shards.
 * ``python -m avmt plugins`` — list the plugins of every kind and the tasks.
 """
 
@@ -155,6 +156,10 @@ def synth_run(args: Any) -> None:
 #: A parser function returns a jsonargparse ``ArgumentParser``; the run function gets its parsed namespace.
 DATA_COMMANDS: dict[str, tuple[str, str, str]] = {
     "synth": ("avmt.cli:synth_parser", "avmt.cli:synth_run", "generate AVSynth shards"),
+    "convert": ("avmt.data.converters.command:convert_parser", "avmt.data.converters.command:convert_run",
+                "convert a dataset (AVE, MUSIC-AVQA, LLP, AVSBench, Ref-AVS, AV-UIE) into shards"),
+    "features": ("avmt.data.features:features_parser", "avmt.data.features:features_run",
+                 "cache the frozen encoders' features of the clip shards (for data.features)"),
 }
 
 
@@ -261,6 +266,10 @@ def main(argv: list[str] | None = None) -> None:
             from avmt.bench import main as bench_main
 
             bench_main(argv[1:])
+        elif argv and argv[0] == "export":
+            from avmt.export import main as export_main
+
+            export_main(argv[1:])
         else:
             from avmt.data.datamodule import AVDataModule
             from avmt.module import AVModule

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import logging
 import string
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -126,6 +127,30 @@ def _wrap_backend(backend):
     )
 
 
+def dataset_words(sources: Iterable[str]) -> list[str]:
+    """The ``words`` listed by the manifests of converted datasets (folders or ``manifest.json`` paths).
+
+    Raises:
+        FileNotFoundError: a source has no manifest (names it).
+        ValueError: a manifest is not a converted dataset's (it lists no words).
+    """
+    import json
+    from pathlib import Path
+
+    out: list[str] = []
+    for source in sources:
+        path = Path(source).expanduser()
+        path = path / "manifest.json" if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"model.llm.init_args.words_from: no manifest.json at '{path}' (a folder written by "
+                                    f"python -m avmt data convert is expected)")
+        manifest = json.loads(path.read_text())
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("words"), list):
+            raise ValueError(f"model.llm.init_args.words_from: '{path}' is not a converted dataset's manifest (no words)")
+        out.extend(str(word) for word in manifest["words"])
+    return out
+
+
 def _task_words() -> list[str]:
     """``avmt.tasks.all_words()``, imported lazily (the tasks package may not be importable yet)."""
     try:
@@ -136,6 +161,44 @@ def _task_words() -> list[str]:
             f"available ({e}); pass CausalLM(words=[...]) or name a pretrained model"
         ) from e
     return list(all_words())
+
+
+def end_of_turn_token_id(tokenizer) -> int | None:
+    """The token id that closes an assistant turn in ``tokenizer``'s chat template.
+
+    Derived from the template itself: a one-turn conversation whose assistant message is a marker
+    is rendered, and the first special (or added) token of the text after the marker is the end
+    of turn (ChatML's ``<|im_end|>``, Llama-3's ``<|eot_id|>``, a template that closes turns with
+    ``</s>``: eos). Without a chat template, or when the template cannot be read that way (it
+    raises, or renders no special token after the answer), it is the tokenizer's eos.
+    """
+    eos = tokenizer.eos_token_id
+    if not getattr(tokenizer, "chat_template", None):
+        return eos
+    marker = "avmt answer marker"
+    question = [{"role": "user", "content": "avmt question marker"}]
+    try:
+        prompt = tokenizer.apply_chat_template(question, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(
+            [*question, {"role": "assistant", "content": marker}], tokenize=False, add_generation_prompt=False
+        )
+    except Exception as error:  # a template with requirements of its own (tools, strict roles, ...)
+        log.warning("chat template could not render a one-turn conversation (%s); end of turn = eos", error)
+        return eos
+    answer_at = full.find(marker, len(prompt) if full.startswith(prompt) else 0)
+    if answer_at < 0:
+        log.warning("chat template does not render the assistant message verbatim; end of turn = eos")
+        return eos
+    closing = tokenizer(full[answer_at + len(marker) :], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | {
+        int(i) for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(token, "special", False)
+    }
+    for token_id in closing:
+        if token_id in special:
+            return int(token_id)
+    log.warning("chat template closes the assistant turn with no special token (%r); end of turn = eos",
+                full[answer_at + len(marker) :])
+    return eos
 
 
 # --------------------------------------------------------------------------- split embedding / head
@@ -252,6 +315,32 @@ class SplitLMHead(nn.Module):
         return f"new_start={self.new_start}, num_new={self.num_new}, tied={self._tied is not None}"
 
 
+# --------------------------------------------------------------------------- media layout
+@dataclass(frozen=True)
+class MediaSpan:
+    """Where one placeholder's media tokens sit in a prompt (read by :meth:`CausalLM.position_ids`).
+
+    A placeholder occurs in a prompt as blocks of ``segments * grid[0] * grid[1]`` consecutive
+    copies of ``token_id``: segment-major, each segment's tokens row-major on its ``grid``.
+
+    Attributes:
+        token_id: the placeholder's id.
+        kind: ``"video"``, ``"audio"`` or ``"image"``.
+        segments: T, time segments of one block (1 for an image).
+        grid: ``(rows, cols)`` of one segment's tokens; ``(1, n)`` when they have no spatial layout.
+    """
+
+    token_id: int
+    kind: str
+    segments: int
+    grid: tuple[int, int]
+
+    @property
+    def block_length(self) -> int:
+        """Tokens of one block: ``segments * rows * cols``."""
+        return self.segments * self.grid[0] * self.grid[1]
+
+
 # --------------------------------------------------------------------------- the plugin
 class CausalLM(nn.Module):
     """A transformers causal LM with its tokenizer and trainable new special-token rows.
@@ -266,16 +355,31 @@ class CausalLM(nn.Module):
         gguf_file: GGUF file inside ``model`` to load weights and tokenizer from.
         torch_dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` (or ``"auto"`` for a checkpoint).
         words: vocabulary of the offline tokenizer; ``None`` = ``avmt.tasks.all_words()``.
+        words_from: converted datasets (their folders, or their ``manifest.json``) whose words
+            (class names, questions, answers, expressions) join the offline tokenizer's vocabulary,
+            so the tiny default LLM can read and write a real dataset's text. Ignored by a
+            pretrained tokenizer (it already spells every word).
         train_modules: base modules trained in full next to the adapter (peft's ``modules_to_save``),
             by module name component, e.g. ``["embed_tokens", "lm_head", "norm"]``. Empty for a
             pretrained LLM; the tiny random default needs its vocabulary rows trained.
         gradient_checkpointing: recompute each decoder layer's activations in the backward pass
             instead of keeping them (transformers' gradient checkpointing, non-reentrant): less
             memory for a real LLM, about a third more compute.
+        system_prompt: system message put before every prompt when the tokenizer has a chat
+            template; ``None`` = the template's own default (e.g. SmolLM2's or Qwen2's built-in
+            system message, none for Llama-3). Ignored without a chat template.
+        base_dtype: keep the FROZEN base weights in this dtype (``"bfloat16"`` / ``"float16"``)
+            while every trained parameter (new token rows, ``train_modules``, adapter parameters
+            injected later) stays float32; the LLM then runs under ``torch.autocast`` to
+            ``base_dtype``. ``None`` = no such split (``torch_dtype`` sets every weight's dtype,
+            trained ones included). Needs ``torch_dtype="float32"``.
 
     Attributes:
         model: the transformers ``...ForCausalLM``; tokenizer: its tokenizer; pretrained: whether
-        the weights came from a checkpoint; new_token_ids: ids with new rows.
+        the weights came from a checkpoint; new_token_ids: ids with new rows;
+        end_of_turn_id: the id that closes an assistant turn in the chat template (the tokenizer's
+        eos without a template): training targets end with it; stop_token_ids: ids that end
+        generation (end of turn, then eos when it differs).
     """
 
     def __init__(
@@ -292,10 +396,26 @@ class CausalLM(nn.Module):
         gguf_file: str | None = None,
         torch_dtype: str = "float32",
         words: list[str] | None = None,
+        words_from: list[str] = [],  # noqa: B006
         train_modules: list[str] = [],  # noqa: B006
         gradient_checkpointing: bool = False,
+        system_prompt: str | None = None,
+        base_dtype: str | None = None,
     ) -> None:
         super().__init__()
+        if base_dtype is not None:
+            if base_dtype not in _DTYPES or base_dtype == "float32":
+                raise ValueError(
+                    f"llm.base_dtype: {base_dtype!r} is not a reduced precision dtype; use bfloat16 or float16 (or null)"
+                )
+            if torch_dtype != "float32":
+                raise ValueError(
+                    f"llm.base_dtype ({base_dtype}) keeps trained weights in float32 and needs torch_dtype: float32, "
+                    f"got torch_dtype: {torch_dtype}; set one of the two"
+                )
+            torch_dtype = base_dtype  # the frozen base is built/loaded in it; trained parts are cast back below
+        self.base_dtype = base_dtype
+        self.system_prompt = system_prompt
         self.train_modules = list(train_modules)
         special_tokens = list(dict.fromkeys(special_tokens))
         self.model_name = model
@@ -307,7 +427,7 @@ class CausalLM(nn.Module):
                     f"unknown architecture {architecture!r}; choose one of {', '.join(_ARCHITECTURES)}"
                 )
             _check_dtype(torch_dtype)
-            vocabulary = _task_words() if words is None else words
+            vocabulary = [*(_task_words() if words is None else words), *dataset_words(words_from)]
             tokenizer = build_word_tokenizer(vocabulary, exclude=special_tokens)
             self.model = _tiny_model(
                 architecture,
@@ -324,7 +444,7 @@ class CausalLM(nn.Module):
                 self.model.to(_DTYPES[torch_dtype])
             self.pretrained = False
         else:
-            tokenizer, self.model = _load_pretrained(model, gguf_file, torch_dtype)
+            tokenizer, self.model = self.load_checkpoint(model, gguf_file, torch_dtype)
             # from_pretrained returns the model in eval mode and Lightning keeps submodule modes, so
             # without this the adapter's dropout (and the base's own) would never be active in fit.
             self.model.train()
@@ -337,6 +457,13 @@ class CausalLM(nn.Module):
             else:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self._install_new_tokens(special_tokens)
+        self.end_of_turn_id = end_of_turn_token_id(self.tokenizer)
+        stops = [self.end_of_turn_id, self.tokenizer.eos_token_id]
+        self.stop_token_ids: list[int] = list(dict.fromkeys(int(i) for i in stops if i is not None))
+        if len(self.stop_token_ids) > 1:
+            self.model.generation_config.eos_token_id = list(self.stop_token_ids)
+        if base_dtype is not None:
+            self._keep_trained_float32()
 
     # ----------------------------------------------------------------- setup
     def _install_new_tokens(self, special_tokens: list[str]) -> None:
@@ -391,6 +518,7 @@ class CausalLM(nn.Module):
         new_params = {id(p) for p in self.new_parameters}
         # The parameters of the model as built: freeze_base freezes exactly these (not adapters added later).
         self._base_params = [p for p in self.model.parameters() if id(p) not in new_params]
+        self._base_param_ids = {id(p) for p in self._base_params}
 
     # ----------------------------------------------------------------- properties
     @property
@@ -423,6 +551,31 @@ class CausalLM(nn.Module):
             )
         return int(tid)
 
+    def load_checkpoint(self, model: str, gguf_file: str | None, torch_dtype: str):
+        """``(tokenizer, transformers model)`` of the checkpoint ``model`` (hub id or local path).
+
+        Called once by ``__init__`` when ``model`` is given; a plugin for another model family
+        overrides it (e.g. :class:`avmt.omni.QwenOmniLM` takes Qwen2.5-Omni's thinker).
+        """
+        return _load_pretrained(model, gguf_file, torch_dtype)
+
+    def position_ids(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, media_layout: Mapping[str, MediaSpan]
+    ) -> torch.Tensor | None:
+        """Position ids of a batch whose media tokens sit where ``media_layout`` says.
+
+        Args:
+            input_ids: ``long [B, L]`` with each placeholder expanded to its blocks.
+            attention_mask: ``[B, L]`` (1 = token, 0 = padding; left or right padding).
+            media_layout: placeholder -> :class:`MediaSpan`.
+        Returns:
+            ``None`` (this default): the model numbers the tokens itself (ordinary 1-D positions).
+            An LLM with multimodal rotary positions returns e.g. ``long [3, B, L]`` (Qwen2.5-Omni's
+            TMRoPE); :class:`~avmt.model.AVModel` passes it to :meth:`forward` and :meth:`generate`,
+            where the ids of generated tokens continue from the last prompt token's ids + 1.
+        """
+        return None
+
     # ----------------------------------------------------------------- compute
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings: ``input_ids [B, L]`` -> ``[B, L, D]``."""
@@ -447,7 +600,32 @@ class CausalLM(nn.Module):
             (mean over labelled tokens) when labels are given.
         """
         kwargs.setdefault("use_cache", False)
-        return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+        with self._compute_precision(inputs_embeds.device):
+            return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    def _compute_precision(self, device: torch.device):
+        """``torch.autocast`` to ``base_dtype`` when the frozen base is kept in it (float32 trained weights
+        meet reduced precision base weights there), else a no-op context. In ``base_dtype`` mode it first
+        makes every trained parameter float32 (:meth:`_keep_trained_float32`)."""
+        import contextlib
+
+        if self.base_dtype is None:
+            return contextlib.nullcontext()
+        # adapters are injected after construction, with parameters in the base's dtype: float32 them first
+        self._keep_trained_float32()
+        return torch.autocast(device_type=device.type, dtype=_DTYPES[self.base_dtype])
+
+    def _keep_trained_float32(self) -> None:
+        """``base_dtype`` mode: cast to float32 every trained parameter that is not (new token rows,
+        parameters injected after construction such as adapters, and, once :meth:`freeze_base` ran,
+        the ``train_modules``). The Parameter objects stay the same (optimizers keep their references)."""
+        base = self._base_param_ids
+        frozen = getattr(self, "_base_frozen", False)
+        for p in self.model.parameters():
+            if not p.is_floating_point() or p.dtype == torch.float32:
+                continue
+            if id(p) not in base or (frozen and p.requires_grad):
+                p.data = p.data.float()
 
     @torch.no_grad()
     def generate(
@@ -466,28 +644,31 @@ class CausalLM(nn.Module):
             kwargs: passed to ``generate`` (e.g. ``return_dict_in_generate=True``).
         Returns:
             ``[B, N]`` new token ids (N <= max_new_tokens), or the generate output object when
-            ``return_dict_in_generate=True``.
+            ``return_dict_in_generate=True``. A row stops at any of :attr:`stop_token_ids` (the
+            chat template's end of turn, and eos).
         """
         kwargs.setdefault("do_sample", False)
         kwargs.setdefault("num_beams", 1)
         kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-        kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
+        stops = self.stop_token_ids
+        kwargs.setdefault("eos_token_id", (stops[0] if len(stops) == 1 else list(stops)) if stops else None)
         if not kwargs["do_sample"]:  # silence warnings about a checkpoint's sampling defaults
             kwargs.setdefault("temperature", None)
             kwargs.setdefault("top_p", None)
             kwargs.setdefault("top_k", None)
-        return self.model.generate(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            max_new_tokens=max_new_tokens,
-            **kwargs,
-        )
+        with self._compute_precision(inputs_embeds.device):
+            return self.model.generate(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                **kwargs,
+            )
 
     def freeze_base(self) -> None:
         """Freeze every parameter of the model as built except the new token rows.
 
         Parameters injected later (adapters) are not touched, so the order of freeze_base and
-        adapter injection does not matter.
+        adapter injection does not matter. With ``base_dtype`` the ``train_modules`` become float32.
         """
         for p in self._base_params:
             p.requires_grad_(False)
@@ -506,6 +687,9 @@ class CausalLM(nn.Module):
                 raise ValueError(f"llm.train_modules: {wanted!r} names no module of the LLM; module names: {', '.join(names)}")
             for p in matched:
                 p.requires_grad_(True)
+        self._base_frozen = True
+        if self.base_dtype is not None:
+            self._keep_trained_float32()
 
     # ----------------------------------------------------------------- tokenizer state
     def tokenizer_state(self) -> dict[str, Any]:

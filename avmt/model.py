@@ -27,7 +27,7 @@ from avmt.connectors import Connector
 from avmt.data.sample import IGNORE_INDEX, PLACEHOLDERS, Batch, Dense, TokenizedBatch, iter_refs, segment_frames
 from avmt.encoders import AudioEncoder, VisionEncoder
 from avmt.heads import Head
-from avmt.llm import CausalLM
+from avmt.llm import CausalLM, MediaSpan
 from avmt.outputs import EncodedMedia, GenerationOutput, ModelOutput
 
 __all__ = ["AVModel", "IGNORE_INDEX", "TokenizedBatch"]
@@ -100,6 +100,28 @@ class AVModel(nn.Module):
             "<audio>": audio_connector.num_tokens(num_segments),
             "<image>": (image_connector or vision_connector).num_tokens(1),
         }
+        # where each placeholder's tokens sit, for an LLM that numbers media tokens itself (TMRoPE)
+        self.media_layout = {name: self._media_span(name) for name in self.placeholder_ids}
+
+    def _media_span(self, name: str) -> MediaSpan:
+        """Layout of placeholder ``name``'s tokens: its segments and each segment's token grid (the
+        encoder's patch grid when the connector declares ``token_grid`` and keeps it, else ``(1, n)``)."""
+        if name == "<audio>":
+            connector, segments = self.audio_connector, self.num_segments
+        elif name == "<image>":
+            connector, segments = self.image_connector or self.vision_connector, 1
+        else:
+            connector, segments = self.vision_connector, self.num_segments
+        tokens = self.placeholder_lengths[name]
+        if tokens % segments:
+            segments = 1
+        grid = (1, tokens // segments)
+        token_grid = getattr(connector, "token_grid", None)
+        if name != "<audio>" and token_grid is not None:
+            kept = token_grid(self.vision_encoder.grid)
+            if kept is not None and kept[0] * kept[1] == grid[1]:
+                grid = (int(kept[0]), int(kept[1]))
+        return MediaSpan(self.placeholder_ids[name], name.strip("<>"), segments, grid)
 
     # ------------------------------------------------------------------ text
     @property
@@ -108,11 +130,18 @@ class AVModel(nn.Module):
         return self.llm.tokenizer
 
     def format_prompt(self, prompt: str) -> str:
-        """Wrap a task prompt in the LLM's chat template when it has one."""
+        """Wrap a task prompt in the LLM's chat template when it has one.
+
+        The result is one user turn (after the LLM's ``system_prompt`` when one is set, else the
+        template's own default system turn, if any) followed by the template's assistant header, so
+        the answer starts right after it; without a template the prompt is returned unchanged.
+        """
         tokenizer = self.tokenizer
         if getattr(tokenizer, "chat_template", None):
+            system = getattr(self.llm, "system_prompt", None)
+            messages = [{"role": "system", "content": system}] if system is not None else []
             return tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+                [*messages, {"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
             )
         return prompt
 
@@ -128,15 +157,17 @@ class AVModel(nn.Module):
         return expanded
 
     def _target_ids(self, target: str) -> list[int]:
-        tokenizer = self.tokenizer
-        ids = tokenizer(target, add_special_tokens=False)["input_ids"]
-        return [*ids, tokenizer.eos_token_id]
+        """The answer's ids followed by the id that ends an assistant turn (the chat template's end of
+        turn, e.g. ``<|im_end|>`` / ``<|eot_id|>``; the tokenizer's eos without a template)."""
+        ids = self.tokenizer(target, add_special_tokens=False)["input_ids"]
+        return [*ids, self.llm.end_of_turn_id]
 
     def tokenize(self, prompts: Sequence[str], targets: Sequence[str] | None = None) -> TokenizedBatch:
         """Tokenize prompts (and targets), expanding each placeholder to its connector's token count.
 
-        With targets: ``prompt + target + eos``, right-padded, labels masked over the prompt and
-        padding (training and loss evaluation). Without: prompts only, left-padded (generation).
+        With targets: ``prompt + target + end of turn`` (the chat template's end-of-turn token, eos
+        without a template), right-padded, labels masked over the prompt (the template's header
+        and assistant header included) and padding (training and loss evaluation). Without: prompts only, left-padded (generation).
 
         Returns:
             TokenizedBatch with ``input_ids``/``attention_mask``/``labels`` of shape ``[B, L]``.
@@ -165,25 +196,44 @@ class AVModel(nn.Module):
         return TokenizedBatch(input_ids, attention_mask, labels)
 
     # ----------------------------------------------------------------- media
-    def encode_media(self, frames: torch.Tensor, audio: torch.Tensor) -> EncodedMedia:
-        """Encoder features of each clip.
+    def encode_media(
+        self,
+        frames: torch.Tensor,
+        audio: torch.Tensor,
+        vision_features: torch.Tensor | None = None,
+        audio_features: torch.Tensor | None = None,
+    ) -> EncodedMedia:
+        """Encoder features of each clip: the encoders' outputs, or the cached ones when given.
 
         Args:
             frames: ``uint8 [C, T·F, 3, H, W]`` video of C clips (the middle frame of each
                 segment feeds the encoder, see :func:`~avmt.data.sample.segment_frames`).
             audio: ``[C, S]`` waveforms.
+            vision_features: ``[C, T, P, D_v]`` cached vision encoder outputs (a feature cache,
+                :mod:`avmt.data.features`); the vision encoder is not run when given.
+            audio_features: ``[C, T, Q, D_a]`` cached audio encoder outputs; the audio encoder is
+                not run when given.
 
         Returns:
             EncodedMedia: segment frames ``[C, T, 3, H, W]``, vision ``[C, T, P, D_v]`` with its
             grid, audio ``[C, T, Q, D_a]``.
+
+        Raises:
+            ValueError: cached features whose shape is not what this model's encoders produce.
         """
         frames = frames[:, segment_frames(frames.shape[1], self.num_segments)]
-        return EncodedMedia(
-            frames=frames,
-            vision=self.vision_encoder(frames),
-            grid=self.vision_encoder.grid,
-            audio=self.audio_encoder(audio, self.num_segments),
-        )
+        clips, t = frames.shape[0], self.num_segments
+        if vision_features is None:
+            vision = self.vision_encoder(frames)
+        else:
+            expected = (clips, t, self.vision_encoder.num_patches, self.vision_encoder.output_dim)
+            vision = _cached_features("vision", vision_features, expected, self.vision_encoder.dtype)
+        if audio_features is None:
+            encoded_audio = self.audio_encoder(audio, t)
+        else:
+            expected = (clips, t, self.audio_encoder.tokens_per_segment, self.audio_encoder.output_dim)
+            encoded_audio = _cached_features("audio", audio_features, expected, self.audio_encoder.dtype)
+        return EncodedMedia(frames=frames, vision=vision, grid=self.vision_encoder.grid, audio=encoded_audio)
 
     def media_tokens(self, media: EncodedMedia, refs_by_kind: dict[str, list]) -> dict[str, torch.Tensor]:
         """Connector tokens for every media reference, in reference order.
@@ -308,10 +358,12 @@ class AVModel(nn.Module):
         tokens = batch.tokens
         if tokens is None or tokens.labels is None:
             raise ValueError("AVModel.forward needs batch.tokens with labels (AVModel.tokenize(prompts, targets))")
-        media = self.encode_media(batch.frames, batch.audio)
+        media = self.encode_media(batch.frames, batch.audio, batch.vision_features, batch.audio_features)
         embeds = self.embed(tokens.input_ids, media, batch.media)
+        position_ids = self.llm.position_ids(tokens.input_ids, tokens.attention_mask, self.media_layout)
+        positions = {} if position_ids is None else {"position_ids": position_ids}
         with self._final_states() as captured:
-            logits = self.llm(inputs_embeds=embeds, attention_mask=tokens.attention_mask).logits
+            logits = self.llm(inputs_embeds=embeds, attention_mask=tokens.attention_mask, **positions).logits
         hidden = captured[-1]  # [B, L, D]
         shift_logits = logits[:, :-1].float()
         shift_labels = tokens.labels[:, 1:]
@@ -358,8 +410,11 @@ class AVModel(nn.Module):
         device = batch.frames.device
         input_ids = tokens.input_ids.to(device)
         attention_mask = tokens.attention_mask.to(device)
-        media = self.encode_media(batch.frames, batch.audio)
+        media = self.encode_media(batch.frames, batch.audio, batch.vision_features, batch.audio_features)
         embeds = self.embed(input_ids, media, batch.media)
+        position_ids = self.llm.position_ids(input_ids, attention_mask, self.media_layout)
+        if position_ids is not None:  # generated tokens continue from the last prompt token's ids + 1
+            generate_kwargs["position_ids"] = position_ids
         with self._final_states() as captured:
             output_ids = self.llm.generate(embeds, attention_mask, max_new_tokens=max_new_tokens, **generate_kwargs)
         texts = self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)
@@ -377,9 +432,21 @@ class AVModel(nn.Module):
         return GenerationOutput(texts, output_ids, states, self.run_heads(states, media, anchors))
 
     def _answer_mask(self, output_ids: torch.Tensor) -> torch.Tensor:
-        """``bool [B, N]``: generated positions before each row's first eos."""
-        eos = self.tokenizer.eos_token_id
-        if eos is None:
+        """``bool [B, N]``: generated positions before each row's first stop token (end of turn or eos)."""
+        stops = self.llm.stop_token_ids
+        if not stops:
             return torch.ones_like(output_ids, dtype=torch.bool)
-        ended = (output_ids == eos).long().cumsum(dim=1) > 0
+        stop = torch.tensor(stops, dtype=output_ids.dtype, device=output_ids.device)
+        ended = torch.isin(output_ids, stop).long().cumsum(dim=1) > 0
         return ~ended
+
+
+def _cached_features(kind: str, features: torch.Tensor, expected: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Cached ``kind`` encoder features ``[C, T, N, D]`` checked against the ``expected`` shape, in ``dtype``."""
+    if tuple(features.shape) != expected:
+        raise ValueError(
+            f"cached {kind} features have shape {tuple(features.shape)} but this model's {kind} encoder produces "
+            f"{expected} ([clips, segments, tokens, width]); the feature cache (data.features) was made for "
+            "another model: rebuild it with python -m avmt data features"
+        )
+    return features.to(dtype)

@@ -147,8 +147,10 @@ class AVModule(L.LightningModule):
         self.examples: dict[str, list[GeneratedExample]] = defaultdict(list)
         self._router_sums: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
         self._router_batches: dict[str, int] = defaultdict(int)
+        self._stage_batches: dict[str, int] = defaultdict(int)  # batches seen per stage (see _require_data)
         self._loss_tasks: dict[str, Task] = {}
         self.final_metrics: dict[str, dict[str, float]] = {}
+        self._checked_feature_caches: set[str] = set()
 
     def _score_tasks(self, names: list[str]) -> None:
         """Tasks scored by generation, each with its metric collection."""
@@ -159,6 +161,9 @@ class AVModule(L.LightningModule):
         """Check that the model produces every output the data's tasks read; resolve ``generation_tasks``."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         names = list(getattr(datamodule, "task_names", []) or [])
+        check_vocabulary = getattr(datamodule, "check_vocabulary", None)
+        if check_vocabulary is not None:
+            check_vocabulary(self.model.tokenizer)
         if self._score_data_tasks and names:
             self._score_tasks(names)
         produced = {head.output for head in self.model.heads}
@@ -184,7 +189,13 @@ class AVModule(L.LightningModule):
 
     # ------------------------------------------------------------ batches
     def on_before_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
-        """Tokenize on the host before the batch moves to the device."""
+        """Tokenize on the host before the batch moves to the device; at the first batch of a
+        feature cache, check that its encoders are this model's."""
+        if batch.feature_cache is not None and batch.feature_cache not in self._checked_feature_caches:
+            from avmt.data.features import check_cache_matches
+
+            check_cache_matches(batch.feature_cache, self.model)  # ValueError naming every differing field
+            self._checked_feature_caches.add(batch.feature_cache)
         batch.tokens = self.model.tokenize(batch.prompts, batch.targets)
         return batch
 
@@ -261,7 +272,31 @@ class AVModule(L.LightningModule):
         self.log(f"{stage}/corrupt_samples", float(batch.corrupt_total), reduce_fx="max", batch_size=1)
         return lm_sum / lm_count.clamp(min=1) + dense_total
 
+    def _require_data(self, stage: str, split: str) -> None:
+        """Fail a stage that got no batch at all (every sample corrupt, an empty or wrong shard
+        folder): such a run must not end as a success. The message says what the reader skipped."""
+        if self._stage_batches[stage]:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        dataset = getattr(datamodule, "datasets", {}).get(split) if datamodule is not None else None
+        counter = getattr(dataset, "counter", None)
+        skipped = f"{counter.count} sample(s) were skipped as corrupt ({counter.reasons})" if counter else "nothing was read"
+        shards = getattr(datamodule, "shards", {}).get(split, [])
+        where = f" in {[str(p) for p in shards[:3]]}" if shards else ""
+        raise ValueError(
+            f"the {stage} stage got no data{where}: {skipped}. Shards must hold avmt samples (AVSynth, or a "
+            f"dataset converted with: python -m avmt data convert FORMAT --src DIR --out DIR)"
+        )
+
+    def on_train_epoch_end(self) -> None:
+        self._require_data("train", "train")
+        self._stage_batches["train"] = 0
+
+    def on_predict_epoch_end(self) -> None:
+        self._require_data("predict", "predict")
+
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        self._stage_batches["train"] += 1
         if self.answer_budget:
             self._record_answer_shapes(batch)
         loss = self._losses(batch, "train")
@@ -280,12 +315,14 @@ class AVModule(L.LightningModule):
             self._generate_and_score(batch, score=self._generation_epoch())
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._stage_batches["test"] += 1
         self._losses(batch, "test")
         self._generate_and_score(batch)
 
     def predict_step(self, batch: Batch, batch_idx: int) -> list[dict[str, Any]]:
         """Every sample's answer: key, task, prompt, generated text, parsed prediction and (when
         the data has it) the ground truth; tensors inside stay tensors (on the CPU) for the writer."""
+        self._stage_batches["predict"] += 1
         out = []
         for i, text, prediction in self._generate(batch, list(range(len(batch)))):
             out.append({"key": batch.keys[i], "task": batch.tasks[i], "prompt": batch.prompts[i], "text": text,
@@ -468,6 +505,7 @@ class AVModule(L.LightningModule):
 
 
     def on_test_epoch_end(self) -> None:
+        self._require_data("test", "test")
         self._log_generation_metrics("test")
 
     def on_train_epoch_start(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 
 import pytest
@@ -173,3 +174,46 @@ def test_build_variants_share_the_frozen_base():
         if name != "base":
             assert any(m is base for m in module.modules())
             assert any(p.requires_grad for p in module.parameters())
+
+
+# ------------------------------------------------------------------ bench llm (tiny random LLM; SmolLM2 is not run here)
+@pytest.fixture(scope="module")
+def llm_bench(tmp_path_factory):
+    """``bench llm --model tiny``: every variant in its own child process, and the JSON it wrote."""
+    from avmt.bench import LLM_VARIANTS
+
+    path = tmp_path_factory.mktemp("bench") / "llm.json"
+    cli_main(["bench", "llm", "--model", "tiny", "--batch", "2", "--seq", "16", "--steps", "2", "--threads", "1",
+              "--train_modules", "norm", "--json", str(path)])
+    result = json.loads(path.read_text())
+    assert [row["variant"] for row in result["variants"]] == list(LLM_VARIANTS)
+    return result
+
+
+def test_llm_bench_times_every_variant_in_its_own_process(llm_bench, capsys):
+    assert llm_bench["benchmark"] == "llm" and llm_bench["adapter"] == "ilora" and llm_bench["heads"] == 3
+    assert (llm_bench["batch"], llm_bench["seq"], llm_bench["steps"]) == (2, 16, 2)
+    assert "own child process" in llm_bench["memory_method"]
+    pids = set()
+    for row in llm_bench["variants"]:
+        assert "error" not in row, row
+        assert len(row["step_seconds"]) == 2 and row["seconds_per_step"] == pytest.approx(statistics.median(row["step_seconds"]))
+        assert row["tokens_per_second"] == pytest.approx(2 * 16 / row["seconds_per_step"])
+        assert len(row["losses"]) == 3 and all(math.isfinite(x) for x in row["losses"])  # 1 warm-up + 2 timed
+        peak = row["peak_rss_train_mb"] if row["peak_rss_train_mb"] is not None else row["peak_rss_mb"]
+        assert peak >= row["rss_loaded_mb"] * 0.9 > 0 and row["rss_loaded_mb"] > row["rss_start_mb"] * 0.5
+        assert row["threads"] == 1 and row["trainable_parameters"] > 0
+        assert row["trainable_dtypes"] == ["float32"]  # adapter, new rows and the trained norm stay fp32 in every variant
+        assert row["max_batch_estimate"] is None or row["max_batch_estimate"] >= 0
+        pids.add(row["pid"])
+    assert len(pids) == 3  # one child process per variant
+    frozen = {row["variant"]: row["frozen_dtypes"] for row in llm_bench["variants"]}
+    assert frozen == {"fp32": ["float32"], "fp32_checkpointing": ["float32"], "bf16_base": ["bfloat16"]}
+    recommended = llm_bench["recommended"]
+    assert recommended["variant"] in frozen and recommended["batch"] >= 1
+
+
+def test_llm_bench_rejects_bad_sizes(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["bench", "llm", "--model", "tiny", "--batch", "0"])
+    assert exit_info.value.code == 2 and "--batch" in capsys.readouterr().err
