@@ -2,7 +2,8 @@
 """
 
 from avmt.connectors.base import Connector
+from avmt.connectors.direct import DirectConnector
 from avmt.connectors.mlp import MLPConnector
 from avmt.connectors.qformer import QFormerConnector
 
-__all__ = ["Connector", "MLPConnector", "QFormerConnector"]
+__all__ = ["Connector", "DirectConnector", "MLPConnector", "QFormerConnector"]
