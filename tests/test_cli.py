@@ -118,8 +118,8 @@ def test_spatial_experiment_fits_and_logs_metrics_and_example_images(tmp_path):
 
 
 def test_every_task_is_scored_by_generation_next_to_its_baseline(tmp_path):
-    """experiments/all_tasks.yaml on a few clips: all fifteen tasks train, generate, parse and
-    score through the generic path; the table and val_metrics.json hold every one."""
+    """experiments/all_tasks.yaml on a few clips: every registered task trains, generates, parses and
+    is scored through the generic path; the table and val_metrics.json hold every one."""
     from avmt.tasks import list_tasks
 
     result = run_cli(
@@ -129,7 +129,7 @@ def test_every_task_is_scored_by_generation_next_to_its_baseline(tmp_path):
         "--model.image_connector.init_args.tokens_per_segment=4", "--trainer.limit_val_batches=6", cwd=tmp_path,
     )
     final = json.loads(next(tmp_path.glob("runs/all_tasks/version_*/val_metrics.json")).read_text())
-    assert len(list_tasks()) == 15 and set(final) == set(list_tasks()), sorted(set(list_tasks()) - set(final))
+    assert len(list_tasks()) >= 15 and set(final) == set(list_tasks()), sorted(set(list_tasks()) - set(final))
     for name, entry in final.items():
         assert entry["samples"] > 0 and set(entry["baseline"]) <= set(entry["scores"]), name
         assert "parse_failure_rate" in entry["scores"], name
