@@ -467,11 +467,13 @@ def convert(
 
 
 def _relative(skip: Skip, src: Path) -> Skip:
-    """The skip with its file named relative to the source folder (the manifest holds no absolute paths)."""
+    """The skip with its file (and any mention of it in the reason, e.g. ffmpeg's message) named
+    relative to the source folder: the manifest holds no absolute paths."""
+    reason = skip.reason.replace(f"{src}{os.sep}", "")
     try:
-        return dataclasses.replace(skip, file=str(Path(skip.file).relative_to(src)))
+        return dataclasses.replace(skip, file=str(Path(skip.file).relative_to(src)), reason=reason)
     except ValueError:
-        return skip
+        return dataclasses.replace(skip, reason=reason)
 
 
 def _read_json(path: Path) -> dict | None:

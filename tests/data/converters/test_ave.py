@@ -47,6 +47,7 @@ def test_manifest_counts_and_names_every_skipped_entry(ave_tree, tmp_path):
     assert manifest["splits"]["train"]["skipped"] == 3 and manifest["tasks"] == {"ave": 4}
     skipped = {s["key"]: s for s in manifest["skipped"]}
     assert skipped["broken"]["file"] == "AVE/broken.mp4" and "corrupt" in skipped["broken"]["reason"]
+    assert str(ave_tree) not in json.dumps(manifest)  # no absolute path in the manifest
     assert skipped["missing"]["reason"] == "cannot open: no such file"
     assert skipped["trainSet.txt:6"]["file"] == "trainSet.txt" and "expected 5" in skipped["trainSet.txt:6"]["reason"]
     assert {"Church", "bell", "Frying", "food"} <= set(manifest["words"])
