@@ -1062,7 +1062,7 @@ def _add_llm_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the adapter init and the batch")
     p.add_argument("--variants", nargs="+", choices=LLM_VARIANTS, default=list(LLM_VARIANTS), help="variants to run")
     p.add_argument("--memory_budget_gb", type=float, default=None,
-                   help=f"memory a recommended batch may fill (default {MEMORY_FRACTION:.0%} of the available memory)")
+                   help=f"memory a recommended batch may fill (default {MEMORY_FRACTION * 100:.0f} %% of the available memory)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds allowed to one variant's process")
     p.add_argument("--json", type=Path, default=None, help="write the result as JSON to this path")
     p.add_argument("--variant", choices=LLM_VARIANTS, default=None,

@@ -333,3 +333,13 @@ def test_unknown_task_lists_the_tasks(tmp_path):
     assert result.returncode == 2
     assert "nosuchtask" in result.stderr
     assert "avqa" in result.stderr and "avvp" in result.stderr
+
+
+@pytest.mark.parametrize("command", [["bench", "adapters"], ["bench", "llm"], ["bench", "features"], ["data", "synth"],
+                                     ["data", "convert"], ["data", "features"], ["export", "peft"], ["convert", "crab-lora"]])
+def test_every_command_prints_its_help(command, capsys):
+    from avmt.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0 and "usage" in capsys.readouterr().out.lower()
