@@ -266,6 +266,10 @@ def main(argv: list[str] | None = None) -> None:
             from avmt.bench import main as bench_main
 
             bench_main(argv[1:])
+        elif argv and argv[0] == "grid":
+            from avmt.grid import main as grid_main
+
+            grid_main(argv[1:])
         elif argv and argv[0] == "export":
             from avmt.export import main as export_main
 

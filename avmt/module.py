@@ -471,7 +471,10 @@ class AVModule(L.LightningModule):
         self._log_router_telemetry()
 
     def _log_router_telemetry(self) -> None:
-        """Per task: mean routing weight of every head per adapted layer, router entropy, and a task × head heatmap."""
+        """Router telemetry a person can read. Per task: the mean routing weight of each head over
+        all adapted layers (``router/{task}/head{k}``) and the mean router entropy
+        (``router/{task}/entropy``); one task × head heatmap (``router/heatmap``); the per-layer
+        detail as one layer × head image per task (``router/{task}/layers``), not as scalars."""
         sums, batches = self._router_sums, self._router_batches
         self._router_sums, self._router_batches = defaultdict(dict), defaultdict(int)
         logger = self.logger
@@ -481,26 +484,20 @@ class AVModule(L.LightningModule):
             return
         tasks = sorted(sums)
         means = {task: {key: value / batches[task] for key, value in sums[task].items()} for task in tasks}
-        writer, step = logger.experiment, self.global_step
-        for task in tasks:
-            for key, value in means[task].items():
-                if key.endswith("/entropy"):
-                    writer.add_scalar(f"router/{task}/{key}", float(value), step)
-                else:
-                    for head, weight in enumerate(value.tolist()):
-                        writer.add_scalar(f"router/{task}/{key}/head{head}", weight, step)
         layers = sorted(key for key in means[tasks[0]] if not key.endswith("/entropy"))
         if not layers:
             return
-        heatmap = torch.stack([torch.stack([means[t][layer] for layer in layers]).mean(0) for t in tasks])  # [tasks, K]
-        entropies = [
-            float(torch.stack([means[t][f"{layer}/entropy"] for layer in layers if f"{layer}/entropy" in means[t]]).mean())
-            if any(f"{layer}/entropy" in means[t] for layer in layers)
-            else float("nan")
-            for t in tasks
-        ]
-        for task, entropy in zip(tasks, entropies):
+        writer, step = logger.experiment, self.global_step
+        per_layer = {task: torch.stack([means[task][layer] for layer in layers]) for task in tasks}  # [layers, K]
+        heatmap = torch.stack([per_layer[task].mean(0) for task in tasks])  # [tasks, K]
+        for task, weights in zip(tasks, heatmap):
+            for head, weight in enumerate(weights.tolist()):
+                writer.add_scalar(f"router/{task}/head{head}", weight, step)
+            entropies = [means[task][f"{layer}/entropy"] for layer in layers if f"{layer}/entropy" in means[task]]
+            entropy = float(torch.stack(entropies).mean()) if entropies else float("nan")
             writer.add_scalar(f"router/{task}/entropy", entropy, step)
+            writer.add_figure(f"router/{task}/layers",
+                              router_heatmap(per_layer[task], layers, f"{task}: mean routing weight per layer"), step)
         writer.add_figure("router/heatmap", router_heatmap(heatmap, tasks), step)
 
 
@@ -628,12 +625,13 @@ class AVModule(L.LightningModule):
             checkpoint["state_dict"][key] = current[key]
 
 
-def router_heatmap(weights: torch.Tensor, tasks: list[str]):
-    """A task × head heatmap of mean routing weights.
+def router_heatmap(weights: torch.Tensor, rows: list[str], title: str = "mean routing weight per task"):
+    """A row × head heatmap of mean routing weights (rows: tasks, or one task's adapted layers).
 
     Args:
-        weights: ``[num_tasks, K]`` mean routing weight of each head (averaged over adapted layers).
-        tasks: row labels.
+        weights: ``[num_rows, K]`` mean routing weight of each head.
+        rows: row labels.
+        title: the figure's title.
 
     Returns:
         A matplotlib Figure (rendered off-screen).
@@ -643,14 +641,15 @@ def router_heatmap(weights: torch.Tensor, tasks: list[str]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(1.2 + 0.9 * weights.shape[1], 0.8 + 0.45 * len(tasks)))
+    figure, axis = plt.subplots(figsize=(1.2 + 0.9 * weights.shape[1] + 0.06 * max(len(r) for r in rows),
+                                         0.8 + 0.3 * len(rows)))
     image = axis.imshow(weights.numpy(), cmap="viridis", vmin=0.0, aspect="auto")
     axis.set_xticks(range(weights.shape[1]), [f"head {k}" for k in range(weights.shape[1])])
-    axis.set_yticks(range(len(tasks)), tasks)
-    for (row, col), value in zip(torch.cartesian_prod(torch.arange(len(tasks)), torch.arange(weights.shape[1])).tolist(),
+    axis.set_yticks(range(len(rows)), rows)
+    for (row, col), value in zip(torch.cartesian_prod(torch.arange(len(rows)), torch.arange(weights.shape[1])).tolist(),
                                  weights.flatten().tolist()):
         axis.text(col, row, f"{value:.2f}", ha="center", va="center", color="white", fontsize=8)
-    axis.set_title("mean routing weight per task")
+    axis.set_title(title)
     figure.colorbar(image, ax=axis)
     figure.tight_layout()
     return figure

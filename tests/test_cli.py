@@ -162,9 +162,10 @@ def test_fit_writes_checkpoint_config_and_tensorboard_scalars(fitted):
     assert any(tag.startswith("config") for tag in events.Tags()["tensors"]), events.Tags()["tensors"]
     examples = events.Tensors("val/ave/examples/text_summary")[-1].tensor_proto.string_val[0].decode()
     assert examples.count("**prompt**") == examples.count("**target** <event>") == examples.count("**answer**") > 0
-    router = [tag for tag in scalars if tag.startswith("router/ave/")]
-    assert any(tag.endswith("/head2") for tag in router) and "router/ave/entropy" in scalars, router[:5]
-    assert "router/heatmap" in events.Tags()["images"]
+    router = [tag for tag in scalars if tag.startswith("router/")]
+    assert {"router/ave/head0", "router/ave/head2", "router/ave/entropy"} <= set(router), router[:5]
+    assert len(router) == 7 * (3 + 1), sorted(router)  # per task: K = 3 heads averaged over layers + entropy
+    assert {"router/heatmap", "router/ave/layers"} <= set(events.Tags()["images"])
     final = json.loads((fitted / "val_metrics.json").read_text())
     assert set(final) == {"ave", "unav", "avvp", "avqa", "action", "emotion", "avcap"}  # every task, by default
     assert {"segment_accuracy", "class_accuracy", "range_iou"} <= set(final["ave"]["baseline"])
