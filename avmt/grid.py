@@ -47,6 +47,7 @@ GRID_KEYS = {
     "seeds": "list of seeds (--seed_everything); each combination runs once per seed",
     "overrides": "fixed extra settings of every run: dotted key -> value (or a list of '--key=value')",
     "commands": "commands run in order per run: fit, validate, test (validate/test on the fit's last.ckpt)",
+    "main_metrics": "task -> the metric plotted as its main score (default: its first score in the results)",
     "name": "grid name (default: the grid file's stem); the default output is runs/grids/<name>",
 }
 #: keys of a variant spec
@@ -80,6 +81,7 @@ class Grid:
     runs: list[Run]
     commands: list[str]
     axis_names: list[str]
+    main_metrics: dict[str, str] = field(default_factory=dict)  # task -> plotted metric
 
 
 def format_value(value: Any) -> str:
@@ -198,8 +200,11 @@ def load_grid(path: Path) -> Grid:
     duplicates = sorted({r.name for r in runs if sum(o.name == r.name for o in runs) > 1})
     if duplicates:
         raise ValueError(f"{path}: key 'axes': several runs would share the folder name(s) {', '.join(duplicates)}")
+    main_metrics = loaded.get("main_metrics") or {}
+    if not isinstance(main_metrics, dict) or not all(isinstance(v, str) for v in main_metrics.values()):
+        raise ValueError(f"{path}: key 'main_metrics' must map task names to metric names")
     name = str(loaded.get("name") or path.stem)
-    return Grid(name, path, runs, commands, names)
+    return Grid(name, path, runs, commands, names, dict(main_metrics))
 
 
 def command_line(run: Run, command: str, out: Path, grid: Grid) -> list[str]:
@@ -261,9 +266,12 @@ def execute(run: Run, grid: Grid, out: Path) -> None:
         print(f"[grid] {run.name}: skipped, its results exist", flush=True)
 
 
-def main_score(entry: dict) -> tuple[str, float, float | None] | None:
-    """A task's main metric (the first score that is not the parse-failure rate), its value and baseline."""
-    for key, value in entry.get("scores", {}).items():
+def main_score(entry: dict, metric: str | None = None) -> tuple[str, float, float | None] | None:
+    """A task's main metric (``metric``, else its first score that is not the parse-failure rate), value and baseline."""
+    scores = entry.get("scores", {})
+    if metric is not None:
+        return (metric, scores[metric], entry.get("baseline", {}).get(metric)) if metric in scores else None
+    for key, value in scores.items():
         if key != "parse_failure_rate":
             return key, value, entry.get("baseline", {}).get(key)
     return None
@@ -363,7 +371,7 @@ def write_plots(grid: Grid, out: Path) -> list[Path]:
                 scores, bases = [], []
                 for run in grid.runs:
                     label = "\n".join(f"{a.split('.')[-1]}={format_value(v)}" for a, v in run.values.items()) or run.name
-                    main = main_score(run.results.get(stage, {}).get(task, {}))
+                    main = main_score(run.results.get(stage, {}).get(task, {}), grid.main_metrics.get(task))
                     if label == variant and main is not None:
                         metric_name = metric_name or main[0]
                         scores.append(main[1])

@@ -1,0 +1,148 @@
+"""``python -m avmt grid``: a tiny two-run grid on AVSynth shards, run for real in subprocesses."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = REPO / "experiments"
+
+# a few steps of the I-LoRA experiment at a smaller scale (as tests/test_cli.py's TINY)
+TINY = {
+    "trainer.max_epochs": 1,
+    "trainer.max_steps": 3,
+    "trainer.limit_val_batches": 1,
+    "trainer.log_every_n_steps": 1,
+    "trainer.enable_progress_bar": False,
+    "trainer.enable_model_summary": False,
+    "model.max_generation_samples": 2,
+    "model.max_new_tokens": 8,
+    "data.clips_per_batch": 2,
+    "data.tasks": ["ave", "avqa"],
+}
+LEARNING_RATES = [0.001, 0.002]
+
+
+def avmt(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "AVMT_CACHE": str(cwd / "cache"), "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([sys.executable, "-m", "avmt", *args], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"avmt {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def write_grid(path: Path, shards: Path, learning_rates: list) -> Path:
+    path.write_text(yaml.safe_dump({
+        "base": [str(EXPERIMENTS / "ilora.yaml")],
+        "axes": {"model.learning_rate": learning_rates},
+        "seeds": [0],
+        "overrides": {**TINY, "data.root": str(shards)},
+        "commands": ["fit"],
+    }))
+    return path
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory) -> dict:
+    """One real grid run (2 runs), and what it wrote before any later invocation changes it."""
+    work = tmp_path_factory.mktemp("grid")
+    shards = work / "shards"
+    avmt("data", "synth", "--out", str(shards), "--clips", "4", "--val_clips", "2", "--test_clips", "2", "--seed", "3", cwd=work)
+    grid_file = write_grid(work / "lr.yaml", shards, LEARNING_RATES)
+    out = work / "out"
+    result = avmt("grid", "-c", str(grid_file), "--out", str(out), cwd=work)
+    return {"work": work, "shards": shards, "out": out, "file": grid_file, "result": result,
+            "summary_csv": (out / "summary.csv").read_text(), "summary_md": (out / "summary.md").read_text()}
+
+
+def run_names() -> list[str]:
+    return [f"learning_rate-{lr}__seed-0" for lr in LEARNING_RATES]
+
+
+def test_grid_writes_one_run_folder_summary_and_plot(grid):
+    out = grid["out"]
+    rows = list(csv.DictReader(grid["summary_csv"].splitlines()))
+    assert [row["run"] for row in rows] == run_names()
+    assert [row["model.learning_rate"] for row in rows] == ["0.001", "0.002"]
+    assert all(row["seed"] == "0" and row["status"] == "done" for row in rows)
+    for row, name in zip(rows, run_names()):
+        final = json.loads((out / name / "fit" / "val_metrics.json").read_text())
+        assert set(final) == {"ave", "avqa"}
+        for task, entry in final.items():
+            for metric, value in entry["scores"].items():
+                assert float(row[f"val/{task}/{metric}"]) == pytest.approx(value, abs=1e-4)
+            for metric, value in entry["baseline"].items():
+                assert float(row[f"val/{task}/{metric} baseline"]) == pytest.approx(value, abs=1e-4)
+        assert (out / name / "fit" / "checkpoints" / "last.ckpt").is_file()
+        assert (out / name / "fit.log").is_file()
+    assert "| run | model.learning_rate | seed | status |" in grid["summary_md"]
+    plot = out / "plots" / "val_scores.png"
+    assert plot.is_file() and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_each_run_has_hparams_with_varied_values_and_final_metrics(grid):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    for lr, name in zip(LEARNING_RATES, run_names()):
+        folder = grid["out"] / name / "hparams"
+        events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+        events.Reload()
+        content = events.PluginTagToContent("hparams")
+        start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+        assert set(start.hparams) == {"model.learning_rate", "seed"}
+        assert start.hparams["model.learning_rate"].number_value == pytest.approx(lr)
+        assert start.hparams["seed"].number_value == 0
+        experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+        metric_tags = {info.name.tag for info in experiment.metric_infos}
+        final = json.loads((grid["out"] / name / "fit" / "val_metrics.json").read_text())
+        accuracy = final["avqa"]["scores"]["accuracy"]
+        assert {"val/avqa/accuracy", "val/avqa/baseline/accuracy", "val/ave/parse_failure_rate"} <= metric_tags
+        assert events.Scalars("val/avqa/accuracy")[0].value == pytest.approx(accuracy)
+
+
+def test_dry_run_and_print_commands_list_the_runs_without_running(grid, tmp_path):
+    out = tmp_path / "never"
+    dry = avmt("grid", "-c", str(grid["file"]), "--out", str(out), "--dry-run", cwd=grid["work"])
+    assert all(name in dry.stdout for name in run_names())
+    assert dry.stdout.count(" -m avmt fit -c ") == 2 and "--model.learning_rate=0.002" in dry.stdout
+    printed = avmt("grid", "-c", str(grid["file"]), "--out", str(out), "--print-commands", cwd=grid["work"])
+    lines = printed.stdout.strip().splitlines()
+    assert len(lines) == 2 and all("--seed_everything=0" in line for line in lines)
+    assert not out.exists()
+
+
+def test_grid_file_mistakes_name_the_file_and_key(grid, tmp_path):
+    missing = avmt("grid", "-c", str(tmp_path / "absent.yaml"), cwd=tmp_path, check=False)
+    assert missing.returncode == 2 and "absent.yaml" in missing.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"base": [str(EXPERIMENTS / "ilora.yaml")], "axis": {"model.learning_rate": [1]}}))
+    wrong = avmt("grid", "-c", str(bad), cwd=tmp_path, check=False)
+    assert wrong.returncode == 2 and "bad.yaml" in wrong.stderr and "axis" in wrong.stderr
+
+
+def test_resume_skips_finished_runs_and_a_failed_run_does_not_stop_the_grid(grid):
+    """Invoked again with a third, invalid value: the two finished runs are skipped (their logs untouched),
+    the invalid one fails with its log kept, the summary lists all three and the exit status is 1."""
+    out = grid["out"]
+    logs = {name: (out / name / "fit.log").stat().st_mtime_ns for name in run_names()}
+    grid_file = write_grid(grid["work"] / "lr_bad.yaml", grid["shards"], [*LEARNING_RATES, "not_a_number"])
+    result = avmt("grid", "-c", str(grid_file), "--out", str(out), cwd=grid["work"], check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert all((out / name / "fit.log").stat().st_mtime_ns == logs[name] for name in run_names())
+    assert result.stdout.count("skipped, its results exist") == 2
+    bad_log = out / "learning_rate-not_a_number__seed-0" / "fit.log"
+    assert bad_log.is_file() and "not_a_number" in bad_log.read_text()
+    assert "1 of 3 run(s) failed: learning_rate-not_a_number__seed-0" in result.stderr
+    rows = list(csv.DictReader((out / "summary.csv").read_text().splitlines()))
+    assert [row["status"].split(" ")[0] for row in rows] == ["skipped", "skipped", "failed"]
+    assert rows[0]["val/avqa/accuracy"] != "" and rows[2]["val/avqa/accuracy"] == ""
