@@ -238,7 +238,9 @@ def convert_main(argv: list[str]) -> None:
 
 
 def plugins_main(argv: list[str]) -> None:
-    """``python -m avmt plugins``: list every plugin kind's implementations and the tasks."""
+    """``python -m avmt plugins``: list every plugin kind's implementations, the tasks and the
+    dataset formats of ``data convert``."""
+    from avmt.data.converters import get_converter, list_converters
     from avmt.tasks import list_tasks
 
     for kind in PLUGIN_KINDS:
@@ -248,6 +250,9 @@ def plugins_main(argv: list[str]) -> None:
     print("task:")
     for name in list_tasks():
         print(f"  {name}")
+    print("dataset format (python -m avmt data convert FORMAT):")
+    for name in list_converters():
+        print(f"  {name:12s} {get_converter(name).description}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -308,6 +308,8 @@ def test_plugins_lists_the_heads_and_the_tasks(tmp_path):
     listed = run_cli("plugins", cwd=tmp_path).stdout
     assert "head:\n  avmt.heads.MaskDecoderHead" in listed
     assert all(f"  {task}" in listed for task in ("s4", "ms3", "arig", "avss", "ref_avs", "ssu"))
+    formats = listed.split("dataset format")[1]
+    assert all(f"  {name} " in formats for name in ("ave", "music-avqa", "llp", "avsbench", "ref-avs", "avuie"))
 
 
 def test_missing_shard_folder_names_path_and_command(tmp_path):
