@@ -240,15 +240,6 @@ def _expected_sizes(scene: dict) -> tuple[int, int, int, int, int]:
     return T * F, H, W, S, sr
 
 
-def _check_not_old(data: bytes, key: str) -> None:
-    """Raise the ``"old schema"`` error when ``data`` is a scene of an older schema version."""
-    try:
-        scene = json.loads(data.decode("utf-8"))
-    except Exception:  # noqa: BLE001 - unreadable: not this check's business
-        return
-    _check_scene_version(scene, key)
-
-
 def _check_scene_version(scene: Any, key: str) -> None:
     """Raise the ``"old schema"`` error when ``scene`` (a parsed ``scene.json``) is an AVSynth scene
     of an older schema version; a converted clip's annotation has its own versions."""
@@ -363,15 +354,14 @@ def decode_sample(sample: dict[str, Any]) -> Clip:
         raise CorruptSampleError("missing key", "sample without __key__")
     if not isinstance(sample.get("scene.json"), (bytes, bytearray)):
         raise CorruptSampleError("missing scene.json", "no scene.json member")
-    scene = _decode_scene(sample["scene.json"], key) if not _is_old(sample) else None
+    scene = _decode_scene(sample["scene.json"], key)  # an old-schema scene is reported as such before anything else
     annotated = is_annotation(scene)
     frames_member = "frames.jpg" if annotated and "frames.png" not in sample and "frames.jpg" in sample else "frames.png"
     required = ["audio.flac", frames_member]
     if not annotated or scene["mask_frames"]:
         required.append("masks.png")
     missing = [m for m in required if not isinstance(sample.get(m), (bytes, bytearray))]
-    if scene is None or missing:
-        _check_not_old(sample["scene.json"], key)  # a v1 sample is reported as old, not as one without masks.png
+    if missing:
         raise CorruptSampleError(f"missing {missing[0]}", f"no {missing[0]} member")
     n, h, w, s, sr = _expected_sizes(scene)
     frames = _decode_frames(sample[frames_member], n, h, w, frames_member)
@@ -380,15 +370,6 @@ def decode_sample(sample: dict[str, Any]) -> Clip:
         masks = torch.from_numpy(_decode_masks(sample["masks.png"], n, h, w, len(scene["objects"])))
     audio = _decode_audio(sample["audio.flac"], s, sr)
     return Clip(key=key, frames=torch.from_numpy(frames), audio=torch.from_numpy(audio), scene=scene, masks=masks)
-
-
-def _is_old(sample: dict[str, Any]) -> bool:
-    """A sample of an older AVSynth schema (its scene is reported as ``"old schema"``)."""
-    try:
-        _check_not_old(sample["scene.json"], "?")
-    except CorruptSampleError:
-        return True
-    return False
 
 
 # --------------------------------------------------------------------------------------------
