@@ -275,6 +275,10 @@ def main(argv: list[str] | None = None) -> None:
             from avmt.grid import main as grid_main
 
             grid_main(argv[1:])
+        elif argv and argv[0] == "report":
+            from avmt.report import main as report_main
+
+            report_main(argv[1:])
         elif argv and argv[0] == "export":
             from avmt.export import main as export_main
 

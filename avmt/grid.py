@@ -11,10 +11,15 @@ product of the axes and seeds is run one run after the other, each in its own su
 * Resumable: a command whose results file (``val_metrics.json``, ``test_metrics.json``) exists is
   skipped, so invoking the grid again only runs what is missing (or failed).
 * A failed run is reported, its log kept, and the grid goes on; the exit status is 1 if any failed.
+* ``--jobs N`` runs N runs at a time, each with the CPU cores / N torch threads.
 * Each finished run gets TensorBoard HParams data in ``OUT/<run>/hparams/`` (varied values and seed
   as hparams, the final per-task scores and baselines as metrics).
+* At the start ``grid.json`` (name, axes, main metrics, transfer section, the runs and their values)
+  is written into ``OUT``: what ``python -m avmt report`` reads besides the results files.
 * At the end ``summary.csv``, ``summary.md`` and ``plots/<stage>_scores.png`` (per task, main
-  score by variant, trivial baseline marked) are written into ``OUT``.
+  score by variant, trivial baseline marked) are written into ``OUT``; with a ``transfer`` section
+  also the transfer report (``transfer.md``, ``transfer.csv``, ``plots/transfer_deltas.png``, see
+  :mod:`avmt.report`).
 * ``--dry-run`` lists the runs and their command lines; ``--print-commands`` prints one shell line
   per run (for a SLURM array); invoking the grid afterwards collects the results without rerunning.
 """
@@ -26,12 +31,14 @@ import csv
 import itertools
 import json
 import math
+import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +56,14 @@ GRID_KEYS = {
     "commands": "commands run in order per run: fit, validate, test (validate/test on the fit's last.ckpt)",
     "main_metrics": "task -> the metric plotted as its main score (default: its first score in the results)",
     "name": "grid name (default: the grid file's stem); the default output is runs/grids/<name>",
+    "transfer": "{axis: AXIS, multi: VARIANT}: AXIS holds the task sets, its variant VARIANT is the multi-task "
+                "run and every other variant the single-task run of the task it is named after (transfer report)",
 }
+#: keys of the transfer section
+TRANSFER_KEYS = {"axis": "the axis whose variants are the task sets",
+                 "multi": "the variant of that axis that is the multi-task run"}
+#: the grid's description for the reports, written at the start of a grid
+GRID_JSON = "grid.json"
 #: keys of a variant spec
 VARIANT_KEYS = {"config": "extra -c file(s)", "overrides": "dotted key -> value"}
 #: command -> the results file its MetricsReport writes in its log folder
@@ -82,6 +96,7 @@ class Grid:
     commands: list[str]
     axis_names: list[str]
     main_metrics: dict[str, str] = field(default_factory=dict)  # task -> plotted metric
+    transfer: dict[str, str] | None = None  # {"axis": ..., "multi": ...} of the transfer report
 
 
 def format_value(value: Any) -> str:
@@ -203,8 +218,63 @@ def load_grid(path: Path) -> Grid:
     main_metrics = loaded.get("main_metrics") or {}
     if not isinstance(main_metrics, dict) or not all(isinstance(v, str) for v in main_metrics.values()):
         raise ValueError(f"{path}: key 'main_metrics' must map task names to metric names")
+    transfer = check_transfer(loaded.get("transfer"), axis_points, path)
     name = str(loaded.get("name") or path.stem)
-    return Grid(name, path, runs, commands, names, dict(main_metrics))
+    return Grid(name, path, runs, commands, names, dict(main_metrics), transfer)
+
+
+def check_transfer(section: Any, axis_points: dict[str, list[tuple]], path: Path) -> dict[str, str] | None:
+    """The grid file's ``transfer`` section, checked against its axes.
+
+    Args:
+        section: the loaded ``transfer`` value (``None`` when the key is absent).
+        axis_points: axis name -> its points ``(value, configs, flags)`` as ``load_grid`` builds them.
+        path: the grid file (named in the errors).
+    Returns:
+        ``{"axis": AXIS, "multi": VARIANT}`` with VARIANT as ``format_value`` prints it, or ``None``.
+    """
+    if section is None:
+        return None
+    if not isinstance(section, dict) or set(section) != set(TRANSFER_KEYS):
+        raise ValueError(f"{path}: key 'transfer' must be a mapping with exactly the keys "
+                         f"{', '.join(TRANSFER_KEYS)} ({GRID_KEYS['transfer']})")
+    axis, multi = section["axis"], format_value(section["multi"])
+    if axis not in axis_points:
+        raise ValueError(f"{path}: key 'transfer': axis {axis!r} is not an axis of the grid "
+                         f"(axes: {', '.join(axis_points) or 'none'})")
+    variants = [format_value(point[0]) for point in axis_points[axis]]
+    if multi not in variants:
+        raise ValueError(f"{path}: key 'transfer': multi {multi!r} is not a variant of axis {axis!r} "
+                         f"(variants: {', '.join(variants)})")
+    if len(variants) < 2:
+        raise ValueError(f"{path}: key 'transfer': axis {axis!r} needs single-task variants besides {multi!r}")
+    return {"axis": str(axis), "multi": multi}
+
+
+def write_grid_json(grid: Grid, out: Path) -> Path:
+    """Write ``OUT/grid.json``: what the reports need to read the grid folder without the grid file.
+
+    Args:
+        grid: the parsed grid.
+        out: the grid folder.
+    Returns:
+        The path written. Content: ``name``, ``path`` (the grid file), ``axes`` (names), ``commands``,
+        ``main_metrics``, ``transfer`` (or null) and ``runs``: a list of ``{name, values: {axis:
+        value as format_value prints it}, seed}`` (seed as printed, or null).
+    """
+    description = {
+        "name": grid.name,
+        "path": str(grid.path),
+        "axes": grid.axis_names,
+        "commands": grid.commands,
+        "main_metrics": grid.main_metrics,
+        "transfer": grid.transfer,
+        "runs": [{"name": run.name, "values": {axis: format_value(value) for axis, value in run.values.items()},
+                  "seed": None if run.seed is None else format_value(run.seed)} for run in grid.runs],
+    }
+    path = out / GRID_JSON
+    path.write_text(json.dumps(description, indent=2) + "\n")
+    return path
 
 
 def command_line(run: Run, command: str, out: Path, grid: Grid) -> list[str]:
@@ -238,8 +308,9 @@ def read_results(run: Run, grid: Grid, out: Path) -> None:
             run.results[STAGES[command]] = json.loads(path.read_text())
 
 
-def execute(run: Run, grid: Grid, out: Path) -> None:
-    """Run the commands of one run that have no results yet; set ``run.status``."""
+def execute(run: Run, grid: Grid, out: Path, env: dict[str, str] | None = None) -> None:
+    """Run the commands of one run that have no results yet (in environment ``env``, default this
+    process's); set ``run.status``."""
     ran = False
     for command in grid.commands:
         if results_path(run, command, out).is_file():
@@ -253,7 +324,7 @@ def execute(run: Run, grid: Grid, out: Path) -> None:
         with log.open("w") as handle:
             handle.write(shlex.join(args) + "\n\n")
             handle.flush()
-            returncode = subprocess.run(args, stdout=handle, stderr=subprocess.STDOUT, cwd=Path.cwd()).returncode
+            returncode = subprocess.run(args, stdout=handle, stderr=subprocess.STDOUT, cwd=Path.cwd(), env=env).returncode
         ran = True
         if returncode != 0 or not results_path(run, command, out).is_file():
             why = f"exit status {returncode}" if returncode != 0 else f"no {RESULTS_FILES[command]} written"
@@ -398,6 +469,24 @@ def write_plots(grid: Grid, out: Path) -> list[Path]:
     return written
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def job_environment(jobs: int) -> dict[str, str]:
+    """The environment of each run's subprocess when ``jobs`` run at once: this process's, with the
+    torch/OpenMP threads set to the CPU cores divided by ``jobs`` (unless ``OMP_NUM_THREADS`` is set),
+    so concurrent runs do not oversubscribe the cores."""
+    env = dict(os.environ)
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:
+        threads = str(max(1, (os.cpu_count() or 1) // jobs))
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    return env
+
+
 def _std(values: list[float]) -> float:
     if len(values) < 2:
         return 0.0
@@ -411,13 +500,16 @@ def parser() -> argparse.ArgumentParser:
     arguments.add_argument("-c", "--config", required=True, help="grid file (YAML), e.g. experiments/grids/adapters.yaml")
     arguments.add_argument("--out", default=None, help="grid folder (default: runs/grids/<name>)")
     arguments.add_argument("--dry-run", action="store_true", help="list the runs and their command lines, run nothing")
+    arguments.add_argument("--jobs", type=_positive, default=1,
+                           help="runs at a time on this machine (default 1); each run's torch threads are the CPU "
+                                "cores divided by this, unless OMP_NUM_THREADS is set")
     arguments.add_argument("--print-commands", action="store_true",
                            help="print one shell line per run (e.g. for a SLURM array) instead of running")
     return arguments
 
 
 def main(argv: list[str]) -> None:
-    """``python -m avmt grid -c GRID.yaml [--out DIR] [--dry-run] [--print-commands]``."""
+    """``python -m avmt grid -c GRID.yaml [--out DIR] [--jobs N] [--dry-run] [--print-commands]``."""
     args = parser().parse_args(argv)
     grid = load_grid(Path(args.config))
     out = Path(args.out if args.out else Path("runs") / "grids" / grid.name).resolve()
@@ -434,16 +526,33 @@ def main(argv: list[str]) -> None:
                 print(f"  {shlex.join(command_line(run, command, out, grid))}")
         return
     out.mkdir(parents=True, exist_ok=True)
-    for index, run in enumerate(grid.runs, 1):
+    write_grid_json(grid, out)
+    started = time.perf_counter()
+    env = job_environment(args.jobs)
+
+    def one(index: int, run: Run) -> None:
         print(f"[grid] run {index}/{len(grid.runs)}: {run.name}", flush=True)
-        execute(run, grid, out)
+        execute(run, grid, out, env)
         read_results(run, grid, out)
         if not run.status.startswith("failed"):
             write_hparams(run, out)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each run is a subprocess: threads only wait
+        for future in [pool.submit(one, index, run) for index, run in enumerate(grid.runs, 1)]:
+            future.result()
+    print(f"[grid] {len(grid.runs)} run(s) in {time.perf_counter() - started:.0f} s wall time "
+          f"({args.jobs} at a time)", flush=True)
     write_summary(grid, out)
     plots = write_plots(grid, out)
     failed = [run.name for run in grid.runs if run.status.startswith("failed")]
     print(f"[grid] summary: {out / 'summary.csv'}, {out / 'summary.md'}; plots: {', '.join(map(str, plots)) or 'none'}")
+    if grid.transfer is not None:
+        from avmt.report import write_transfer_report
+
+        try:
+            print(write_transfer_report(out), flush=True)
+        except ValueError as error:  # no finished multi/single pair yet: the grid's other outputs stand
+            print(f"[grid] no transfer report: {error}", file=sys.stderr)
     if failed:
         print(f"[grid] {len(failed)} of {len(grid.runs)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
         raise SystemExit(1)

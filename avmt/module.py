@@ -15,6 +15,7 @@ from torch import nn
 from transformers import LogitsProcessorList, get_cosine_schedule_with_warmup
 
 from avmt.adapters import Adapter
+from avmt.bootstrap import bootstrap_std
 from avmt.connectors import Connector
 from avmt.data.sample import IGNORE_INDEX, Batch, MediaRef, segment_frames
 from avmt.encoders import AudioEncoder, VisionEncoder
@@ -23,6 +24,7 @@ from avmt.heads import Head
 from avmt.llm import CausalLM, tokenizer_difference
 from avmt.model import AVModel
 from avmt.outputs import ModelOutput
+from avmt.pretrain import MediaPretraining
 from avmt.tasks import TASKS, Task, get_task, task_ids
 
 CHECKPOINT_FORMAT = 1
@@ -91,6 +93,13 @@ class AVModule(L.LightningModule):
             (:mod:`avmt.generation`): per-task length budgets, and reasoning answers forced to
             conclude once they have used as many sentences as the targets have, or repeat one.
         num_examples: generated examples per task kept for TensorBoard at each evaluation.
+        media_pretraining: stage 1 (:class:`~avmt.pretrain.MediaPretraining`): before ``fit``, the
+            encoders and connectors are pretrained on the training clips' AVSynth scene graphs (or
+            loaded from its cache) and the encoders frozen; ``None`` skips it.
+        bootstrap_resamples: each scored task's ``final_metrics`` entry gets ``bootstrap_std``, the
+            standard deviation of every metric over this many resamples (with replacement) of the
+            scored samples (:func:`avmt.bootstrap.bootstrap_std`, fixed seed); ``0`` disables it.
+            Under DDP each rank resamples only the samples it scored.
     """
 
     def __init__(
@@ -116,6 +125,8 @@ class AVModule(L.LightningModule):
         max_new_tokens: int = 64,
         answer_budget: bool = True,
         num_examples: int = 3,
+        media_pretraining: MediaPretraining | None = None,
+        bootstrap_resamples: int = 100,
     ) -> None:
         super().__init__()
         self.model = AVModel(
@@ -136,6 +147,8 @@ class AVModule(L.LightningModule):
         self._generation_seconds: dict[str, float] = defaultdict(float)
         self._forced_rows: dict[str, int] = defaultdict(int)
         self.num_examples = num_examples
+        self.media_pretraining = media_pretraining
+        self._pretraining_curve: list[dict[str, float]] = []
         self.task_ids = task_ids()
         self.tasks: dict[str, Task] = {}
         self.task_metrics = nn.ModuleDict()
@@ -151,6 +164,9 @@ class AVModule(L.LightningModule):
         self._loss_tasks: dict[str, Task] = {}
         self.final_metrics: dict[str, dict[str, float]] = {}
         self._checked_feature_caches: set[str] = set()
+        self.bootstrap_resamples = bootstrap_resamples
+        # task -> the (prediction, answer) pairs scored this evaluation, for bootstrap_std (CPU)
+        self._scored_pairs: dict[str, list[tuple[Any, Any]]] = defaultdict(list)
 
     def _score_tasks(self, names: list[str]) -> None:
         """Tasks scored by generation, each with its metric collection."""
@@ -166,6 +182,13 @@ class AVModule(L.LightningModule):
             check_vocabulary(self.model.tokenizer)
         if self._score_data_tasks and names:
             self._score_tasks(names)
+        if stage == "fit" and self.media_pretraining is not None and not self._pretraining_curve:
+            shards = getattr(datamodule, "shards", {})
+            if not shards.get("train") or not shards.get("val"):
+                raise ValueError("model.media_pretraining needs a data module with train and val shards (AVSynth)")
+            self._pretraining_curve = self.media_pretraining.apply(
+                self.model, shards["train"], shards["val"], device=self.trainer.strategy.root_device
+            )
         produced = {head.output for head in self.model.heads}
         for name in dict.fromkeys([*names, *self.tasks]):
             task = self._task(name)
@@ -398,6 +421,8 @@ class AVModule(L.LightningModule):
 
         Scoring takes up to ``max_generation_samples`` samples per task; without scoring (the
         validations between generation epochs) only the ``num_examples`` examples are generated.
+        Scored (prediction, answer) pairs are kept on the CPU for the bootstrap when
+        ``bootstrap_resamples`` > 0.
         """
         wanted = {name: (self.max_generation_samples - self._generated[name]) if score
                   else (self.num_examples - len(self.examples[name])) for name in self.tasks}
@@ -426,9 +451,15 @@ class AVModule(L.LightningModule):
                 ))
         for name, (predictions, answers) in by_task.items():
             self.task_metrics[name].update(predictions, answers)
+            if self.bootstrap_resamples > 0:
+                self._scored_pairs[name].extend(zip(_to_cpu(predictions), _to_cpu(answers)))
 
     def _log_generation_metrics(self, stage: str) -> None:
-        """Log every scored task's metrics and keep them, with its trivial baseline, in ``final_metrics``."""
+        """Log every scored task's metrics and keep them, with its trivial baseline, in ``final_metrics``.
+
+        With ``bootstrap_resamples`` each entry also gets ``bootstrap_std`` (metric -> standard
+        deviation over resamples of the scored samples, on this rank's samples only).
+        """
         total_seconds = 0.0
         for name, collection in self.task_metrics.items():
             seconds = self._generation_seconds.get(name, 0.0)
@@ -452,10 +483,15 @@ class AVModule(L.LightningModule):
                 "generation_seconds": round(seconds, 3),
                 "budget_interventions": interventions,
             }
+            if self.bootstrap_resamples > 0 and self._scored_pairs[name]:
+                predictions, answers = zip(*self._scored_pairs[name])
+                self.final_metrics[name]["bootstrap_std"] = bootstrap_std(
+                    task, predictions, answers, self.bootstrap_resamples, seed=0)
             collection.reset()
         if total_seconds:
             self.log(f"{stage}/generation_seconds", total_seconds, reduce_fx="max")
         self._answers.clear()
+        self._scored_pairs.clear()
         self._generated.clear()
         self._generation_seconds.clear()
         self._forced_rows.clear()
@@ -541,6 +577,10 @@ class AVModule(L.LightningModule):
         return report
 
     def on_fit_start(self) -> None:
+        if self.logger is not None:
+            for point in self._pretraining_curve:
+                values = {f"pretrain/{key}": value for key, value in point.items() if key != "step"}
+                self.logger.log_metrics(values, step=int(point["step"]))
         lines = ["trainable parameters:"] + [f"  {name:52s} {count:>12,d}" for name, count in self.parameter_report().items()]
         rank_zero_info("\n".join(lines))
 

@@ -146,3 +146,80 @@ def test_resume_skips_finished_runs_and_a_failed_run_does_not_stop_the_grid(grid
     rows = list(csv.DictReader((out / "summary.csv").read_text().splitlines()))
     assert [row["status"].split(" ")[0] for row in rows] == ["skipped", "skipped", "failed"]
     assert rows[0]["val/avqa/accuracy"] != "" and rows[2]["val/avqa/accuracy"] == ""
+
+
+def test_grid_json_describes_the_grid_and_its_runs(grid):
+    """Invoked again (in-process: every run is skipped), the grid rewrites grid.json for its own file."""
+    from avmt.grid import main
+
+    main(["-c", str(grid["file"]), "--out", str(grid["out"])])
+    description = json.loads((grid["out"] / "grid.json").read_text())
+    assert description["name"] == "lr" and description["axes"] == ["model.learning_rate"]
+    assert description["commands"] == ["fit"] and description["transfer"] is None
+    assert description["runs"] == [{"name": name, "values": {"model.learning_rate": str(lr)}, "seed": "0"}
+                                   for lr, name in zip(LEARNING_RATES, run_names())]
+
+
+
+def test_results_files_carry_the_bootstrap_std_of_every_score(grid):
+    for name in run_names():
+        final = json.loads((grid["out"] / name / "fit" / "val_metrics.json").read_text())
+        for entry in final.values():
+            assert set(entry["bootstrap_std"]) == set(entry["scores"])
+            assert all(value >= 0 for value in entry["bootstrap_std"].values())
+
+
+# task -> (multi-task score, single-task score) the fake runs below report
+TRANSFER_SCORES = {"ave": (0.7, 0.5), "avqa": (0.4, 0.45)}
+
+
+def test_grid_with_a_transfer_section_writes_grid_json_first_and_the_transfer_report_last(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """The runs are faked (each writes its results file), so no model is trained."""
+    import avmt.grid
+
+    grid_file = tmp_path / "transfer.yaml"
+    grid_file.write_text(yaml.safe_dump({
+        "base": [str(EXPERIMENTS / "base.yaml")],
+        "axes": {"tasks": {"variants": {"multi": {"overrides": {"data.tasks": list(TRANSFER_SCORES)}},
+                                        **{task: {"overrides": {"data.tasks": [task]}} for task in TRANSFER_SCORES}}}},
+        "commands": ["test"],
+        "main_metrics": {"ave": "segment_accuracy", "avqa": "accuracy"},
+        "transfer": {"axis": "tasks", "multi": "multi"},
+    }, sort_keys=False))
+    out = tmp_path / "out"
+
+    def fake_execute(run, grid, out_dir):
+        assert (out_dir / "grid.json").is_file()
+        variant = run.values["tasks"]
+        results = {task: {"scores": {grid.main_metrics[task]: multi if variant == "multi" else single},
+                          "baseline": {}, "bootstrap_std": {grid.main_metrics[task]: 0.01}}
+                   for task, (multi, single) in TRANSFER_SCORES.items() if variant in ("multi", task)}
+        path = avmt.grid.results_path(run, "test", out_dir)
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(results))
+        run.status = "done"
+
+    monkeypatch.setattr(avmt.grid, "execute", fake_execute)
+    avmt.grid.main(["-c", str(grid_file), "--out", str(out)])
+    description = json.loads((out / "grid.json").read_text())
+    assert description["transfer"] == {"axis": "tasks", "multi": "multi"}
+    assert [run["values"]["tasks"] for run in description["runs"]] == ["multi", *TRANSFER_SCORES]
+    rows = {row["task"]: row for row in csv.DictReader((out / "transfer.csv").read_text().splitlines())}
+    assert rows["ave"]["verdict"] == "gain" and rows["avqa"]["verdict"] == "loss"
+    assert float(rows["avqa"]["delta"]) == pytest.approx(-0.05)
+    assert "| all runs | 2 | 50% (1/2) | 50% (1/2) | 50% (1/2) | +0.0750 |" in capsys.readouterr().out
+    assert (out / "transfer.md").is_file() and (out / "plots" / "transfer_deltas.png").is_file()
+
+
+def test_jobs_share_the_cores_between_concurrent_runs(monkeypatch):
+    from avmt.grid import job_environment, parser
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert job_environment(1).get("OMP_NUM_THREADS") is None
+    assert job_environment(4)["OMP_NUM_THREADS"] == "2" and job_environment(16)["MKL_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert job_environment(4)["OMP_NUM_THREADS"] == "3"  # the user's setting wins
+    with pytest.raises(SystemExit):
+        parser().parse_args(["-c", "grid.yaml", "--jobs", "0"])

@@ -628,7 +628,7 @@ def check_shard_version(root: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def _dir_lock(root: Path) -> Iterator[None]:
+def dir_lock(root: Path) -> Iterator[None]:
     """Exclusive lock on ``root/.lock`` (so concurrent ranks generate once); no-op without fcntl."""
     try:
         import fcntl
@@ -660,7 +660,7 @@ def ensure_shards(
     _check_clips(clips)
     root = Path(out_dir)
     head = _manifest_head(clips, seed, cfg, clips_per_shard)
-    with _dir_lock(root):
+    with dir_lock(root):
         manifest = read_manifest(root)
         if manifest is not None and {k: manifest.get(k) for k in head} == head:
             listed = manifest.get("shards")

@@ -44,6 +44,7 @@ def fit_steps(out: Path, tasks: list[str], work: Path, splits: dict[str, str] | 
         f"--data.tasks={json.dumps(tasks)}",
         f"--model.llm.init_args.words_from={json.dumps([str(out)])}",
         f"--model.num_segments={num_segments}",
+        "--model.media_pretraining=null",  # converted clips carry no AVSynth scene graph to pretrain on
         "--trainer.max_epochs=50",
         f"--trainer.max_steps={steps}",
         "--trainer.limit_val_batches=1",

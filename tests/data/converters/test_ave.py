@@ -139,7 +139,8 @@ def test_a_fit_on_shards_of_raw_videos_fails_instead_of_ending_as_a_success(tmp_
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "-c", BASE, f"--data.root={tmp_path}", "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false",
+        main(["fit", "-c", BASE, f"--data.root={tmp_path}", "--model.media_pretraining=null", "--trainer.max_epochs=1",
+              "--trainer.enable_progress_bar=false",
               f"--trainer.default_root_dir={tmp_path}"])
     assert exit_info.value.code == 2
     assert "the train stage got no data" in capsys.readouterr().err
