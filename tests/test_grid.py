@@ -223,3 +223,15 @@ def test_jobs_share_the_cores_between_concurrent_runs(monkeypatch):
     assert job_environment(4)["OMP_NUM_THREADS"] == "3"  # the user's setting wins
     with pytest.raises(SystemExit):
         parser().parse_args(["-c", "grid.yaml", "--jobs", "0"])
+
+
+@pytest.mark.parametrize("name", ["adapters", "transfer"])
+def test_the_shipped_grid_files_load(name):
+    """experiments/grids/*.yaml: every axis, variant config and the transfer section resolve."""
+    from avmt.grid import load_grid
+
+    grid = load_grid(Path(__file__).resolve().parents[1] / "experiments" / "grids" / f"{name}.yaml")
+    assert grid.runs and all(run.name for run in grid.runs)
+    if name == "transfer":
+        assert len(grid.runs) == 3 * 2 * 5  # adapters x styles x (multi + 4 single-task runs)
+        assert grid.transfer == {"axis": "tasks", "multi": "multi"}

@@ -118,6 +118,9 @@ class ClipTaskStream(IterableDataset):
         clips = [clip]
         samples = []
         for task in tasks:
+            # each task draws from its own stream: its sample of a clip (prompt, question, others) is
+            # the same whichever other tasks are trained with it (a single-task run sees the same data)
+            rng = random.Random(zlib.crc32(f"{self.seed}:{self.epoch}:{clip.key}:{task.name}".encode()))
             try:
                 others = task.select_others(clip, recent, rng)
                 if others is None:  # too few fitting clips seen yet: no sample, not a corrupt one

@@ -20,3 +20,21 @@ def test_evaluation_batches_take_their_own_clip_count(tmp_path):
     same = AVDataModule(root=str(tmp_path), tasks=["action"], reasoning=False, clips_per_batch=2)
     same.setup("validate")
     assert [len(b.clip_keys) for b in same.val_dataloader()] == [2, 2, 2]
+
+
+def test_a_task_draws_the_same_samples_alone_and_among_other_tasks(tmp_path):
+    """The transfer study's equal budget: a single-task run sees exactly the samples (prompts, questions,
+    other clips) that the same task gets in the multi-task run."""
+    from avmt.data.datamodule import ClipTaskStream
+    from avmt.data.shards import list_shards
+
+    ensure_shards(tmp_path, {"train": 12, "val": 2, "test": 2}, seed=2, cfg=SynthConfig(frame_size=32), progress=False)
+    shards = list_shards(tmp_path / "train")
+
+    def samples(tasks: list[str], task: str) -> list[tuple]:
+        stream = ClipTaskStream(shards, tasks, reasoning=True, seed=0, shuffle=False)
+        return [(s.prompt, s.target, tuple(s.media)) for group in stream for s in group.samples if s.task == task]
+
+    for task in ("avqa", "ave", "v2a"):
+        alone = samples([task], task)
+        assert alone and alone == samples(["ave", "avqa", "emotion", "v2a", "avcap"], task), task
