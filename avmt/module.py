@@ -182,13 +182,8 @@ class AVModule(L.LightningModule):
             check_vocabulary(self.model.tokenizer)
         if self._score_data_tasks and names:
             self._score_tasks(names)
-        if stage == "fit" and self.media_pretraining is not None and not self._pretraining_curve:
-            shards = getattr(datamodule, "shards", {})
-            if not shards.get("train") or not shards.get("val"):
-                raise ValueError("model.media_pretraining needs a data module with train and val shards (AVSynth)")
-            self._pretraining_curve = self.media_pretraining.apply(
-                self.model, shards["train"], shards["val"], device=self.trainer.strategy.root_device
-            )
+        if stage == "fit" and self.media_pretraining is not None:
+            self.pretrain_media(datamodule, self.trainer.strategy.root_device)
         produced = {head.output for head in self.model.heads}
         for name in dict.fromkeys([*names, *self.tasks]):
             task = self._task(name)
@@ -203,6 +198,17 @@ class AVModule(L.LightningModule):
             if unknown:
                 raise ValueError(f"task {name!r} needs the placeholder(s) {unknown}, which the LLM's tokenizer "
                                  "lacks: add them to model.llm.init_args.special_tokens")
+
+    def pretrain_media(self, datamodule: Any, device: torch.device | str = "cpu") -> None:
+        """Stage 1 (``media_pretraining``) on the data module's train and val shards, once; nothing
+        when it is ``None``. ``fit`` runs it in ``setup``; ``data features`` before encoding, so that a
+        feature cache holds the pretrained encoders' features."""
+        if self.media_pretraining is None or self._pretraining_curve:
+            return
+        shards = getattr(datamodule, "shards", {})
+        if not shards.get("train") or not shards.get("val"):
+            raise ValueError("model.media_pretraining needs a data module with train and val shards (AVSynth)")
+        self._pretraining_curve = self.media_pretraining.apply(self.model, shards["train"], shards["val"], device=device)
 
     def _task(self, name: str) -> Task:
         """The task object used for losses and predictions (one per name)."""

@@ -189,7 +189,7 @@ def test_grid_with_a_transfer_section_writes_grid_json_first_and_the_transfer_re
     }, sort_keys=False))
     out = tmp_path / "out"
 
-    def fake_execute(run, grid, out_dir):
+    def fake_execute(run, grid, out_dir, env=None):
         assert (out_dir / "grid.json").is_file()
         variant = run.values["tasks"]
         results = {task: {"scores": {grid.main_metrics[task]: multi if variant == "multi" else single},

@@ -672,6 +672,9 @@ def features_run(args: Any) -> None:
     shards = datamodule_shards(datamodule, args.splits)
     batch_size = args.batch_size or datamodule.eval_clips_per_batch or datamodule.clips_per_batch
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if module.media_pretraining is not None:  # the features of the encoders as fit will use them (stage 1 cached)
+        datamodule.setup("fit")
+        module.pretrain_media(datamodule, device)
     command = " ".join(["python -m avmt data features", *(f"-c {c}" for c in args.config), f"--out {args.out}",
                         "--splits", *args.splits, *([f"--dtype {args.dtype}"] if args.dtype else [])])
     manifest = write_features(module.model, shards, args.out, batch_size=batch_size, device=device,

@@ -163,7 +163,8 @@ def test_a_cache_of_other_encoders_is_refused_with_the_field_that_differs(cache,
 
 def test_trainable_encoders_are_refused_naming_the_key(configs, tmp_path, capsys):
     unfrozen = tmp_path / "unfrozen.yaml"
-    unfrozen.write_text("model:\n  audio_encoder:\n    init_args: {freeze: false}\n")
+    # without stage 1, which would freeze the encoders itself
+    unfrozen.write_text("model:\n  media_pretraining: null\n  audio_encoder:\n    init_args: {freeze: false}\n")
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["data", "features", *(item for c in configs for item in ("-c", c)), "-c", str(unfrozen),
                   "--out", str(tmp_path / "c2"), "--progress", "false"])
