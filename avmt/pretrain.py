@@ -185,7 +185,8 @@ class MediaPretraining:
             device: where to train.
         Returns:
             the learning curve, one point per epoch: ``[{"step", "epoch", "loss", "vision_accuracy",
-            "vision_baseline", "audio_accuracy", "audio_baseline"}, ...]`` (baselines: all-absent answers).
+            "vision_baseline", "audio_accuracy", "audio_baseline", "mood_accuracy"}, ...]`` (baselines:
+            all-absent answers).
         """
         from avmt.data.datamodule import default_cache_dir
         from avmt.data.shards import dir_lock
@@ -259,7 +260,8 @@ class MediaPretraining:
             rank_zero_info(
                 f"media pretraining epoch {epoch}/{self.epochs} (step {step}): loss {point['loss']:.3f}, visible "
                 f"classes {point['vision_accuracy']:.3f} (all-absent {point['vision_baseline']:.3f}), sounding "
-                f"classes {point['audio_accuracy']:.3f} (all-silent {point['audio_baseline']:.3f}) "
+                f"classes {point['audio_accuracy']:.3f} (all-silent {point['audio_baseline']:.3f}), mood "
+                f"{point['mood_accuracy']:.3f} "
                 f"[{time.time() - started:.0f} s]"
             )
         parts.to(original_device)
@@ -287,11 +289,12 @@ def _probe_logits(model: nn.Module, probes: nn.ModuleDict, frames: torch.Tensor,
 
 @torch.no_grad()
 def _evaluate(model: nn.Module, probes: nn.ModuleDict, val: dict[str, torch.Tensor], device) -> dict[str, float]:
-    """Per-segment exact-match accuracy of the visible and sounding class sets, and of all-absent answers."""
+    """Per-segment exact-match accuracy of the visible and sounding class sets and of all-absent answers, and
+    the accuracy of the mood read from each segment's audio tokens."""
     for name in _PARTS:
         getattr(model, name).eval()
     k = len(vocab.CLASSES)
-    vision_hits = audio_hits = vision_empty = audio_empty = 0.0
+    vision_hits = audio_hits = vision_empty = audio_empty = mood_hits = 0.0
     count = 0
     for start in range(0, val["frames"].shape[0], 16):
         rows = slice(start, start + 16)
@@ -299,11 +302,14 @@ def _evaluate(model: nn.Module, probes: nn.ModuleDict, val: dict[str, torch.Tens
         visible, sounding = val["vision"][rows, :, :k].to(device), val["audio_targets"][rows, :, :k].to(device)
         vision_hits += ((vision_logits[..., :k] > 0).float() == visible).all(-1).sum().item()
         audio_hits += ((audio_logits[..., :k] > 0).float() == sounding).all(-1).sum().item()
+        mood = val["audio_targets"][rows, :, 2 * k :].to(device)
+        mood_hits += (audio_logits[..., 2 * k :].argmax(-1) == mood.argmax(-1)).sum().item()
         vision_empty += (visible.sum(-1) == 0).sum().item()
         audio_empty += (sounding.sum(-1) == 0).sum().item()
         count += visible.shape[0] * visible.shape[1]
     return {"vision_accuracy": vision_hits / count, "audio_accuracy": audio_hits / count,
-            "vision_baseline": vision_empty / count, "audio_baseline": audio_empty / count}
+            "vision_baseline": vision_empty / count, "audio_baseline": audio_empty / count,
+            "mood_accuracy": mood_hits / count}
 
 
 def _save(folder: Path, saved: dict, curve: list[dict[str, float]], settings: dict[str, Any]) -> None:

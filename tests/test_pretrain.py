@@ -86,7 +86,7 @@ def test_pretraining_trains_caches_and_freezes_the_encoders(tiny_shards, tmp_pat
     key = stage.fingerprint(model, train)
     curve = stage.apply(model, train, val)
     assert [point["epoch"] for point in curve] == [1, 2] and curve[-1]["step"] == 6
-    assert all(0 <= point["vision_accuracy"] <= 1 and point["loss"] > 0 for point in curve)
+    assert all(0 <= point["vision_accuracy"] <= 1 and 0 <= point["mood_accuracy"] <= 1 and point["loss"] > 0 for point in curve)
     assert any(not torch.equal(before[k], v) for k, v in model.vision_connector.state_dict().items())
     assert not any(p.requires_grad for p in model.vision_encoder.parameters())
     assert not any(p.requires_grad for p in model.audio_encoder.parameters())
