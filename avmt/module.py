@@ -165,8 +165,8 @@ class AVModule(L.LightningModule):
         self.final_metrics: dict[str, dict[str, float]] = {}
         self._checked_feature_caches: set[str] = set()
         self.bootstrap_resamples = bootstrap_resamples
-        # task -> the (prediction, answer) pairs scored this evaluation, for bootstrap_std (CPU)
-        self._scored_pairs: dict[str, list[tuple[Any, Any]]] = defaultdict(list)
+        # task -> the predictions scored this evaluation, beside _answers, for bootstrap_std (CPU)
+        self._predictions: dict[str, list[Any]] = defaultdict(list)
 
     def _score_tasks(self, names: list[str]) -> None:
         """Tasks scored by generation, each with its metric collection."""
@@ -427,7 +427,7 @@ class AVModule(L.LightningModule):
 
         Scoring takes up to ``max_generation_samples`` samples per task; without scoring (the
         validations between generation epochs) only the ``num_examples`` examples are generated.
-        Scored (prediction, answer) pairs are kept on the CPU for the bootstrap when
+        Scored predictions are kept on the CPU beside their answers for the bootstrap when
         ``bootstrap_resamples`` > 0.
         """
         wanted = {name: (self.max_generation_samples - self._generated[name]) if score
@@ -449,6 +449,8 @@ class AVModule(L.LightningModule):
                 by_task[name][0].append(prediction)
                 by_task[name][1].append(batch.answers[i])
                 self._answers[name].append(batch.answers[i])
+                if self.bootstrap_resamples > 0:
+                    self._predictions[name].append(_to_cpu(prediction))
             if len(self.examples[name]) < self.num_examples:
                 frames = batch.frames[anchors[i], segment_frames(batch.frames.shape[1], self.model.num_segments)]
                 self.examples[name].append(GeneratedExample(
@@ -457,8 +459,6 @@ class AVModule(L.LightningModule):
                 ))
         for name, (predictions, answers) in by_task.items():
             self.task_metrics[name].update(predictions, answers)
-            if self.bootstrap_resamples > 0:
-                self._scored_pairs[name].extend(zip(_to_cpu(predictions), _to_cpu(answers)))
 
     def _log_generation_metrics(self, stage: str) -> None:
         """Log every scored task's metrics and keep them, with its trivial baseline, in ``final_metrics``.
@@ -489,15 +489,14 @@ class AVModule(L.LightningModule):
                 "generation_seconds": round(seconds, 3),
                 "budget_interventions": interventions,
             }
-            if self.bootstrap_resamples > 0 and self._scored_pairs[name]:
-                predictions, answers = zip(*self._scored_pairs[name])
+            if self.bootstrap_resamples > 0:
                 self.final_metrics[name]["bootstrap_std"] = bootstrap_std(
-                    task, predictions, answers, self.bootstrap_resamples, seed=0)
+                    task, self._predictions[name], self._answers[name], self.bootstrap_resamples, seed=0)
             collection.reset()
         if total_seconds:
             self.log(f"{stage}/generation_seconds", total_seconds, reduce_fx="max")
         self._answers.clear()
-        self._scored_pairs.clear()
+        self._predictions.clear()
         self._generated.clear()
         self._generation_seconds.clear()
         self._forced_rows.clear()
