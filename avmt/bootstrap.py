@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 from typing import Any, Sequence
 
 from avmt.tasks.base import Task
@@ -46,9 +47,5 @@ def bootstrap_std(task: Task, predictions: Sequence[Any], answers: Sequence[Any]
         collection.update([predictions[i] for i in indices], [answers[i] for i in indices])
         for key, value in collection.compute().items():
             values.setdefault(key, []).append(float(value))
-    stds = {}
-    for key, samples in values.items():
-        if len(samples) == resamples and all(math.isfinite(v) for v in samples):
-            mean = sum(samples) / resamples
-            stds[key] = math.sqrt(sum((v - mean) ** 2 for v in samples) / (resamples - 1))
-    return stds
+    return {key: statistics.stdev(samples) for key, samples in values.items()
+            if len(samples) == resamples and all(math.isfinite(v) for v in samples)}

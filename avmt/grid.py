@@ -35,6 +35,7 @@ import os
 import re
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -300,9 +301,10 @@ def results_path(run: Run, command: str, out: Path) -> Path:
     return out / run.name / command / RESULTS_FILES[command]
 
 
-def read_results(run: Run, grid: Grid, out: Path) -> None:
-    """Load the run's results files (stage -> task -> entry), the last command of a stage winning."""
-    for command in grid.commands:
+def read_results(run: Run, commands: list[str], out: Path) -> None:
+    """Load the run's results files of ``commands`` (stage -> task -> entry) into ``run.results``, the
+    last command of a stage winning."""
+    for command in commands:
         path = results_path(run, command, out)
         if path.is_file():
             run.results[STAGES[command]] = json.loads(path.read_text())
@@ -488,10 +490,7 @@ def job_environment(jobs: int) -> dict[str, str]:
 
 
 def _std(values: list[float]) -> float:
-    if len(values) < 2:
-        return 0.0
-    mean = sum(values) / len(values)
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return statistics.stdev(values) if len(values) >= 2 else 0.0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -533,7 +532,7 @@ def main(argv: list[str]) -> None:
     def one(index: int, run: Run) -> None:
         print(f"[grid] run {index}/{len(grid.runs)}: {run.name}", flush=True)
         execute(run, grid, out, env)
-        read_results(run, grid, out)
+        read_results(run, grid.commands, out)
         if not run.status.startswith("failed"):
             write_hparams(run, out)
 

@@ -17,11 +17,12 @@ import argparse
 import csv
 import json
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from avmt.grid import GRID_JSON, STAGES, Run, format_value, main_score, results_path
+from avmt.grid import GRID_JSON, STAGES, Run, format_value, main_score, read_results
 
 #: results stages in order of preference (test results, else validation results)
 STAGE_PREFERENCE = ("test", "val")
@@ -99,7 +100,8 @@ def load_grid_description(run_dir: Path) -> dict[str, Any]:
 
 
 def run_results(run_dir: Path, run: dict[str, Any], commands: list[str]) -> dict[str, dict[str, dict]]:
-    """A run's results by stage: ``{"test" | "val": {task: entry}}``, read where ``results_path`` puts them.
+    """A run's results by stage: ``{"test" | "val": {task: entry}}``, read as the grid reads them
+    (:func:`avmt.grid.read_results`).
 
     Args:
         run_dir: the grid folder.
@@ -107,12 +109,8 @@ def run_results(run_dir: Path, run: dict[str, Any], commands: list[str]) -> dict
         commands: the grid's commands (the last command of a stage wins, as in the grid summary).
     """
     handle = Run(run["name"], run["values"], run["seed"], [], [])
-    results = {}
-    for command in commands:
-        path = results_path(handle, command, run_dir)
-        if path.is_file():
-            results[STAGES[command]] = json.loads(path.read_text())
-    return results
+    read_results(handle, commands, run_dir)
+    return handle.results
 
 
 def delta_noise(deltas: list[float], bootstrap_variances: list[float | None]) -> float | None:
@@ -137,9 +135,7 @@ def delta_noise(deltas: list[float], bootstrap_variances: list[float | None]) ->
     count = len(deltas)
     if count < 2:
         return math.sqrt(bootstrap) if bootstrap is not None else None
-    mean = sum(deltas) / count
-    seed_variance = sum((d - mean) ** 2 for d in deltas) / (count - 1) / count
-    return math.sqrt(seed_variance + (bootstrap or 0.0))
+    return math.sqrt(statistics.variance(deltas) / count + (bootstrap or 0.0))
 
 
 def verdict(delta: float, noise: float | None) -> str:
