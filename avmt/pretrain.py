@@ -254,7 +254,7 @@ class MediaPretraining:
                 optimizer.step()
                 scheduler.step()
                 total += loss.item() * len(index)
-            point = {"step": step, "epoch": epoch, "loss": total / num_train, **_evaluate(model, probes, val, device)}
+            point = {"step": step, "epoch": epoch, "loss": total / num_train, **_evaluate(model, probes, val, device, self.clips_per_batch)}
             parts.train()
             self.curve.append(point)
             rank_zero_info(
@@ -279,16 +279,17 @@ def _segment_mean(tokens: torch.Tensor, segments: int, kind: str) -> torch.Tenso
 
 
 def _probe_logits(model: nn.Module, probes: nn.ModuleDict, frames: torch.Tensor, audio: torch.Tensor):
-    """Probe logits ``vision [C, T, 6K]`` and ``audio [C, T, 2K + M]`` of segment frames ``[C, T, 3, H, W]``."""
+    """Probe logits ``vision [C, T, 6K]`` and ``audio [C, T, 2K + M]`` of segment frames ``[C, T, 3, H, W]``
+    and waveforms ``[C, S]``, encoded as the model encodes media (:meth:`~avmt.model.AVModel.encode_media`)."""
     t = frames.shape[1]
-    vision = model.vision_connector(model.vision_encoder(frames))
-    hearing = model.audio_connector(model.audio_encoder(audio, t))
-    return (probes["vision"](_segment_mean(vision, t, "vision")),
-            probes["audio"](_segment_mean(hearing, t, "audio")))
+    media = model.encode_media(frames, audio)
+    return (probes["vision"](_segment_mean(model.vision_connector(media.vision), t, "vision")),
+            probes["audio"](_segment_mean(model.audio_connector(media.audio), t, "audio")))
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, probes: nn.ModuleDict, val: dict[str, torch.Tensor], device) -> dict[str, float]:
+def _evaluate(model: nn.Module, probes: nn.ModuleDict, val: dict[str, torch.Tensor], device,
+              batch_size: int) -> dict[str, float]:
     """Per-segment exact-match accuracy of the visible and sounding class sets and of all-absent answers, and
     the accuracy of the mood read from each segment's audio tokens."""
     for name in _PARTS:
@@ -296,8 +297,8 @@ def _evaluate(model: nn.Module, probes: nn.ModuleDict, val: dict[str, torch.Tens
     k = len(vocab.CLASSES)
     vision_hits = audio_hits = vision_empty = audio_empty = mood_hits = 0.0
     count = 0
-    for start in range(0, val["frames"].shape[0], 16):
-        rows = slice(start, start + 16)
+    for start in range(0, val["frames"].shape[0], batch_size):
+        rows = slice(start, start + batch_size)
         vision_logits, audio_logits = _probe_logits(model, probes, val["frames"][rows].to(device), val["audio"][rows].to(device))
         visible, sounding = val["vision"][rows, :, :k].to(device), val["audio_targets"][rows, :, :k].to(device)
         vision_hits += ((vision_logits[..., :k] > 0).float() == visible).all(-1).sum().item()
