@@ -255,34 +255,27 @@ def plugins_main(argv: list[str]) -> None:
         print(f"  {name:12s} {get_converter(name).description}")
 
 
+#: ``python -m avmt NAME ...`` besides Lightning's fit/validate/test/predict: NAME -> "module:function",
+#: the function called with the remaining arguments (imported only when its command runs).
+COMMANDS: dict[str, str] = {
+    "data": "avmt.cli:data_main",
+    "convert": "avmt.cli:convert_main",
+    "plugins": "avmt.cli:plugins_main",
+    "bench": "avmt.bench:main",
+    "grid": "avmt.grid:main",
+    "report": "avmt.report:main",
+    "export": "avmt.export:main",
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m avmt``."""
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        if argv and argv[0] == "data":
-            data_main(argv[1:])
-        elif argv and argv[0] == "convert":
-            convert_main(argv[1:])
-        elif argv and argv[0] == "plugins":
-            plugins_main(argv[1:])
-        elif argv and argv[0] == "bench":
-            from avmt.bench import main as bench_main
-
-            bench_main(argv[1:])
-        elif argv and argv[0] == "grid":
-            from avmt.grid import main as grid_main
-
-            grid_main(argv[1:])
-        elif argv and argv[0] == "report":
-            from avmt.report import main as report_main
-
-            report_main(argv[1:])
-        elif argv and argv[0] == "export":
-            from avmt.export import main as export_main
-
-            export_main(argv[1:])
+        if argv and argv[0] in COMMANDS:
+            _resolve(COMMANDS[argv[0]])(argv[1:])
         else:
             from avmt.data.datamodule import AVDataModule
             from avmt.module import AVModule
