@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
-from collections import defaultdict
+import warnings
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,6 +158,8 @@ class AVModule(L.LightningModule):
         if generation_tasks is not None:
             self._score_tasks(generation_tasks)
         self._answers: dict[str, list[Any]] = defaultdict(list)
+        # task -> JSON answer -> count, over training, for the baselines fitted on training answers
+        self._train_answers: dict[str, Counter[str]] = defaultdict(Counter)
         self._generated: dict[str, int] = defaultdict(int)
         self.examples: dict[str, list[GeneratedExample]] = defaultdict(list)
         self._router_sums: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
@@ -328,6 +332,7 @@ class AVModule(L.LightningModule):
         self._stage_batches["train"] += 1
         if self.answer_budget:
             self._record_answer_shapes(batch)
+        self._record_train_answers(batch)
         loss = self._losses(batch, "train")
         adapter = self.model.adapter
         aux = adapter.aux_loss() if adapter is not None else None
@@ -374,6 +379,28 @@ class AVModule(L.LightningModule):
         if self.answer_shapes is None:
             self.answer_shapes = AnswerShapes(sentence_end_ids(self.model.tokenizer))
         return self.answer_shapes
+
+    def _record_train_answers(self, batch: Batch) -> None:
+        """Count the training answers of the tasks whose trivial baseline is fitted on them
+        (``Task.baseline_fits_training``; their answers are JSON values)."""
+        for name, answer in zip(batch.tasks, batch.answers, strict=True):
+            if name in TASKS and self._task(name).baseline_fits_training:
+                self._train_answers[name][json.dumps(answer, sort_keys=True)] += 1
+
+    def _baseline(self, task: Task, answers: list[Any]) -> tuple[dict[str, float], str]:
+        """The trivial baseline's scores on ``answers`` and its name; a baseline meant to be fitted
+        on training answers falls back, with a warning, to the evaluated answers when none were
+        recorded (an evaluation without fit of a checkpoint that holds none) and says so."""
+        if not task.baseline_fits_training:
+            return task.trivial_baseline(answers), task.baseline_name
+        counts = self._train_answers.get(task.name)
+        if counts:
+            train = [json.loads(key) for key, n in counts.items() for _ in range(n)]
+            return task.trivial_baseline(answers, train), task.baseline_name
+        name = f"{task.baseline_name} (fitted on the evaluated answers)"
+        warnings.warn(f"{task.name}: no training answers recorded, so its {task.baseline_name} is fitted on the "
+                      "evaluated answers themselves, an optimistic baseline", stacklevel=2)
+        return task.trivial_baseline(answers), name
 
     def _record_answer_shapes(self, batch: Batch) -> None:
         """Record the training targets' shapes (lengths, sentences, lead token) per task."""
@@ -474,7 +501,7 @@ class AVModule(L.LightningModule):
                 continue
             task = self.tasks[name]
             scores = {key: float(value) for key, value in collection.compute().items()}
-            baseline = task.trivial_baseline(self._answers[name])
+            baseline, baseline_name = self._baseline(task, self._answers[name])
             for key, value in scores.items():
                 self.log(f"{stage}/{name}/{key}", value, sync_dist=True)
             samples = len(self._answers[name])
@@ -484,7 +511,7 @@ class AVModule(L.LightningModule):
             self.final_metrics[name] = {
                 "scores": scores,
                 "baseline": {key: float(value) for key, value in baseline.items()},
-                "baseline_name": task.baseline_name,
+                "baseline_name": baseline_name,
                 "samples": samples,
                 "generation_seconds": round(seconds, 3),
                 "budget_interventions": interventions,
@@ -627,6 +654,7 @@ class AVModule(L.LightningModule):
             "saved_keys": sorted(keep),
             "task_ids": dict(self.task_ids),
             "answer_shapes": self._answer_budget().state_dict(),
+            "train_answers": {name: dict(counts) for name, counts in self._train_answers.items()},
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -641,6 +669,8 @@ class AVModule(L.LightningModule):
                 "to the checkpoint, with the avmt version that wrote it"
             )
         self._answer_budget().load_state_dict(meta.get("answer_shapes", {}))
+        self._train_answers = defaultdict(Counter, {name: Counter(counts) for name, counts
+                                                    in meta.get("train_answers", {}).items()})
         saved_ids = meta.get("task_ids", {})
         moved = {name: (tid, self.task_ids[name]) for name, tid in saved_ids.items()
                  if name in self.task_ids and self.task_ids[name] != tid}

@@ -196,6 +196,8 @@ def test_test_prints_one_table_and_writes_test_metrics(fitted):
     assert "task" in out and "trivial baseline" in out and "failure rate" in out and "samples" in out
     saved = json.loads((fitted.parent / "test" / "test_metrics.json").read_text())
     assert {"ave", "avqa", "avvp", "action", "emotion", "avcap"} <= set(saved)
+    # the question-type prior is fitted on the training answers the checkpoint keeps, not on the test's
+    assert saved["avqa"]["baseline_name"] == "question-type prior"
     for name, entry in saved.items():
         assert f"{name}  " in out
         assert 0.0 <= entry["scores"]["parse_failure_rate"] <= 1.0 and entry["samples"] > 0

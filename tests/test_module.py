@@ -61,3 +61,33 @@ def test_router_heatmap_renders_tasks_by_heads():
     axis = figure.axes[0]
     assert [label.get_text() for label in axis.get_yticklabels()] == ["ave", "avqa"]
     assert len(axis.get_xticklabels()) == 3
+
+
+def test_the_avqa_prior_is_fitted_on_recorded_training_answers_and_kept_in_checkpoints():
+    import types
+    import warnings
+
+    import pytest
+
+    module = tiny_module(None)
+    batch = types.SimpleNamespace(
+        tasks=["avqa", "avqa", "avqa", "emotion"],
+        answers=[{"answer": "yes", "type": "audio_existential"}, {"answer": "yes", "type": "audio_existential"},
+                 {"answer": "no", "type": "audio_existential"}, {"mood": "calm"}],
+    )
+    evaluated = [{"answer": "no", "type": "audio_existential"}] * 3 + [{"answer": "yes", "type": "audio_existential"}]
+    task = module._task("avqa")
+    with pytest.warns(UserWarning, match="no training answers recorded"):
+        scores, name = module._baseline(task, evaluated)
+    assert scores["accuracy"] == pytest.approx(3 / 4) and name.endswith("(fitted on the evaluated answers)")
+    module._record_train_answers(batch)
+    assert set(module._train_answers) == {"avqa"}  # only tasks whose baseline fits training answers
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scores, name = module._baseline(task, evaluated)
+    assert scores["accuracy"] == pytest.approx(1 / 4) and name == "question-type prior"  # training says "yes"
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    restored = tiny_module(None)
+    restored.on_load_checkpoint(checkpoint)
+    assert restored._train_answers == module._train_answers

@@ -579,6 +579,7 @@ class AVQATask(Task):
     task_id = 3
     prompts = _ALL_QUESTIONS
     baseline_name = "question-type prior"
+    baseline_fits_training = True
     phrases = (*EVIDENCE, "<answer> {a} </answer>", "yes", "no")
 
     def __init__(self, reasoning: bool = True, num_classes: int = 8) -> None:
@@ -682,16 +683,27 @@ class AVQATask(Task):
             counts.setdefault(a["type"], Counter())[a["answer"]] += 1
         return {qtype: min(c, key=lambda word: (-c[word], word)) for qtype, c in counts.items()}
 
-    def trivial_baseline(self, answers: Sequence[dict]) -> dict[str, float]:
+    def trivial_baseline(
+        self, answers: Sequence[dict], train_answers: Sequence[dict] | None = None
+    ) -> dict[str, float]:
         """The question-type prior, scored through :meth:`metrics`: every question gets the most
         frequent answer of its type (:meth:`type_prior`), which a model can learn from the question
         text alone. Every key (overall and per-type accuracy, failure rate) comes from the same
-        metric code; :meth:`majority_baseline` (one global constant) is still available."""
+        metric code; :meth:`majority_baseline` (one global constant) is still available.
+
+        The prior is fitted on ``train_answers`` when given, as a text-only model would learn it
+        (a type absent from them gets the most frequent training answer overall). Fitted on
+        ``answers`` themselves it is an oracle: with a few questions per type it learns the
+        evaluated answers (on AVSynth's 100 validation questions, 14 types: 0.46 in-sample against
+        0.35 fitted on the training questions).
+        """
         answers = list(answers)
         if not answers:
             raise ValueError(f"task {self.name!r}: trivial_baseline needs at least one answer")
-        prior = self.type_prior(answers)
+        fitted = list(train_answers) if train_answers else answers
+        prior = self.type_prior(fitted)
+        overall = self.type_prior([{"type": "", "answer": a["answer"]} for a in fitted])[""]
         collection = self.metrics()
-        collection.update([prior[a["type"]] for a in answers], answers)
+        collection.update([prior.get(a["type"], overall) for a in answers], answers)
         return {key: float(value) for key, value in collection.compute().items()}
 

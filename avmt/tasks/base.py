@@ -112,6 +112,10 @@ class Task:
     max_baseline_candidates: ClassVar[int] = 64
     #: What :meth:`trivial_baseline` computes, in words (shown next to the scores).
     baseline_name: ClassVar[str] = "best constant"
+    #: The trivial baseline is fitted on the training answers (``train_answers``), as a model that
+    #: ignores the media would be: the module records this task's training answers (and keeps
+    #: them in its checkpoints) and passes them to :meth:`trivial_baseline`.
+    baseline_fits_training: ClassVar[bool] = False
 
     def __init__(self, reasoning: bool = True) -> None:
         """Args: reasoning: include the reasoning sentences in targets (False: tagged answer only)."""
@@ -320,9 +324,12 @@ class Task:
         ordered = sorted(counts, key=lambda k: (-counts[k], k))[: self.max_baseline_candidates]
         return [self.answer_to_pred(json.loads(k)) for k in ordered]
 
-    def trivial_baseline(self, answers: Sequence[Any]) -> dict[str, float]:
+    def trivial_baseline(
+        self, answers: Sequence[Any], train_answers: Sequence[Any] | None = None
+    ) -> dict[str, float]:
         """The score a predictor that ignores the media gets on ``answers``, through the task's own
-        metrics (``baseline_name`` says which predictor). Default: :meth:`majority_baseline`."""
+        metrics (``baseline_name`` says which predictor). Default: :meth:`majority_baseline`
+        (``train_answers`` is used only by tasks with ``baseline_fits_training``)."""
         return self.majority_baseline(answers)
 
     def majority_baseline(self, answers: Sequence[Any]) -> dict[str, float]:

@@ -209,7 +209,9 @@ class MatchingTask(Task):
             "parse_failure_rate": ParseFailureRate(),
         })
 
-    def trivial_baseline(self, answers: Sequence[Any]) -> dict[str, float]:
+    def trivial_baseline(
+        self, answers: Sequence[Any], train_answers: Sequence[Any] | None = None
+    ) -> dict[str, float]:
         """Chance: the mean, over the K constant predictions 1..K, of each one's scores through
         :meth:`metrics` (exactly 1/K accuracy, 0 parse failures).
 

@@ -68,6 +68,34 @@ def test_avqa_question_type_prior_hand_checked():
         task.trivial_baseline([])
 
 
+def test_avqa_prior_fitted_on_training_answers_hand_checked():
+    """Fitted on the evaluated answers the prior is an oracle; fitted on the training answers it is
+    what a text-only model learns. A type the training never saw gets the overall training favourite."""
+    task = get_task("avqa")
+    assert task.baseline_fits_training
+    train = [
+        {"answer": "yes", "type": "audio_existential"},
+        {"answer": "yes", "type": "audio_existential"},
+        {"answer": "no", "type": "audio_existential"},
+        {"answer": "two", "type": "audio_counting"},
+    ]
+    answers = [
+        {"answer": "no", "type": "audio_existential"},
+        {"answer": "no", "type": "audio_existential"},
+        {"answer": "yes", "type": "audio_existential"},
+        {"answer": "two", "type": "audio_counting"},
+        {"answer": "yes", "type": "visual_existential"},
+    ]
+    # in-sample: no, no, no(wrong), two, yes -> 4 of 5
+    assert task.trivial_baseline(answers)["accuracy"] == pytest.approx(4 / 5)
+    # from training: yes(wrong), yes(wrong), yes, two, and visual_existential unseen -> "yes" (3 of 4 overall)
+    out = task.trivial_baseline(answers, train)
+    assert out["accuracy"] == pytest.approx(3 / 5)
+    assert out["accuracy/audio_existential"] == pytest.approx(1 / 3)
+    assert out["accuracy/visual_existential"] == 1.0
+    assert task.trivial_baseline(answers, []) == task.trivial_baseline(answers)  # nothing recorded: in-sample
+
+
 def test_ave_majority_hand_checked():
     answers = [
         {"class": "violin", "range": [2, 7], "num_segments": 10},
