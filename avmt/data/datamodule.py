@@ -24,7 +24,7 @@ import lightning as L
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from avmt.data.features import FeatureReader
-from avmt.data.sample import Clip, ClipGroup, SampleError, collate
+from avmt.data.sample import Clip, ClipGroup, SampleError, TaskSample, collate
 from avmt.data.shards import (
     CorruptSampleCounter,
     CorruptSampleWarning,
@@ -64,6 +64,9 @@ class ClipTaskStream(IterableDataset):
         seed: base seed; the task rng of a clip depends only on (seed, epoch, clip key).
         shuffle: shuffle shard order and clips (a buffer of ``shuffle_buffer`` clips) per epoch.
         tasks_per_clip: build this many of the applicable tasks per clip (sampled), or all when ``None``.
+        samples_per_clip: task name -> samples built per clip (default 1), e.g. ``{"avqa": 4}`` asks
+            four questions about every clip; each has its own rng stream (the first is the stream a
+            single sample uses) and a sample repeating an earlier prompt and target of the clip is dropped.
         num_clips: clips in the shards, used for ``len``.
         shuffle_buffer: clips held for shuffling.
         recent_clips: clips remembered as the other clips of multi-clip samples, most recent
@@ -82,6 +85,7 @@ class ClipTaskStream(IterableDataset):
         seed: int,
         shuffle: bool,
         tasks_per_clip: int | None = None,
+        samples_per_clip: dict[str, int] | None = None,
         num_clips: int | None = None,
         shuffle_buffer: int = 256,
         recent_clips: int = 16,
@@ -94,6 +98,7 @@ class ClipTaskStream(IterableDataset):
         self.seed = seed
         self.shuffle = shuffle
         self.tasks_per_clip = tasks_per_clip
+        self.samples_per_clip = dict(samples_per_clip or {})
         self.num_clips = num_clips
         self.shuffle_buffer = shuffle_buffer
         self.recent_clips = recent_clips
@@ -110,6 +115,26 @@ class ClipTaskStream(IterableDataset):
         """Reseed shard order, shuffling and task sampling for ``epoch``."""
         self.epoch = epoch
 
+    def _build_sample(
+        self, task: Task, clip: Clip, recent: Sequence[Clip], index: int
+    ) -> tuple[TaskSample, list[Clip]] | None:
+        """The ``index``-th sample of ``task`` for ``clip`` and the other clips it looks at; None
+        when too few fitting clips were seen yet, or when the annotation is wrong (counted)."""
+        # each task draws from its own stream: its sample of a clip (prompt, question, others) is
+        # the same whichever other tasks are trained with it (a single-task run sees the same data)
+        stream = f"{self.seed}:{self.epoch}:{clip.key}:{task.name}" + (f":{index}" if index else "")
+        rng = random.Random(zlib.crc32(stream.encode()))
+        try:
+            others = task.select_others(clip, recent, rng)
+            if others is None:  # too few fitting clips seen yet: no sample, not a corrupt one
+                return None
+            return task.build(clip, rng, others), list(others)
+        except SampleError as error:
+            self.counter.add(clip.key, f"bad {task.name} sample")
+            warnings.warn(f"skipping the {task.name} sample of clip {clip.key!r}: {error}",
+                          CorruptSampleWarning, stacklevel=3)
+            return None
+
     def _build(self, clip: Clip, recent: Sequence[Clip]) -> ClipGroup:
         rng = random.Random(zlib.crc32(f"{self.seed}:{self.epoch}:{clip.key}".encode()))
         tasks = [task for task in self.tasks if task.applies(clip)]
@@ -118,28 +143,22 @@ class ClipTaskStream(IterableDataset):
         clips = [clip]
         samples = []
         for task in tasks:
-            # each task draws from its own stream: its sample of a clip (prompt, question, others) is
-            # the same whichever other tasks are trained with it (a single-task run sees the same data)
-            rng = random.Random(zlib.crc32(f"{self.seed}:{self.epoch}:{clip.key}:{task.name}".encode()))
-            try:
-                others = task.select_others(clip, recent, rng)
-                if others is None:  # too few fitting clips seen yet: no sample, not a corrupt one
+            seen: set[tuple[str, str]] = set()
+            for index in range(self.samples_per_clip.get(task.name, 1)):
+                built = self._build_sample(task, clip, recent, index)
+                if built is None or (built[0].prompt, built[0].target) in seen:
                     continue
-                sample = task.build(clip, rng, others)
-            except SampleError as error:
-                self.counter.add(clip.key, f"bad {task.name} sample")
-                warnings.warn(f"skipping the {task.name} sample of clip {clip.key!r}: {error}",
-                              CorruptSampleWarning, stacklevel=2)
-                continue
-            local = [0]
-            for other in others:
-                keys = [c.key for c in clips]
-                if other.key not in keys:
-                    clips.append(other)
-                    keys.append(other.key)
-                local.append(keys.index(other.key))
-            sample.media = tuple(replace(ref, clip=local[ref.clip]) for ref in sample.media)
-            samples.append(sample)
+                sample, others = built
+                seen.add((sample.prompt, sample.target))
+                local = [0]
+                for other in others:
+                    keys = [c.key for c in clips]
+                    if other.key not in keys:
+                        clips.append(other)
+                        keys.append(other.key)
+                    local.append(keys.index(other.key))
+                sample.media = tuple(replace(ref, clip=local[ref.clip]) for ref in sample.media)
+                samples.append(sample)
         return ClipGroup(clips, samples, self.counter.count)
 
     def __iter__(self) -> Iterator[ClipGroup]:
@@ -200,6 +219,11 @@ class AVDataModule(L.LightningDataModule):
         eval_clips_per_batch: clips per validation / test / predict batch (``None`` = as in
             training); larger batches make generation, which is batched per task, cheaper.
         tasks_per_clip: sample this many of the applicable tasks per clip (``None`` = all).
+        samples_per_clip: task name -> samples built per clip in every split (default 1), e.g.
+            ``{"avqa": 4}``: four questions about each clip (repeats dropped; a task not in ``tasks``
+            is ignored, so a shared base can set it for single-task runs too), so a task whose
+            samples are cheap next to the clip's media gets more of them per decoded clip, and its
+            evaluation more samples per clip (raise ``model.max_generation_samples`` to score them).
         num_workers: DataLoader worker processes.
         seed: data seed (AVSynth generation and task sampling).
         train_clips, val_clips, test_clips: AVSynth clip counts (only when ``root`` is ``None``).
@@ -223,6 +247,7 @@ class AVDataModule(L.LightningDataModule):
         clips_per_batch: int = 4,
         eval_clips_per_batch: int | None = None,
         tasks_per_clip: int | None = None,
+        samples_per_clip: dict[str, int] | None = None,
         num_workers: int = 0,
         seed: int = 0,
         train_clips: int = 2000,
@@ -252,6 +277,12 @@ class AVDataModule(L.LightningDataModule):
         self.clips_per_batch = clips_per_batch
         self.eval_clips_per_batch = eval_clips_per_batch
         self.tasks_per_clip = tasks_per_clip
+        self.samples_per_clip = dict(samples_per_clip or {})
+        for name, count in self.samples_per_clip.items():
+            if name not in known:  # a known task outside data.tasks is allowed: a shared base sets it for all runs
+                raise ValueError(f"data.samples_per_clip: unknown task {name!r}; available tasks: {', '.join(known)}")
+            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+                raise ValueError(f"data.samples_per_clip.{name} must be a whole number >= 1, got {count!r}")
         self.num_workers = num_workers
         self.seed = seed
         self.clip_counts = {"train": train_clips, "val": val_clips, "test": test_clips}
@@ -311,6 +342,7 @@ class AVDataModule(L.LightningDataModule):
                 seed=self.seed,
                 shuffle=split == "train",
                 tasks_per_clip=self.tasks_per_clip if split == "train" else None,
+                samples_per_clip=self.samples_per_clip,
                 num_clips=self.counts[split],
                 features=FeatureReader(self.features, split) if self.features is not None else None,
             )
