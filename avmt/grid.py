@@ -20,6 +20,11 @@ product of the axes and seeds is run one run after the other, each in its own su
   score by variant, trivial baseline marked) are written into ``OUT``; with a ``transfer`` section
   also the transfer report (``transfer.md``, ``transfer.csv``, ``plots/transfer_deltas.png``, see
   :mod:`avmt.report`).
+* With a ``features`` section the frozen encoders' features are computed once per seed before the
+  runs (``python -m avmt data features`` on the base configs and fixed overrides, into
+  ``OUT/features/seed-<seed>/``) and every run reads them (``--data.features``) instead of running
+  its encoders at every step; for grids whose axes leave the encoders (and their stage 1) alone:
+  a run whose encoders differ from the cache's is refused by the cache check, naming what differs.
 * ``--dry-run`` lists the runs and their command lines; ``--print-commands`` prints one shell line
   per run (for a SLURM array); invoking the grid afterwards collects the results without rerunning.
 """
@@ -59,7 +64,11 @@ GRID_KEYS = {
     "name": "grid name (default: the grid file's stem); the default output is runs/grids/<name>",
     "transfer": "{axis: AXIS, multi: VARIANT}: AXIS holds the task sets, its variant VARIANT is the multi-task "
                 "run and every other variant the single-task run of the task it is named after (transfer report)",
+    "features": "{splits: [train, val]}: compute the frozen encoders' features once per seed (python -m avmt data "
+                "features with the base configs and fixed overrides) and give every run --data.features",
 }
+#: keys of the features section
+FEATURES_KEYS = {"splits": "the splits to encode (those the commands read: train and val for fit, test for test)"}
 #: keys of the transfer section
 TRANSFER_KEYS = {"axis": "the axis whose variants are the task sets",
                  "multi": "the variant of that axis that is the multi-task run"}
@@ -98,6 +107,9 @@ class Grid:
     axis_names: list[str]
     main_metrics: dict[str, str] = field(default_factory=dict)  # task -> plotted metric
     transfer: dict[str, str] | None = None  # {"axis": ..., "multi": ...} of the transfer report
+    base_configs: list[str] = field(default_factory=list)  # the base -c files
+    fixed: list[str] = field(default_factory=list)  # the fixed --key=value overrides of every run
+    feature_splits: list[str] | None = None  # the features section's splits (None: no feature cache)
 
 
 def format_value(value: Any) -> str:
@@ -221,7 +233,77 @@ def load_grid(path: Path) -> Grid:
         raise ValueError(f"{path}: key 'main_metrics' must map task names to metric names")
     transfer = check_transfer(loaded.get("transfer"), axis_points, path)
     name = str(loaded.get("name") or path.stem)
-    return Grid(name, path, runs, commands, names, dict(main_metrics), transfer)
+    feature_splits = check_features(loaded.get("features"), path) if "features" in loaded else None
+    return Grid(name, path, runs, commands, names, dict(main_metrics), transfer, base_configs, fixed, feature_splits)
+
+
+def check_features(section: Any, path: Path) -> list[str]:
+    """The grid file's ``features`` section: the splits to encode (default train and val)."""
+    section = {} if section is None else section
+    if not isinstance(section, dict) or set(section) - set(FEATURES_KEYS):
+        raise ValueError(f"{path}: key 'features' must be a mapping with key(s) {', '.join(FEATURES_KEYS)}, got {section!r}")
+    splits = section.get("splits", ["train", "val"])
+    if not isinstance(splits, list) or not splits or not all(split in ("train", "val", "test") for split in splits):
+        raise ValueError(f"{path}: key 'features.splits' must list some of train, val, test, got {splits!r}")
+    return list(splits)
+
+
+def feature_dir(seed: Any, out: Path) -> Path:
+    """The feature cache of the runs of ``seed`` (``None``: the grid has no seeds)."""
+    return out / "features" / ("default" if seed is None else f"seed-{safe_name(format_value(seed))}")
+
+
+def nested_config(flags: list[str]) -> dict[str, Any]:
+    """``--a.b=value`` flags as the nested YAML mapping ``{a: {b: value}}`` (values parsed as YAML)."""
+    config: dict[str, Any] = {}
+    for flag in flags:
+        key, _, value = flag.removeprefix("--").partition("=")
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return config
+
+
+def features_command(grid: Grid, seed: Any, out: Path) -> list[str]:
+    """The ``python -m avmt data features`` line of one seed's cache. The seed and the fixed
+    overrides go in ``OUT/features/seed-<seed>.yaml`` (written by :func:`prepare_features`), as the
+    command takes config files only."""
+    folder = feature_dir(seed, out)
+    args = [sys.executable, "-m", "avmt", "data", "features"]
+    for config in [*grid.base_configs, str(folder.with_suffix(".yaml"))]:
+        args += ["-c", config]
+    return [*args, f"--out={folder}", "--splits", *(grid.feature_splits or []), "--progress=false"]
+
+
+def prepare_features(grid: Grid, out: Path, env: dict[str, str] | None = None) -> None:
+    """Compute each seed's feature cache that is not complete yet (one after the other).
+
+    Raises:
+        SystemExit: a cache could not be written (every run depends on it); names its log.
+    """
+    for seed in dict.fromkeys(run.seed for run in grid.runs):
+        folder = feature_dir(seed, out)
+        manifest = folder / "manifest.json"
+        if manifest.is_file() and json.loads(manifest.read_text()).get("complete"):
+            print(f"[grid] features {folder.name}: complete, reused", flush=True)
+            continue
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        settings = nested_config([*grid.fixed, *([] if seed is None else [f"--seed_everything={format_value(seed)}"])])
+        folder.with_suffix(".yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+        args = features_command(grid, seed, out)
+        log = folder.with_suffix(".log")
+        print(f"[grid] features {folder.name} (log: {log})", flush=True)
+        started = time.perf_counter()
+        with log.open("w") as handle:
+            handle.write(shlex.join(args) + "\n\n")
+            handle.flush()
+            returncode = subprocess.run(args, stdout=handle, stderr=subprocess.STDOUT, cwd=Path.cwd(), env=env).returncode
+        if returncode != 0:
+            raise SystemExit(f"[grid] the feature cache {folder} failed (exit status {returncode}); every run reads "
+                             f"it, so none was started: see {log}")
+        print(f"[grid] features {folder.name} done in {time.perf_counter() - started:.0f} s", flush=True)
 
 
 def check_transfer(section: Any, axis_points: dict[str, list[tuple]], path: Path) -> dict[str, str] | None:
@@ -291,6 +373,8 @@ def command_line(run: Run, command: str, out: Path, grid: Grid) -> list[str]:
         f"--trainer.logger.init_args.name={run.name}",
         f"--trainer.logger.init_args.version={command}",
     ]
+    if grid.feature_splits is not None:
+        args.append(f"--data.features={feature_dir(run.seed, out)}")
     if command != "fit" and "fit" in grid.commands:
         args.append(f"--ckpt_path={run_dir / 'fit' / 'checkpoints' / 'last.ckpt'}")
     return args
@@ -512,12 +596,21 @@ def main(argv: list[str]) -> None:
     args = parser().parse_args(argv)
     grid = load_grid(Path(args.config))
     out = Path(args.out if args.out else Path("runs") / "grids" / grid.name).resolve()
+    seeds = list(dict.fromkeys(run.seed for run in grid.runs)) if grid.feature_splits is not None else []
     if args.print_commands:
+        for seed in seeds:  # first: the feature caches every run reads
+            settings = nested_config([*grid.fixed, *([] if seed is None else [f"--seed_everything={format_value(seed)}"])])
+            print(f"mkdir -p {shlex.quote(str(feature_dir(seed, out).parent))} && printf %s "
+                  f"{shlex.quote(yaml.safe_dump(settings, sort_keys=False))} > "
+                  f"{shlex.quote(str(feature_dir(seed, out).with_suffix('.yaml')))} && "
+                  + shlex.join(features_command(grid, seed, out)))
         for run in grid.runs:
             print(" && ".join(shlex.join(command_line(run, command, out, grid)) for command in grid.commands))
         return
     if args.dry_run:
         print(f"grid {grid.name}: {len(grid.runs)} run(s) into {out}")
+        for seed in seeds:
+            print(f"\nfeatures {feature_dir(seed, out).name} (before the runs)\n  {shlex.join(features_command(grid, seed, out))}")
         for run in grid.runs:
             done = all(results_path(run, c, out).is_file() for c in grid.commands)
             print(f"\n{run.name}{' (results exist, would be skipped)' if done else ''}")
@@ -528,6 +621,8 @@ def main(argv: list[str]) -> None:
     write_grid_json(grid, out)
     started = time.perf_counter()
     env = job_environment(args.jobs)
+    if grid.feature_splits is not None:
+        prepare_features(grid, out)  # alone on the machine: all its cores
 
     def one(index: int, run: Run) -> None:
         print(f"[grid] run {index}/{len(grid.runs)}: {run.name}", flush=True)

@@ -235,3 +235,37 @@ def test_the_shipped_grid_files_load(name):
     if name == "transfer":
         assert len(grid.runs) == 3 * 2 * 5  # adapters x styles x (multi + 4 single-task runs)
         assert grid.transfer == {"axis": "tasks", "multi": "multi"}
+
+
+def test_a_features_section_encodes_once_and_every_run_reads_the_cache(grid, tmp_path):
+    """``features``: one ``data features`` run per seed before the runs (its config: the seed and the fixed
+    overrides), every run fits on the cache (the encoders' fingerprint checked at its first batch), and a
+    second invocation reuses the complete cache."""
+    from avmt.grid import load_grid, nested_config
+
+    spec = yaml.safe_load(grid["file"].read_text())
+    spec["features"] = {"splits": ["train", "val"]}
+    grid_file = tmp_path / "features.yaml"
+    grid_file.write_text(yaml.safe_dump(spec))
+    assert load_grid(grid_file).feature_splits == ["train", "val"]
+    out = tmp_path / "out"
+    dry = avmt("grid", "-c", str(grid_file), "--out", str(out), "--dry-run", cwd=grid["work"])
+    assert "data features" in dry.stdout and dry.stdout.count(f"--data.features={out / 'features' / 'seed-0'}") == 2
+    first = avmt("grid", "-c", str(grid_file), "--out", str(out), cwd=grid["work"])
+    cache = out / "features" / "seed-0"
+    assert json.loads((cache / "manifest.json").read_text())["complete"]
+    assert yaml.safe_load((out / "features" / "seed-0.yaml").read_text())["seed_everything"] == 0
+    assert first.stdout.index("[grid] features seed-0") < first.stdout.index("[grid] run 1/2")
+    for name in run_names():
+        log = (out / name / "fit.log").read_text()
+        assert f"--data.features={cache}" in log.splitlines()[0]
+        assert json.loads((out / name / "fit" / "val_metrics.json").read_text())
+    for name in run_names():  # rerun both: the cache is reused, not rewritten
+        (out / name / "fit" / "val_metrics.json").unlink()
+    second = avmt("grid", "-c", str(grid_file), "--out", str(out), cwd=grid["work"])
+    assert "features seed-0: complete, reused" in second.stdout
+    assert nested_config(["--a.b=1", "--a.c=[1, 2]", "--d=x"]) == {"a": {"b": 1, "c": [1, 2]}, "d": "x"}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**spec, "features": {"splits": ["dev"]}}))
+    wrong = avmt("grid", "-c", str(bad), cwd=tmp_path, check=False)
+    assert wrong.returncode == 2 and "features.splits" in wrong.stderr
