@@ -212,7 +212,9 @@ def test_predict_writes_one_line_per_sample_with_the_parsed_answer(fitted):
     assert str(path.relative_to(fitted.parent.parent.parent)) in result.stdout + result.stderr
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert {line["task"] for line in lines} == {"ave", "unav", "avvp", "avqa", "action", "emotion", "avcap"}
-    assert len({(line["key"], line["task"]) for line in lines}) == len(lines)  # every test sample once
+    assert len({(line["key"], line["task"], line["prompt"]) for line in lines}) == len(lines)  # every test sample once
+    per_clip = {task: sum(line["task"] == task for line in lines) / len({line["key"] for line in lines}) for task in ("ave", "avqa")}
+    assert per_clip["ave"] == 1 and 1 < per_clip["avqa"] <= 4  # base.yaml's data.samples_per_clip: {avqa: 4}
     from avmt.tasks import get_task
 
     for line in lines:

@@ -64,8 +64,8 @@ class ClipTaskStream(IterableDataset):
         seed: base seed; the task rng of a clip depends only on (seed, epoch, clip key).
         shuffle: shuffle shard order and clips (a buffer of ``shuffle_buffer`` clips) per epoch.
         tasks_per_clip: build this many of the applicable tasks per clip (sampled), or all when ``None``.
-        samples_per_clip: task name -> samples built per clip (default 1), e.g. ``{"avqa": 4}`` asks
-            four questions about every clip; each has its own rng stream (the first is the stream a
+        samples_per_clip: task name -> samples built per clip (default 1), e.g. 4 for a question
+            answering task asks four questions about every clip; each has its own rng stream (the first is the stream a
             single sample uses) and a sample repeating an earlier prompt and target of the clip is dropped.
         num_clips: clips in the shards, used for ``len``.
         shuffle_buffer: clips held for shuffling.
@@ -220,7 +220,7 @@ class AVDataModule(L.LightningDataModule):
             training); larger batches make generation, which is batched per task, cheaper.
         tasks_per_clip: sample this many of the applicable tasks per clip (``None`` = all).
         samples_per_clip: task name -> samples built per clip in every split (default 1), e.g.
-            ``{"avqa": 4}``: four questions about each clip (repeats dropped; a task not in ``tasks``
+            4 for question answering: four questions about each clip (repeats dropped; a task not in ``tasks``
             is ignored, so a shared base can set it for single-task runs too), so a task whose
             samples are cheap next to the clip's media gets more of them per decoded clip, and its
             evaluation more samples per clip (raise ``model.max_generation_samples`` to score them).
