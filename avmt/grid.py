@@ -277,6 +277,19 @@ def features_command(grid: Grid, seed: Any, out: Path) -> list[str]:
     return [*args, f"--out={folder}", "--splits", *(grid.feature_splits or []), "--progress=false"]
 
 
+def run_logged(args: list[str], log: Path, env: dict[str, str] | None) -> int:
+    """Run ``args`` in a subprocess with its command line, then its output, in ``log``; its exit status."""
+    with log.open("w") as handle:
+        handle.write(shlex.join(args) + "\n\n")
+        handle.flush()
+        return subprocess.run(args, stdout=handle, stderr=subprocess.STDOUT, cwd=Path.cwd(), env=env).returncode
+
+
+def features_settings(grid: Grid, seed: Any) -> dict[str, Any]:
+    """The config of one seed's feature cache: the grid's fixed overrides and the seed, nested."""
+    return nested_config([*grid.fixed, *([] if seed is None else [f"--seed_everything={format_value(seed)}"])])
+
+
 def prepare_features(grid: Grid, out: Path, env: dict[str, str] | None = None) -> None:
     """Compute each seed's feature cache that is not complete yet (one after the other).
 
@@ -290,16 +303,12 @@ def prepare_features(grid: Grid, out: Path, env: dict[str, str] | None = None) -
             print(f"[grid] features {folder.name}: complete, reused", flush=True)
             continue
         folder.parent.mkdir(parents=True, exist_ok=True)
-        settings = nested_config([*grid.fixed, *([] if seed is None else [f"--seed_everything={format_value(seed)}"])])
-        folder.with_suffix(".yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+        folder.with_suffix(".yaml").write_text(yaml.safe_dump(features_settings(grid, seed), sort_keys=False))
         args = features_command(grid, seed, out)
         log = folder.with_suffix(".log")
         print(f"[grid] features {folder.name} (log: {log})", flush=True)
         started = time.perf_counter()
-        with log.open("w") as handle:
-            handle.write(shlex.join(args) + "\n\n")
-            handle.flush()
-            returncode = subprocess.run(args, stdout=handle, stderr=subprocess.STDOUT, cwd=Path.cwd(), env=env).returncode
+        returncode = run_logged(args, log, env)
         if returncode != 0:
             raise SystemExit(f"[grid] the feature cache {folder} failed (exit status {returncode}); every run reads "
                              f"it, so none was started: see {log}")
@@ -407,10 +416,7 @@ def execute(run: Run, grid: Grid, out: Path, env: dict[str, str] | None = None) 
         args = command_line(run, command, out, grid)
         print(f"[grid] {run.name}: {command} (log: {log})", flush=True)
         started = time.perf_counter()
-        with log.open("w") as handle:
-            handle.write(shlex.join(args) + "\n\n")
-            handle.flush()
-            returncode = subprocess.run(args, stdout=handle, stderr=subprocess.STDOUT, cwd=Path.cwd(), env=env).returncode
+        returncode = run_logged(args, log, env)
         ran = True
         if returncode != 0 or not results_path(run, command, out).is_file():
             why = f"exit status {returncode}" if returncode != 0 else f"no {RESULTS_FILES[command]} written"
@@ -599,9 +605,8 @@ def main(argv: list[str]) -> None:
     seeds = list(dict.fromkeys(run.seed for run in grid.runs)) if grid.feature_splits is not None else []
     if args.print_commands:
         for seed in seeds:  # first: the feature caches every run reads
-            settings = nested_config([*grid.fixed, *([] if seed is None else [f"--seed_everything={format_value(seed)}"])])
             print(f"mkdir -p {shlex.quote(str(feature_dir(seed, out).parent))} && printf %s "
-                  f"{shlex.quote(yaml.safe_dump(settings, sort_keys=False))} > "
+                  f"{shlex.quote(yaml.safe_dump(features_settings(grid, seed), sort_keys=False))} > "
                   f"{shlex.quote(str(feature_dir(seed, out).with_suffix('.yaml')))} && "
                   + shlex.join(features_command(grid, seed, out)))
         for run in grid.runs:
