@@ -250,10 +250,10 @@ def _forward(x, y, A, B, R, scaling, temperature, top_k, dropout_p, seed):
 
 
 class _ILoRAFused(torch.autograd.Function):
-    """Autograd wrapper: inputs are 2-D (y0 [N, d_out], x [N, d_in]); see ilora_fused.
-
-    y0 comes first: when y0 is a view modified in place (mark_dirty), autograd's CopySlices
-    routes the gradient of the first input to the view's base."""
+    """Autograd wrapper: y0 [..., d_out] and x [..., d_in] keep their leading dims here and are
+    flattened to rows inside, so an in-place call marks y0 itself dirty. (Flattening outside would
+    hand autograd a view of y0, whose in-place update costs a CopySlices backward: a zero fill and
+    four [N, d_out] copies per step, measured on an H200.) In place requires a contiguous y0."""
 
     @staticmethod
     def forward(ctx, y0, x, A, B, R, scaling, temperature, top_k, dropout_p, seed, inplace):
@@ -262,13 +262,15 @@ class _ILoRAFused(torch.autograd.Function):
             ctx.mark_dirty(y0)
         else:
             y = y0.clone(memory_format=torch.contiguous_format)
-        if x.shape[0] == 0:  # no tokens: nothing to launch
+        x2 = _rows(x.reshape(-1, x.shape[-1]))
+        if x2.shape[0] == 0:  # no tokens: nothing to launch
             z = torch.empty((0, A.shape[0]), dtype=torch.float32, device=x.device)
             w = torch.empty((0, B.shape[0]), dtype=torch.float32, device=x.device)
         else:
-            z, w = _forward(x, y, A, B, R, scaling, temperature, top_k, dropout_p, seed)
-        ctx.save_for_backward(x, A, B, R, z, w)
+            z, w = _forward(x2, y.view(-1, y.shape[-1]), A, B, R, scaling, temperature, top_k, dropout_p, seed)
+        ctx.save_for_backward(x2, A, B, R, z, w)
         ctx.cfg = (scaling, temperature, top_k, dropout_p, seed)
+        ctx.x_shape = x.shape
         return y
 
     @staticmethod
@@ -276,7 +278,8 @@ class _ILoRAFused(torch.autograd.Function):
         x, A, B, R, z, w = ctx.saved_tensors
         scaling, temperature, top_k, dropout_p, seed = ctx.cfg
         need_y0, need_x, need_A, need_B, need_R = ctx.needs_input_grad[:5]
-        dy = _rows(dy)
+        dy_full = dy
+        dy = _rows(dy.reshape(-1, dy.shape[-1]))
         N, d_in = x.shape
         K, d_out, r = B.shape
         R_PAD, K_PAD = _pow2(r), _pow2(K)
@@ -286,9 +289,9 @@ class _ILoRAFused(torch.autograd.Function):
         dev = x.device
         dx = dA = dB = dR = None
         if N == 0:  # no tokens: zero parameter gradients, empty dx
-            grads = [torch.zeros_like(x) if need_x else None] + [
+            grads = [x.new_zeros(ctx.x_shape) if need_x else None] + [
                 torch.zeros_like(t) if need else None for t, need in ((A, need_A), (B, need_B), (R, need_R))]
-            return (dy if need_y0 else None, *grads, None, None, None, None, None, None)
+            return (dy_full if need_y0 else None, *grads, None, None, None, None, None, None)
         if need_x or need_A or need_R:
             dw = torch.empty((N, K), dtype=torch.float32, device=dev)
             gw = torch.empty((K, N, r), dtype=torch.float32, device=dev)
@@ -328,7 +331,8 @@ class _ILoRAFused(torch.autograd.Function):
                     dy, z, w, db, N, d_out, r, K, nb, rows, dy.stride(0), float(scaling),
                     R_PAD=R_PAD, DOT_DTYPE=dot_dtype, PRECISION=precision)
             dB = (db[0] if split == 1 else db.sum(0)).to(B.dtype)
-        dy0 = dy if need_y0 else None
+        dy0 = dy_full if need_y0 else None
+        dx = dx.view(ctx.x_shape) if dx is not None else None
         return dy0, dx, dA, dB, dR, None, None, None, None, None, None
 
 
@@ -397,16 +401,11 @@ def ilora_fused(x: torch.Tensor, y0: torch.Tensor, lora_A: torch.Tensor, lora_B:
             top_k = None
     if torch.is_autocast_enabled(x.device.type):  # run the adapter in the autocast compute dtype
         x = x.to(torch.get_autocast_dtype(x.device.type))
-    lead = x.shape[:-1]
-    x2 = _rows(x.reshape(-1, d_in))
-    y2 = y0.reshape(-1, d_out)
     if inplace is None:
         inplace = not (y0.is_leaf and y0.requires_grad)
-    if inplace and not y2.is_contiguous():
-        y2 = y2.contiguous()  # fresh buffer: accumulating into it cannot alias anything
+    inplace = inplace and y0.is_contiguous()  # else y is accumulated in a contiguous copy
     A = _rows(lora_A)
     B = _rows(lora_B)
     R = _rows(lora_router)
-    y = _ILoRAFused.apply(y2, x2, A, B, R, float(scaling), float(temperature), top_k,
-                          float(dropout_p), normalize_seed(seed), bool(inplace))
-    return y.reshape(*lead, d_out)
+    return _ILoRAFused.apply(y0, x, A, B, R, float(scaling), float(temperature), top_k,
+                             float(dropout_p), normalize_seed(seed), bool(inplace))
