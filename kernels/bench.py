@@ -81,6 +81,64 @@ def _make_step(method: str, x, w_base, A, B, R, dy, scaling: float, p: float):
     return {"base": base, "loop": loop, "stacked": stacked, "fused": fused}[method]
 
 
+def layer_tensors(n: int, d_in: int, d_out: int, r: int, K: int, dtype, device: torch.device):
+    """Random (x [n, d_in] (grad), w_base [d_out, d_in], A [r, d_in], B [K, d_out, r], R [K, d_in]
+    (A, B, R with grad), dy [n, d_out]) of one adapted layer, seeded."""
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rnd(*shape, scale=1.0, grad=False):
+        t = (torch.randn(*shape, device=device, generator=g) * scale).to(dtype)
+        return t.requires_grad_(grad)
+
+    return (rnd(n, d_in, grad=True), rnd(d_out, d_in, scale=d_in ** -0.5), rnd(r, d_in, scale=d_in ** -0.5, grad=True),
+            rnd(K, d_out, r, scale=r ** -0.5, grad=True), rnd(K, d_in, scale=d_in ** -0.5, grad=True), rnd(n, d_out))
+
+
+def profile_layer(n: int, d_in: int, d_out: int, r: int, K: int, dtype, p: float, device: torch.device,
+                  methods=("stacked", "fused"), steps: int = 20) -> list[dict]:
+    """Kernel time per forward+backward step of each method, from torch.profiler: one dict per
+    (method, kernel) with the mean µs per step and launches per step, slowest first. On CPU
+    (interpreter) the CPU operators are listed instead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x, w_base, A, B, R, dy = layer_tensors(n, d_in, d_out, r, K, dtype, device)
+    cuda = device.type == "cuda"
+    rows = []
+    for method in methods:
+        step = _make_step(method, x, w_base, A, B, R, dy, 2.0, p)
+
+        def clean_step():
+            for t in (x, A, B, R):
+                t.grad = None
+            step()
+
+        for _ in range(3):  # compile and autotune outside the profile
+            clean_step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                clean_step()
+            if cuda:
+                torch.cuda.synchronize(device)
+        for evt in prof.key_averages():
+            us = evt.self_device_time_total if cuda else evt.self_cpu_time_total
+            if us > 0:
+                rows.append({"method": method, "kernel": evt.key, "us_per_step": us / steps,
+                             "launches_per_step": evt.count / steps})
+    return sorted(rows, key=lambda e: (e["method"], -e["us_per_step"]))
+
+
+def format_profile(title: str, rows: list[dict], top: int = 12) -> str:
+    """The slowest ``top`` kernels of each method, with each method's total."""
+    lines = [title]
+    for method in dict.fromkeys(e["method"] for e in rows):
+        mine = [e for e in rows if e["method"] == method]
+        lines.append(f"  {method}: {sum(e['us_per_step'] for e in mine):.1f} µs per step in {len(mine)} kernels")
+        lines += [f"    {e['us_per_step']:>9.1f} µs  {e['launches_per_step']:>4.1f}x  {e['kernel'][:90]}" for e in mine[:top]]
+    return "\n".join(lines)
+
+
 def bench_layer(n: int, d_in: int, d_out: int, r: int, K: int, dtype, p: float, rep: int,
                 warmup: int) -> dict:
     """Times (ms, median) of every method for one layer shape, plus a correctness check."""
@@ -89,19 +147,7 @@ def bench_layer(n: int, d_in: int, d_out: int, r: int, K: int, dtype, p: float, 
     from .ilora import ilora_fused
     from .reference import ilora_reference
 
-    dev = torch.device("cuda")
-    g = torch.Generator(device=dev).manual_seed(0)
-
-    def rnd(*shape, scale=1.0, grad=False):
-        t = (torch.randn(*shape, device=dev, generator=g) * scale).to(dtype)
-        return t.requires_grad_(grad)
-
-    x = rnd(n, d_in, grad=True)
-    w_base = rnd(d_out, d_in, scale=d_in ** -0.5)
-    A = rnd(r, d_in, scale=d_in ** -0.5, grad=True)
-    B = rnd(K, d_out, r, scale=r ** -0.5, grad=True)
-    R = rnd(K, d_in, scale=d_in ** -0.5, grad=True)
-    dy = rnd(n, d_out)
+    x, w_base, A, B, R, dy = layer_tensors(n, d_in, d_out, r, K, dtype, torch.device("cuda"))
     scaling = 2.0
 
     with torch.no_grad():  # correctness at this shape (no dropout): fused vs stacked reference in fp32
@@ -180,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dropout", type=float, default=0.05, help="adapter dropout p (default 0.05)")
     ap.add_argument("--rep", type=int, default=200, help="do_bench repetition time per method, ms")
     ap.add_argument("--warmup", type=int, default=50, help="do_bench warmup time per method, ms")
+    ap.add_argument("--profile", action="store_true",
+                    help="also list each method's GPU kernels with their time per step (torch.profiler)")
     args = ap.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in MODELS]
@@ -197,6 +245,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report = run(args.tokens, models, args.dtype, args.dropout, args.rep, args.warmup)
     print(format_table(report))
+    if args.profile:
+        from .ilora import _kernels
+
+        report["profile"] = []
+        for model in models:
+            r, K, layers = MODELS[model]
+            for layer, d_in, d_out, _ in layers:
+                rows = profile_layer(args.tokens, d_in, d_out, r, K, _DTYPES[args.dtype], args.dropout,
+                                     torch.device("cuda"))
+                report["profile"].append({"model": model, "layer": layer, "kernels": rows})
+                print(format_profile(f"{model} {layer}: kernel time per fwd+bwd step", rows), flush=True)
+                print("  autotuned: " + ", ".join(f"{name} {getattr(_kernels(), name).best_config}" for name in
+                                                    ("shrink", "expand", "g", "dx", "dar", "db")), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

@@ -126,6 +126,20 @@ def test_leading_dims_inplace_and_leaf_y0():
     gy = torch.randn_like(y)
     y.backward(gy)
     assert torch.equal(y0_leaf.grad, gy)
+    # an in-place update of a non-leaf y0 with leading dims keeps the kernel's own backward on y0
+    # (no CopySlices over a reshaped view: that costs a zero fill and four [N, d_out] copies per step)
+    xg = x.clone().requires_grad_()
+    y0_nl = y0.clone().requires_grad_() * 1
+    y = ilora_fused(xg, y0_nl, A, B, R, 1.5)
+    assert y is y0_nl and type(y.grad_fn).__name__ == "_ILoRAFusedBackward"
+    y.backward(gy)
+    assert xg.grad.shape == x.shape and torch.isfinite(xg.grad).all()
+    # a non-contiguous y0 is not written: y comes back in a contiguous copy
+    y0_t = y0.transpose(0, 1).contiguous().transpose(0, 1)
+    keep = y0_t.clone()
+    y = ilora_fused(x, y0_t, A, B, R, 1.5)
+    assert torch.equal(y0_t, keep) and y.is_contiguous()
+    _close("y", y, want, 1e-5)
     # inplace=False never touches y0
     y0_copy = y0.clone()
     y = ilora_fused(x, y0_copy, A, B, R, 1.5, inplace=False)
@@ -240,3 +254,28 @@ def test_bench_needs_cuda(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().err
     fb, fa = bench.flops(4096, 3584, 18944, 128, 3)
     assert fb == 4 * 4096 * 3584 * 18944 and fa == 6 * 4096 * (3584 * 131 + 3 * 128 * 18944)
+
+
+@pytest.mark.parametrize("case", [c for c in __import__("avmt_kernels.gpu_check").gpu_check.CASES if c[1][0] <= 333],
+                         ids=lambda c: c[0])
+def test_gpu_check_cases_pass_under_the_interpreter(case):
+    """The GPU check's comparison (every gradient, dropout mask included) holds on the interpreter
+    path, so a failure on a GPU points at the compiled kernels, not at the check."""
+    from avmt_kernels.gpu_check import NAMES, check_case
+
+    name, shape, act, par, _ = case
+    (row,) = check_case(name, shape, act, par, [0], torch.device("cpu"))
+    assert set(row["rel_err"]) == set(NAMES) and row["ok"], row
+
+
+def test_bench_profile_lists_each_methods_operators():
+    """bench --profile's table, on the interpreter's CPU operators (on a GPU: the CUDA kernels)."""
+    from avmt_kernels.bench import format_profile, profile_layer
+
+    rows = profile_layer(64, 48, 40, 8, 3, torch.float32, 0.1, torch.device("cpu"), steps=2)
+    assert {e["method"] for e in rows} == {"stacked", "fused"}
+    fused = [e["kernel"] for e in rows if e["method"] == "fused"]
+    assert "_ILoRAFused" in fused and "_ILoRAFusedBackward" in fused
+    assert all(e["us_per_step"] > 0 for e in rows)
+    text = format_profile("layer", rows, top=3)
+    assert "fused:" in text and "stacked:" in text
