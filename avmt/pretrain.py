@@ -32,6 +32,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from avmt.errors import UserError
 from avmt.data import vocab
 from avmt.data.sample import Clip, segment_frames
 
@@ -51,7 +52,7 @@ AUDIO_TARGETS = (
 )
 
 
-class PretrainingDataError(ValueError):
+class PretrainingDataError(UserError):
     """The training clips cannot be used for media pretraining (e.g. they carry no scene graph)."""
 
 

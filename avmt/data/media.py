@@ -29,6 +29,7 @@ centred on the segments, the way Crab (1 s) or MUSIC-AVQA (2 s) feed their audio
 
 from __future__ import annotations
 
+from avmt.errors import UserError
 import math
 import os
 from dataclasses import dataclass
@@ -55,7 +56,7 @@ _RESIZE = ("crop", "pad")
 _MISSING_AUDIO = ("skip", "silence")
 
 
-class MediaError(ValueError):
+class MediaError(UserError):
     """A media file cannot be used: it cannot be opened, lacks a needed stream, or is corrupt.
 
     Attributes:

@@ -14,6 +14,7 @@ values of the samples that carry the target, with the batch row of each.
 
 from __future__ import annotations
 
+from avmt.errors import UserError
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
@@ -44,7 +45,7 @@ PLACEHOLDERS: tuple[str, ...] = ("<video>", "<audio>", "<image>")
 IGNORE_INDEX = -100
 
 
-class SampleError(ValueError):
+class SampleError(UserError):
     """A task cannot build a sample from a clip whose annotation is wrong or incomplete.
 
     The data stream skips such a sample, counts it and warns with the message, which names the

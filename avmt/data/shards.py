@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from avmt.errors import UserError
 from avmt.data.annotation import is_annotation, validate_annotation
 from avmt.data.synth import (
     GENERATOR_VERSION,
@@ -143,7 +144,7 @@ class CorruptSampleCounter:
         return f"CorruptSampleCounter(count={self.count}, reasons={self.reasons}, ignored={self.ignored})"
 
 
-class CorruptSampleError(ValueError):
+class CorruptSampleError(UserError):
     """A shard sample cannot be decoded; ``reason`` is its category (e.g. ``"bad frames.png"``)."""
 
     def __init__(self, reason: str, detail: str) -> None:

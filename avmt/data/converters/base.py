@@ -32,6 +32,7 @@ from typing import Any, ClassVar, Iterable, Iterator
 
 import numpy as np
 
+from avmt.errors import UserError
 from avmt.data.annotation import annotation_words, make_annotation
 from avmt.data.media import MediaConfig, MediaError, decode_clip, read_image
 from avmt.data.shards import encode_members, write_tar
@@ -61,7 +62,7 @@ STATE = ".convert-state.json"
 _KEY_RE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
-class ConvertError(ValueError):
+class ConvertError(UserError):
     """The source folder cannot be converted at all (a missing or unreadable annotation file):
     a user error, the CLI prints it and exits 2. One bad clip is a :class:`Skip`, not this."""
 
