@@ -11,6 +11,7 @@ owns the tokenizer. This module knows nothing about the model, nor about any par
 from __future__ import annotations
 
 import functools
+import math
 import os
 import random
 import warnings
@@ -21,7 +22,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import lightning as L
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
+
+from avmt.errors import UserError
 
 from avmt.data.features import FeatureReader
 from avmt.data.sample import Clip, ClipGroup, SampleError, TaskSample, collate
@@ -33,6 +36,8 @@ from avmt.data.shards import (
     iter_clips,
     list_shards,
     read_manifest,
+    split_clip_count,
+    stream_part,
 )
 from avmt.data.synth import SCHEMA_VERSION, SynthConfig
 from avmt.tasks import Task, get_task, list_tasks
@@ -75,6 +80,17 @@ class ClipTaskStream(IterableDataset):
         features: a feature cache reader (``data.features``): every clip read gets its cached
             encoder features attached (:meth:`~avmt.data.features.FeatureReader.attach`; a clip
             missing from the cache is an error naming it and the cache).
+        split: the split's name, for messages.
+        num_segments: segments every clip must have (the manifest's); ``None``: those of the
+            first clip read.
+
+    Readers: the DDP ranks and DataLoader workers share the stream by clip position
+    (:func:`~avmt.data.shards.iter_clips`), so every clip goes to exactly one of them, whatever
+    the number of shards. A clip whose layout (segment count, frame or audio shape) differs from
+    the others would break collation: it is skipped and counted as corrupt (reason ``"other
+    layout"``), with a warning naming it. A pass whose share held clips but yielded no clip
+    group (every sample corrupt, or no task applies) raises :class:`~avmt.errors.UserError`
+    naming the split, the shard folder and the corrupt count.
     """
 
     def __init__(
@@ -90,6 +106,8 @@ class ClipTaskStream(IterableDataset):
         shuffle_buffer: int = 256,
         recent_clips: int = 16,
         features: FeatureReader | None = None,
+        split: str = "data",
+        num_segments: int | None = None,
     ) -> None:
         super().__init__()
         self.shards = [Path(s) for s in shards]
@@ -103,7 +121,10 @@ class ClipTaskStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.recent_clips = recent_clips
         self.features = features
+        self.split = split
+        self.num_segments = num_segments
         self.epoch = 0
+        self.ranks: tuple[int, int] | None = None
         self.counter = CorruptSampleCounter()
 
     def __len__(self) -> int:
@@ -114,6 +135,19 @@ class ClipTaskStream(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         """Reseed shard order, shuffling and task sampling for ``epoch``."""
         self.epoch = epoch
+
+    def set_ranks(self, rank: int, world_size: int) -> None:
+        """Read the share of DDP rank ``rank`` of ``world_size`` (the trainer's); unset, the rank
+        comes from ``RANK``/``WORLD_SIZE`` or ``torch.distributed`` (:func:`~avmt.data.shards.stream_part`)."""
+        self.ranks = (int(rank), int(world_size))
+
+    def _part(self) -> tuple[int, int]:
+        """``(index, count)`` of this reader (DDP rank x DataLoader worker) among the stream's readers."""
+        if self.ranks is None:
+            return stream_part(split_by_node=True, split_by_worker=True)
+        worker, workers = stream_part(split_by_node=False, split_by_worker=True)
+        rank, world_size = self.ranks
+        return rank * workers + worker, world_size * workers
 
     def _build_sample(
         self, task: Task, clip: Clip, recent: Sequence[Clip], index: int
@@ -161,23 +195,59 @@ class ClipTaskStream(IterableDataset):
                 samples.append(sample)
         return ClipGroup(clips, samples, self.counter.count)
 
+    def _fits(self, clip: Clip, layout: list) -> bool:
+        """Whether ``clip`` has the stream's layout (segment count, frame shape ``[T*F, 3, H, W]``,
+        audio shape ``[S]``; ``layout`` holds the first fitting clip's, set on the first call);
+        a clip that does not fit is counted as corrupt and warned about, naming it."""
+        segments = clip.num_segments
+        shapes = (tuple(clip.frames.shape), tuple(clip.audio.shape))
+        wanted = self.num_segments if self.num_segments is not None else (layout[0][0] if layout else segments)
+        if segments == wanted and (not layout or layout[0] == (segments, shapes)):
+            if not layout:
+                layout.append((segments, shapes))
+            return True
+        expected = f"{wanted} segments" + (f", frames {layout[0][1][0]}, audio {layout[0][1][1]}" if layout else "")
+        self.counter.add(clip.key, "other layout")
+        warnings.warn(
+            f"skipping clip {clip.key!r} of the {self.split} split: it has {segments} segments, frames "
+            f"{shapes[0]}, audio {shapes[1]}, while the other clips have {expected}",
+            CorruptSampleWarning, stacklevel=3,
+        )
+        return False
+
+    def _check_pass(self, groups: int, read_before: int, corrupt_before: int, part: tuple[int, int]) -> None:
+        """Refuse a pass that yielded no clip group while this reader's share held samples (or, for
+        reader 0, while the split held none at all): the data is unusable, not merely small."""
+        read, corrupt = self.counter.read - read_before, self.counter.count - corrupt_before
+        if groups or (read == 0 and corrupt == 0 and part[0] != 0):
+            return
+        folder = self.shards[0].parent if self.shards else "?"
+        raise UserError(
+            f"the {self.split} split in '{folder}' gave no usable sample in this pass: {corrupt} sample(s) "
+            f"skipped as corrupt of {read} read ({dict(self.counter.reasons)}), tasks {self.task_names}. "
+            "Check or regenerate the shards (python -m avmt data synth, or data convert)"
+        )
+
     def __iter__(self) -> Iterator[ClipGroup]:
         shards = list(self.shards)
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
         if self.shuffle:
             rng.shuffle(shards)
-        worker = get_worker_info()
-        if worker is not None:
-            shards = shards[worker.id :: worker.num_workers]
+        part = self._part()
+        read_before, corrupt_before, groups = self.counter.read, self.counter.count, 0
+        layout: list = []
         buffer: list[ClipGroup] = []
         recent: deque[Clip] = deque(maxlen=self.recent_clips)
-        for clip in iter_clips(shards, counter=self.counter):
+        for clip in iter_clips(shards, counter=self.counter, part=part):
+            if not self._fits(clip, layout):
+                continue
             if self.features is not None:
                 clip = self.features.attach(clip)
             group = self._build(clip, list(recent))
             recent.appendleft(clip)
             if not group.samples:
                 continue
+            groups += 1
             if not self.shuffle:
                 yield group
                 continue
@@ -186,6 +256,59 @@ class ClipTaskStream(IterableDataset):
                 yield buffer.pop(rng.randrange(len(buffer)))
         rng.shuffle(buffer)
         yield from buffer
+        self._check_pass(groups, read_before, corrupt_before, part)
+
+
+def reader_batches(num_clips: int, batch_size: int, num_readers: int, first_reader: int = 0, readers: int = 1) -> int:
+    """Batches that readers ``first_reader .. first_reader + readers - 1`` of ``num_readers`` make
+    from a stream of ``num_clips`` clips shared by position (reader ``i`` gets clips ``i, i +
+    num_readers, ...``), each reader batching its own clips by ``batch_size`` (the last batch of
+    a reader may be short). E.g. one DDP rank's DataLoader workers."""
+    total = 0
+    for reader in range(first_reader, first_reader + readers):
+        clips = len(range(reader, num_clips, num_readers))
+        total += math.ceil(clips / batch_size)
+    return total
+
+
+class BatchedStream(IterableDataset):
+    """Batches of a :class:`ClipTaskStream` with a length: lists of ``batch_size`` clip groups,
+    made in each DataLoader worker from its own share (as the DataLoader's own batching does),
+    and ``len`` = the batches this DDP rank's workers make from the ``num_clips`` clips of the
+    split (:func:`reader_batches`), an upper bound that is exact when every clip is usable.
+
+    Args:
+        stream: the clip groups.
+        batch_size: clip groups per batch.
+        num_workers: DataLoader workers reading it (0: the main process).
+        rank, world_size: this process's DDP rank and the number of ranks.
+    """
+
+    def __init__(self, stream: ClipTaskStream, batch_size: int, num_workers: int, rank: int = 0,
+                 world_size: int = 1) -> None:
+        super().__init__()
+        self.stream = stream
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.rank = rank
+        self.world_size = world_size
+
+    def __len__(self) -> int:
+        if self.stream.num_clips is None:
+            raise TypeError(f"length unknown: the {self.stream.split} split's clip count is not in its manifest")
+        workers = max(1, self.num_workers)
+        return reader_batches(self.stream.num_clips, self.batch_size, self.world_size * workers,
+                              self.rank * workers, workers)
+
+    def __iter__(self) -> Iterator[list[ClipGroup]]:
+        batch: list[ClipGroup] = []
+        for group in self.stream:
+            batch.append(group)
+            if len(batch) == self.batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
 
 
 def collate_rules(tasks: Sequence[Task]) -> dict[str, str]:
@@ -204,6 +327,16 @@ def collate_rules(tasks: Sequence[Task]) -> dict[str, str]:
                     f"but by {spec.collate!r} in task {task.name!r}"
                 )
     return {name: rule for name, (rule, _) in rules.items()}
+
+
+def _check_count(key: str, value: object, minimum: int, alternative: str = "") -> None:
+    """Raise :class:`~avmt.errors.UserError` naming ``key`` unless ``value`` is a whole number >=
+    ``minimum`` (or ``None``, when ``alternative`` says what ``None`` means)."""
+    if value is None and alternative:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        allowed = f"a whole number >= {minimum}" + (f" {alternative}" if alternative else "")
+        raise UserError(f"{key} must be {allowed}, got {value!r}")
 
 
 class AVDataModule(L.LightningDataModule):
@@ -267,9 +400,13 @@ class AVDataModule(L.LightningDataModule):
         tasks = known if tasks is None else list(tasks)
         unknown = [name for name in tasks if name not in known]
         if unknown:
-            raise ValueError(f"data.tasks: unknown task(s) {unknown}; available tasks: {', '.join(known)}")
+            raise UserError(f"data.tasks: unknown task(s) {unknown}; available tasks: {', '.join(known)}")
         if not tasks:
-            raise ValueError(f"data.tasks is empty; available tasks: {', '.join(known)}")
+            raise UserError(f"data.tasks is empty; available tasks: {', '.join(known)}")
+        _check_count("data.tasks_per_clip", tasks_per_clip, 1, "or null (every applicable task)")
+        _check_count("data.clips_per_batch", clips_per_batch, 1)
+        _check_count("data.eval_clips_per_batch", eval_clips_per_batch, 1, "or null (as in training)")
+        _check_count("data.num_workers", num_workers, 0)
         self.root = Path(root).expanduser() if root is not None else None
         self.task_names = list(tasks)
         self.collate_rules = collate_rules([get_task(name) for name in self.task_names])
@@ -280,9 +417,9 @@ class AVDataModule(L.LightningDataModule):
         self.samples_per_clip = dict(samples_per_clip or {})
         for name, count in self.samples_per_clip.items():
             if name not in known:  # a known task outside data.tasks is allowed: a shared base sets it for all runs
-                raise ValueError(f"data.samples_per_clip: unknown task {name!r}; available tasks: {', '.join(known)}")
+                raise UserError(f"data.samples_per_clip: unknown task {name!r}; available tasks: {', '.join(known)}")
             if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-                raise ValueError(f"data.samples_per_clip.{name} must be a whole number >= 1, got {count!r}")
+                raise UserError(f"data.samples_per_clip.{name} must be a whole number >= 1, got {count!r}")
         self.num_workers = num_workers
         self.seed = seed
         self.clip_counts = {"train": train_clips, "val": val_clips, "test": test_clips}
@@ -297,7 +434,7 @@ class AVDataModule(L.LightningDataModule):
         self.features = Path(features).expanduser() if features is not None else None
         unknown_splits = sorted(set(splits or {}) - set(SPLITS))
         if unknown_splits:
-            raise ValueError(f"data.splits: unknown stage split(s) {unknown_splits}; the keys are {', '.join(SPLITS)}")
+            raise UserError(f"data.splits: unknown stage split(s) {unknown_splits}; the keys are {', '.join(SPLITS)}")
         self.split_folders = {**{split: split for split in SPLITS}, **(splits or {})}
         self.shards: dict[str, list[Path]] = {}
         self.counts: dict[str, int | None] = {}
@@ -334,7 +471,8 @@ class AVDataModule(L.LightningDataModule):
             if split in self.datasets:
                 continue
             self.shards[split] = list_shards(root / self.split_folders[split])
-            self.counts[split] = self.clip_counts[split] if self.root is None else self._manifest_count(root, split)
+            self.counts[split] = (self.clip_counts[split] if self.root is None
+                                  else split_clip_count(root, self.split_folders[split]))
             self.datasets[split] = ClipTaskStream(
                 self.shards[split],
                 self.task_names,
@@ -345,13 +483,19 @@ class AVDataModule(L.LightningDataModule):
                 samples_per_clip=self.samples_per_clip,
                 num_clips=self.counts[split],
                 features=FeatureReader(self.features, split) if self.features is not None else None,
+                split=split,
+                num_segments=self._manifest_segments(root),
             )
 
-    def _manifest_count(self, root: Path, split: str) -> int | None:
-        """Clips of a converted split, from its manifest (``None``: unknown)."""
+    @staticmethod
+    def _manifest_segments(root: Path) -> int | None:
+        """Segments per clip the manifest of ``root`` gives (AVSynth ``cfg``, converted ``media``)."""
         manifest = read_manifest(root) or {}
-        info = manifest.get("splits", {}).get(self.split_folders[split]) if isinstance(manifest.get("splits"), dict) else None
-        return int(info["clips"]) if isinstance(info, dict) and isinstance(info.get("clips"), int) else None
+        for section in ("cfg", "media"):
+            value = manifest.get(section, {}).get("num_segments") if isinstance(manifest.get(section), dict) else None
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        return None
 
     def data_words(self) -> list[str]:
         """The words of a converted dataset's text (its manifest's ``words``); ``[]`` for AVSynth."""
@@ -372,23 +516,29 @@ class AVDataModule(L.LightningDataModule):
             return
         missing = [w for w in self.data_words() if unk in tokenizer(w, add_special_tokens=False)["input_ids"]]
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"the LLM's tokenizer cannot spell {len(missing)} word(s) of the data in '{self.root}' (e.g. "
                 f"{', '.join(repr(w) for w in missing[:5])}): set model.llm.init_args.words_from: ['{self.root}'] "
                 f"so the offline vocabulary includes them, or use a pretrained LLM"
             )
 
     def _loader(self, split: str) -> DataLoader:
+        """The DataLoader of ``split``: a clip stream's loader has a length (batches of this rank,
+        :class:`BatchedStream`) when the split's clip count is known (manifest or AVSynth cache),
+        so Lightning can size the schedule from ``trainer.estimated_stepping_batches``."""
         dataset = self.datasets[split]
+        batch_size = self.clips_per_batch if split == "train" else self.eval_clips_per_batch or self.clips_per_batch
+        collate_fn = functools.partial(collate, rules=self.collate_rules)
+        if not isinstance(dataset, ClipTaskStream):  # requests to predict
+            return DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, num_workers=self.num_workers)
         if split == "train" and self.trainer is not None:
             dataset.set_epoch(self.trainer.current_epoch)
-        return DataLoader(
-            dataset,
-            batch_size=self.clips_per_batch if split == "train" else self.eval_clips_per_batch or self.clips_per_batch,
-            collate_fn=functools.partial(collate, rules=self.collate_rules),
-            num_workers=self.num_workers,
-            persistent_workers=False,
-        )
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        dataset.set_ranks(rank, world_size)
+        batches = BatchedStream(dataset, batch_size, self.num_workers, rank, world_size)
+        # batch_size=None: the stream yields whole batches, collate_fn turns each into a Batch
+        return DataLoader(batches, batch_size=None, collate_fn=collate_fn, num_workers=self.num_workers,
+                          persistent_workers=False)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

@@ -43,7 +43,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from avmt.errors import UserError
 from avmt.data.annotation import is_annotation, validate_annotation
 from avmt.data.synth import (
     GENERATOR_VERSION,
@@ -57,6 +56,7 @@ from avmt.data.synth import (
     scene_seed,
     validate_scene,
 )
+from avmt.errors import UserError
 
 if TYPE_CHECKING:  # imported lazily at run time (it imports torch)
     from avmt.data.sample import Clip
@@ -77,6 +77,9 @@ __all__ = [
     "read_manifest",
     "check_shard_version",
     "list_shards",
+    "split_clip_count",
+    "shard_clip_counts",
+    "stream_part",
     "iter_clips",
     "clip_from_scene",
     "clip_from_index",
@@ -112,6 +115,8 @@ class CorruptSampleCounter:
         reasons: reason category (e.g. ``"bad frames.png"``) -> count.
         keys: keys of the skipped samples (the first ``max_keys``).
         ignored: member suffix (e.g. ``"pickle"``) -> how many such members were ignored undecoded.
+        read: samples of the reader's share met in the shards, decoded or skipped (so a pass that
+            read some and decoded none can say so).
     """
 
     def __init__(self, max_keys: int = 1000) -> None:
@@ -121,14 +126,21 @@ class CorruptSampleCounter:
         self.reasons: dict[str, int] = {}
         self.keys: list[str] = []
         self.ignored: dict[str, int] = {}
+        self.read = 0
 
-    def add(self, key: str, reason: str) -> None:
-        """Record one skipped sample ``key`` under ``reason``."""
+    def add(self, key: str, reason: str, count: int = 1) -> None:
+        """Record ``count`` skipped samples under ``reason``; ``key`` names them (a sample key, or
+        a shard for the clips missing from it)."""
         with self._lock:
-            self.count += 1
-            self.reasons[reason] = self.reasons.get(reason, 0) + 1
+            self.count += count
+            self.reasons[reason] = self.reasons.get(reason, 0) + count
             if len(self.keys) < self.max_keys:
                 self.keys.append(key)
+
+    def add_read(self) -> None:
+        """Record one sample of the reader's share met in the shards (decoded or not)."""
+        with self._lock:
+            self.read += 1
 
     def ignore(self, suffix: str) -> None:
         """Record one member with an unsupported ``suffix`` that was not decoded."""
@@ -494,9 +506,9 @@ def write_shards(
     """
     cfg = cfg or SynthConfig()
     if isinstance(num_clips, bool) or not isinstance(num_clips, int) or num_clips < 0:
-        raise ValueError(f"num_clips must be an int >= 0, got {num_clips!r}")
+        raise UserError(f"num_clips must be an int >= 0, got {num_clips!r}")
     if isinstance(clips_per_shard, bool) or not isinstance(clips_per_shard, int) or clips_per_shard < 1:
-        raise ValueError(f"clips_per_shard must be an int >= 1, got {clips_per_shard!r}")
+        raise UserError(f"clips_per_shard must be an int >= 1, got {clips_per_shard!r}")
     scene_seed(seed, split, 0)  # validates split and seed early
     folder = Path(out_dir) / split
     folder.mkdir(parents=True, exist_ok=True)
@@ -539,10 +551,10 @@ def _manifest_head(clips: dict[str, int], seed: int, cfg: SynthConfig, clips_per
 
 def _check_clips(clips: dict[str, int]) -> None:
     if not isinstance(clips, dict) or not clips:
-        raise ValueError(f"clips must be a non-empty dict split -> number of clips, got {clips!r}")
+        raise UserError(f"clips must be a non-empty dict split -> number of clips, got {clips!r}")
     for split, n in clips.items():
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"clips[{split!r}] must be an int >= 0, got {n!r}")
+            raise UserError(f"clips[{split!r}] must be an int >= 0, got {n!r}")
 
 
 def synthesize(
@@ -599,7 +611,7 @@ def check_shard_version(root: str | os.PathLike) -> None:
         from avmt.data.converters.base import CONVERTED_FORMAT_VERSION
 
         if manifest.get("format_version") != CONVERTED_FORMAT_VERSION:
-            raise ValueError(
+            raise UserError(
                 f"the converted shards in '{root}' are of format version {manifest.get('format_version')!r}; this "
                 f"avmt reads version {CONVERTED_FORMAT_VERSION}: convert the {manifest.get('source_format')} data again "
                 f"(python -m avmt data convert {manifest.get('source_format')} --src ... --out ...)"
@@ -614,14 +626,14 @@ def check_shard_version(root: str | os.PathLike) -> None:
     found = f"schema_version {schema!r}, format_version {fmt!r}"
     ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (schema, fmt))
     if ints and (schema > SCHEMA_VERSION or fmt > SHARD_FORMAT_VERSION):
-        raise ValueError(
+        raise UserError(
             f"the shards in '{root}' are newer ({found}) than this version of avmt reads (AVSynth "
             f"v{SCHEMA_VERSION}, format v{SHARD_FORMAT_VERSION}): upgrade avmt, or regenerate them with: "
             f"{command}"
         )
     known = isinstance(schema, int) and not isinstance(schema, bool)
     what = f"AVSynth v{schema}" if known else "of an unknown AVSynth version"
-    raise ValueError(
+    raise UserError(
         f"the shards in '{root}' are {what} ({found}); this version of avmt reads AVSynth "
         f"v{SCHEMA_VERSION} shards (format v{SHARD_FORMAT_VERSION}: object masks, multi-source scenes, "
         f"referring expressions). Regenerate them with: {command}"
@@ -677,6 +689,53 @@ def ensure_shards(
 # --------------------------------------------------------------------------------------------
 
 
+def split_clip_count(root: str | os.PathLike, folder: str) -> int | None:
+    """Clips of the split folder ``folder`` (e.g. ``"train"``) of ``root``, from its manifest:
+    ``clips[folder]`` of an AVSynth manifest, ``splits[folder]["clips"]`` of a converted one;
+    ``None`` when there is no manifest or it does not say."""
+    manifest = read_manifest(root) or {}
+    if manifest.get("format") == "avmt-converted":
+        splits = manifest.get("splits")
+        info = splits.get(folder) if isinstance(splits, dict) else None
+        count = info.get("clips") if isinstance(info, dict) else None
+    else:
+        clips = manifest.get("clips")
+        count = clips.get(folder) if isinstance(clips, dict) else None
+    return count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else None
+
+
+def shard_clip_counts(root: str | os.PathLike) -> dict[Path, int]:
+    """Shard path -> clips the manifest of ``root`` says it holds, for the AVSynth shards (every
+    shard of a split holds ``clips_per_shard`` clips, the last one the rest); ``{}`` for converted
+    shards (their manifest counts clips per split only) or without a manifest."""
+    manifest = read_manifest(root) or {}
+    if manifest.get("format", "avsynth-webdataset") != "avsynth-webdataset":
+        return {}
+    clips, shards, per_shard = manifest.get("clips"), manifest.get("shards"), manifest.get("clips_per_shard")
+    if not (isinstance(clips, dict) and isinstance(shards, dict) and isinstance(per_shard, int) and per_shard > 0):
+        return {}
+    counts: dict[Path, int] = {}
+    for split, paths in shards.items():
+        total = clips.get(split)
+        if not isinstance(total, int) or not isinstance(paths, list):
+            continue
+        for index, rel in enumerate(paths):
+            counts[Path(root) / rel] = max(0, min(per_shard, total - index * per_shard))
+    return counts
+
+
+def stream_part(split_by_node: bool, split_by_worker: bool) -> tuple[int, int]:
+    """``(index, count)`` of this reader among the readers of one stream: the DDP rank (from
+    ``RANK``/``WORLD_SIZE`` or ``torch.distributed``) when ``split_by_node``, times the DataLoader
+    workers (``get_worker_info``) when ``split_by_worker``; ``(0, 1)`` for a lone reader."""
+    from webdataset.utils import pytorch_worker_info
+
+    rank, world, worker, workers = pytorch_worker_info()
+    rank, world = (rank, world) if split_by_node else (0, 1)
+    worker, workers = (worker, workers) if split_by_worker else (0, 1)
+    return rank * workers + worker, world * workers
+
+
 def list_shards(folder: str | os.PathLike) -> list[Path]:
     """Sorted ``*.tar`` files of ``folder`` (e.g. ``{root}/train``).
 
@@ -715,14 +774,26 @@ def iter_clips(
     *,
     split_by_node: bool = False,
     split_by_worker: bool = False,
+    part: tuple[int, int] | None = None,
 ) -> Iterator[Clip]:
     """Clips of the shards, in order, read with stock ``webdataset``.
+
+    Several readers share one stream by sample position: reader ``index`` of ``count`` decodes
+    the samples at positions ``index, index + count, ...`` of the whole stream and passes over the
+    others undecoded, so any number of readers works with any number of shards (even one) and
+    every sample goes to exactly one of them.  Each reader reads every shard's bytes.
 
     Args:
         shard_paths: a list of ``.tar`` paths, one ``.tar`` path, or a folder of shards.
         counter: receives skipped samples (a fresh one when ``None``).
-        split_by_node: keep only this rank's share of the shards (``wds.split_by_node``).
-        split_by_worker: keep only this DataLoader worker's share (``wds.split_by_worker``).
+        split_by_node: keep only this rank's share of the samples (see :func:`stream_part`).
+        split_by_worker: keep only this DataLoader worker's share (see :func:`stream_part`).
+        part: ``(index, count)`` of this reader, given outright (overrides the two flags).
+
+    After the pass, reader 0 compares the samples found in each shard with the count the
+    manifest gives (:func:`shard_clip_counts`): a shard holding fewer is reported with a
+    :class:`CorruptSampleWarning` naming it with both counts, and its missing clips are counted
+    in ``counter`` (reason ``"missing from shard"``).
 
     Yields:
         :class:`~avmt.data.sample.Clip` s (see :func:`decode_sample`): ``key``, ``frames`` uint8
@@ -746,17 +817,30 @@ def iter_clips(
         )
     for root in dict.fromkeys(p.parent.parent for p in paths):
         check_shard_version(root)
+    if part is not None and not (0 <= part[0] < part[1]):
+        raise ValueError(f"iter_clips: part must be (index, count) with 0 <= index < count, got {part!r}")
     counter = counter if counter is not None else CorruptSampleCounter()
-    return _iter_clips([str(p) for p in paths], counter, split_by_node, split_by_worker)
+    expected: dict[str, int] = {}
+    for root in dict.fromkeys(p.parent.parent for p in paths):
+        expected.update({str(path): n for path, n in shard_clip_counts(root).items()})
+    return _iter_clips([str(p) for p in paths], counter, part, (split_by_node, split_by_worker), expected)
 
 
 def _iter_clips(
-    urls: list[str], counter: CorruptSampleCounter, by_node: bool, by_worker: bool
+    urls: list[str],
+    counter: CorruptSampleCounter,
+    part: tuple[int, int] | None,
+    split_by: tuple[bool, bool],
+    expected: dict[str, int],
 ) -> Iterator[Clip]:
     """webdataset's own tar iteration and grouping (``tar_file_expander`` + ``group_by_keys``, the
-    stages ``wds.WebDataset`` is built from) over shard files this generator opens and closes."""
-    import webdataset as wds
+    stages ``wds.WebDataset`` is built from) over shard files this generator opens and closes;
+    this reader's share (``part``, else :func:`stream_part` of ``split_by``, worked out when the
+    iteration starts, i.e. in the worker) decoded, the samples found per shard checked against
+    ``expected`` (shard path -> manifest count)."""
     from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    index, count = part if part is not None else stream_part(*split_by)
 
     current = {"url": "?"}
     reported: set[str] = set()
@@ -782,14 +866,15 @@ def _iter_clips(
             with fh:
                 yield {"url": url, "stream": fh}
 
-    selected: Iterable[str] = iter(urls)
-    if by_node:
-        selected = wds.split_by_node(selected)
-    if by_worker:
-        selected = wds.split_by_worker(selected)
-    samples = group_by_keys(tar_file_expander(streams(selected), handler=tar_error), handler=tar_error)
+    samples = group_by_keys(tar_file_expander(streams(urls), handler=tar_error), handler=tar_error)
     warned_suffixes: set[str] = set()
-    for sample in samples:
+    found: dict[str, int] = dict.fromkeys(urls, 0)
+    for position, sample in enumerate(samples):
+        url = str(sample.get("__url__", current["url"]))
+        found[url] = found.get(url, 0) + 1
+        if position % count != index:
+            continue
+        counter.add_read()
         key = str(sample.get("__key__", "?"))
         for suffix in sample:
             if suffix.startswith("__") or suffix in READ_MEMBERS:
@@ -811,3 +896,20 @@ def _iter_clips(
             )
             continue
         yield clip
+    if index == 0:  # every reader finds the same counts: one of them reports
+        _report_short_shards(found, expected, counter)
+
+
+def _report_short_shards(found: dict[str, int], expected: dict[str, int], counter: CorruptSampleCounter) -> None:
+    """Warn about (and count the missing clips of) each shard that held fewer samples than
+    ``expected`` says (shard path -> manifest count)."""
+    for url, seen in found.items():
+        wanted = expected.get(url)
+        if wanted is None or seen >= wanted:
+            continue
+        counter.add(url, "missing from shard", wanted - seen)
+        warnings.warn(
+            f"AVSynth: shard {url} holds {seen} clip(s) but its manifest says {wanted}: {wanted - seen} clip(s) "
+            "are missing (a truncated or replaced shard; the epoch is shorter than planned). Regenerate or "
+            "re-convert the shards.", CorruptSampleWarning, stacklevel=2,
+        )
