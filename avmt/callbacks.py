@@ -7,6 +7,9 @@
 - ``MetricsReport`` prints the scores of the last evaluation as one table (task, metric, value,
   trivial baseline, parse-failure rate, samples) and writes them as ``val_metrics.json``
   (``fit``, ``validate``) or ``test_metrics.json`` (``test``) in the run's log folder.
+- ``TrainingOutcome`` (added by ``AVModule.configure_callbacks``, so every fit has it) fails a
+  fit that diverged, trained nothing or was never validated, at the end of training and before
+  ``ModelCheckpoint`` (which Lightning runs last) writes the checkpoint of such a run.
 - ``PredictionWriter`` writes what ``predict`` generated as ``predictions.jsonl`` (one line per
   sample) and every mask in it as a PNG named by the sample's key.
 """
@@ -24,7 +27,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
-__all__ = ["GenerationExamples", "MetricsReport", "PredictionWriter", "metrics_table"]
+__all__ = ["GenerationExamples", "MetricsReport", "PredictionWriter", "TrainingOutcome", "metrics_table"]
 
 
 class GenerationExamples(L.Callback):
@@ -112,6 +115,30 @@ class MetricsReport(L.Callback):
         path.write_text(json.dumps(metrics, indent=2))
         rank_zero_info(f"\n{stage} scores (generated answers) next to the trivial baseline on the same samples:\n"
                        f"{metrics_table(metrics)}\nsaved to {path}")
+
+
+class TrainingOutcome(L.Callback):
+    """Never let a bad fit end as a success: ask the module to check its training health after
+    every validation and every training epoch (non-finite steps skipped too often), and its outcome
+    at the end of training (diverged, zero optimizer updates, no validation, hence no final metrics).
+
+    Lightning runs checkpoint callbacks after all others, so these checks raise before
+    ``ModelCheckpoint`` writes ``last.ckpt``; a failed run keeps only the checkpoints written while
+    it was still healthy. The module must have ``check_training_health(when)`` and
+    ``check_training_outcome()`` (:class:`avmt.module.AVModule`); another module is not checked.
+    """
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and hasattr(pl_module, "check_training_health"):
+            pl_module.check_training_health(f"the validation at global step {trainer.global_step}")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if hasattr(pl_module, "check_training_health"):
+            pl_module.check_training_health(f"the end of epoch {trainer.current_epoch}")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if hasattr(pl_module, "check_training_outcome"):
+            pl_module.check_training_outcome()
 
 
 def _mask_png(mask: torch.Tensor, path: Path) -> None:

@@ -26,6 +26,7 @@ from avmt.adapters import Adapter
 from avmt.connectors import Connector
 from avmt.data.sample import IGNORE_INDEX, PLACEHOLDERS, Batch, Dense, TokenizedBatch, iter_refs, segment_frames
 from avmt.encoders import AudioEncoder, VisionEncoder
+from avmt.errors import UserError
 from avmt.heads import Head
 from avmt.llm import CausalLM, MediaSpan
 from avmt.outputs import EncodedMedia, GenerationOutput, ModelOutput
@@ -81,7 +82,7 @@ class AVModel(nn.Module):
             image_connector.build(vision_encoder.output_dim, llm.hidden_size)
         outputs = [head.output for head in heads]
         if len(set(outputs)) != len(outputs):
-            raise ValueError(f"model.heads: two heads produce the same output ({outputs}); each output needs one head")
+            raise UserError(f"model.heads: two heads produce the same output ({outputs}); each output needs one head")
         for head in heads:
             head.build(llm.hidden_size, vision_encoder.output_dim, audio_encoder.output_dim)
         for head in heads:
@@ -444,7 +445,7 @@ class AVModel(nn.Module):
 def _cached_features(kind: str, features: torch.Tensor, expected: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Cached ``kind`` encoder features ``[C, T, N, D]`` checked against the ``expected`` shape, in ``dtype``."""
     if tuple(features.shape) != expected:
-        raise ValueError(
+        raise UserError(
             f"cached {kind} features have shape {tuple(features.shape)} but this model's {kind} encoder produces "
             f"{expected} ([clips, segments, tokens, width]); the feature cache (data.features) was made for "
             "another model: rebuild it with python -m avmt data features"

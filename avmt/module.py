@@ -8,11 +8,12 @@ import time
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from transformers import LogitsProcessorList, get_cosine_schedule_with_warmup
 
@@ -21,6 +22,7 @@ from avmt.bootstrap import bootstrap_std
 from avmt.connectors import Connector
 from avmt.data.sample import IGNORE_INDEX, Batch, MediaRef, segment_frames
 from avmt.encoders import AudioEncoder, VisionEncoder
+from avmt.errors import UserError
 from avmt.generation import AnswerShapes, sentence_end_ids
 from avmt.heads import Head
 from avmt.llm import CausalLM, tokenizer_difference
@@ -30,6 +32,18 @@ from avmt.pretrain import MediaPretraining
 from avmt.tasks import TASKS, Task, get_task, task_ids
 
 CHECKPOINT_FORMAT = 1
+
+#: What ``AVModule(nonfinite=...)`` does at a non-finite loss or gradient.
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+class TrainingDiverged(RuntimeError):
+    """Training produced a non-finite loss or gradient (or skipped too many such steps).
+
+    Not a user mistake the CLI can name a key for (a learning rate too high, an unstable
+    precision): it keeps its traceback and ends the run with a non-zero status, before a checkpoint
+    of the broken weights is written as if the run had succeeded.
+    """
 
 
 def _to_cpu(value: Any) -> Any:
@@ -41,6 +55,33 @@ def _to_cpu(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_to_cpu(item) for item in value)
     return value
+
+
+def data_num_segments(datamodule: Any) -> tuple[int, str] | None:
+    """The segments per clip of a data module's clips, and where that number comes from.
+
+    Read, in order, from the data module's own ``num_segments``, from the generator settings of
+    AVSynth generated into the cache (``root`` unset), or from the ``manifest.json`` of ``root``
+    (AVSynth's ``cfg`` or a converted dataset's ``media``). ``None`` when none of them says.
+    """
+    if datamodule is None:
+        return None
+    own = getattr(datamodule, "num_segments", None)
+    if isinstance(own, int) and not isinstance(own, bool):
+        return own, "data.num_segments"
+    root = getattr(datamodule, "root", None)
+    synth = getattr(datamodule, "synth_config", None)
+    if root is None:
+        count = getattr(synth, "num_segments", None)
+        return (int(count), "AVSynth generated with data.root: null") if isinstance(count, int) else None
+    from avmt.data.shards import MANIFEST, read_manifest
+
+    manifest = read_manifest(root) or {}
+    for section in ("cfg", "media"):
+        count = manifest.get(section, {}).get("num_segments") if isinstance(manifest.get(section), dict) else None
+        if isinstance(count, int) and not isinstance(count, bool):
+            return count, f"num_segments in {Path(root) / MANIFEST}, the manifest of data.root"
+    return None
 
 
 @dataclass
@@ -102,6 +143,14 @@ class AVModule(L.LightningModule):
             standard deviation of every metric over this many resamples (with replacement) of the
             scored samples (:func:`avmt.bootstrap.bootstrap_std`, fixed seed); ``0`` disables it.
             Under DDP each rank resamples only the samples it scored.
+        nonfinite: what a non-finite (NaN/inf) training loss or gradient does. ``raise`` stops the
+            run with :class:`TrainingDiverged` naming the global step and the batch's tasks whose
+            loss is non-finite; ``skip`` drops that optimizer step (no parameter changes), counts it
+            (logged as ``train/nonfinite_skipped``) and still fails the run when more than
+            ``max_nonfinite_fraction`` of the optimizer steps so far were skipped, or all of them.
+        max_nonfinite_fraction: with ``nonfinite: skip``, the largest fraction of optimizer steps
+            that may be skipped (checked after every validation, every training epoch and at the
+            end of training, before a checkpoint is written).
     """
 
     def __init__(
@@ -129,8 +178,14 @@ class AVModule(L.LightningModule):
         num_examples: int = 3,
         media_pretraining: MediaPretraining | None = None,
         bootstrap_resamples: int = 100,
+        nonfinite: str = "raise",
+        max_nonfinite_fraction: float = 0.1,
     ) -> None:
         super().__init__()
+        if nonfinite not in NONFINITE_POLICIES:
+            raise UserError(f"model.nonfinite must be one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}")
+        if not 0.0 <= max_nonfinite_fraction <= 1.0:
+            raise UserError(f"model.max_nonfinite_fraction must be within [0, 1], got {max_nonfinite_fraction!r}")
         self.model = AVModel(
             llm, vision_encoder, audio_encoder, vision_connector, audio_connector, adapter,
             num_segments=num_segments, segment_embedding=segment_embedding,
@@ -171,6 +226,15 @@ class AVModule(L.LightningModule):
         self.bootstrap_resamples = bootstrap_resamples
         # task -> the predictions scored this evaluation, beside _answers, for bootstrap_std (CPU)
         self._predictions: dict[str, list[Any]] = defaultdict(list)
+        self.nonfinite = nonfinite
+        self.max_nonfinite_fraction = float(max_nonfinite_fraction)
+        self._generation_task_names = None if generation_tasks is None else list(generation_tasks)
+        # training health, read by avmt.callbacks.TrainingOutcome (kept in checkpoints for a resume)
+        self.optimizer_steps = 0  # optimizer steps attempted (skipped ones included)
+        self.nonfinite_skipped = 0  # optimizer steps skipped for a non-finite loss or gradient
+        self.validations_completed = 0  # validation epochs run during fit (sanity checks excluded)
+        self._nonfinite_loss_tasks: list[str] = []  # tasks whose loss was non-finite since the last step
+        self._step_tasks: list[str] = []  # the tasks of the batches since the last optimizer step
 
     def _score_tasks(self, names: list[str]) -> None:
         """Tasks scored by generation, each with its metric collection."""
@@ -186,6 +250,15 @@ class AVModule(L.LightningModule):
             check_vocabulary(self.model.tokenizer)
         if self._score_data_tasks and names:
             self._score_tasks(names)
+        if names and self._generation_task_names is not None:
+            outside = [name for name in self._generation_task_names if name not in names]
+            if outside:
+                raise UserError(
+                    f"model.generation_tasks {self._generation_task_names} includes {outside}, which data.tasks "
+                    f"{names} does not hold: such a task is never scored; add it to data.tasks or remove it from "
+                    "model.generation_tasks"
+                )
+        self._check_num_segments(datamodule)
         if stage == "fit" and self.media_pretraining is not None:
             self.pretrain_media(datamodule, self.trainer.strategy.root_device)
         produced = {head.output for head in self.model.heads}
@@ -193,15 +266,27 @@ class AVModule(L.LightningModule):
             task = self._task(name)
             missing = [output for output in task.outputs if output not in produced]
             if missing:
-                raise ValueError(
+                raise UserError(
                     f"data.tasks includes {name!r}, which reads the model output(s) {missing}; model.heads "
                     f"produces {sorted(produced) or 'nothing'}: add a head that produces them "
                     f"(python -m avmt plugins lists the heads)"
                 )
             unknown = [p for p in task.inputs if p not in self.model.placeholder_ids]
             if unknown:
-                raise ValueError(f"task {name!r} needs the placeholder(s) {unknown}, which the LLM's tokenizer "
+                raise UserError(f"task {name!r} needs the placeholder(s) {unknown}, which the LLM's tokenizer "
                                  "lacks: add them to model.llm.init_args.special_tokens")
+
+    def _check_num_segments(self, datamodule: Any) -> None:
+        """Refuse a model whose ``num_segments`` differs from the segments per clip of the data."""
+        found = data_num_segments(datamodule)
+        if found is None:
+            return
+        count, source = found
+        if count != self.model.num_segments:
+            raise UserError(
+                f"model.num_segments is {self.model.num_segments} but the data has {count} segments per clip "
+                f"({source}): set model.num_segments: {count}"
+            )
 
     def pretrain_media(self, datamodule: Any, device: torch.device | str = "cpu") -> None:
         """Stage 1 (``media_pretraining``) on the data module's train and val shards, once; nothing
@@ -211,7 +296,7 @@ class AVModule(L.LightningModule):
             return
         shards = getattr(datamodule, "shards", {})
         if not shards.get("train") or not shards.get("val"):
-            raise ValueError("model.media_pretraining needs a data module with train and val shards (AVSynth)")
+            raise UserError("model.media_pretraining needs a data module with train and val shards (AVSynth)")
         self._pretraining_curve = self.media_pretraining.apply(self.model, shards["train"], shards["val"], device=device)
 
     def _task(self, name: str) -> Task:
@@ -238,7 +323,7 @@ class AVModule(L.LightningModule):
         if adapter is not None and getattr(adapter, "num_tasks", None):
             unknown = sorted({name for name in task_names if name not in self.task_ids})
             if unknown:
-                raise ValueError(f"the adapter routes by task and {unknown} is not a registered task; "
+                raise UserError(f"the adapter routes by task and {unknown} is not a registered task; "
                                  "ask a task (e.g. a request's 'task') rather than a free instruction")
             ids = [self.task_ids[name] for name in task_names]
             adapter.set_task_ids(torch.tensor(ids, dtype=torch.long, device=device))
@@ -273,7 +358,7 @@ class AVModule(L.LightningModule):
         weighted = {}
         for loss_name, value in task.dense_losses(outputs, targets).items():
             if loss_name not in self.dense_loss_weights:
-                raise ValueError(
+                raise UserError(
                     f"task {name!r} adds a {loss_name!r} loss and model.dense_loss_weights has no weight for it "
                     f"(it has {sorted(self.dense_loss_weights)})"
                 )
@@ -296,10 +381,14 @@ class AVModule(L.LightningModule):
             task_sum, task_count = out.loss_sum[index].sum(), out.token_count[index].sum()
             lm_sum, lm_count = lm_sum + task_sum, lm_count + task_count
             tokens = float(task_count.detach())
+            if stage == "train" and not torch.isfinite(task_sum.detach()):
+                self._nonfinite_loss_tasks.append(name)
             self.log(f"{stage}/loss/{name}", task_sum.detach() / max(tokens, 1.0), batch_size=max(int(tokens), 1),
                      on_step=stage == "train", on_epoch=stage != "train")
             for loss_name, value in self._dense_losses(name, out, out_rows, batch, rows).items():
                 dense_total = dense_total + value
+                if stage == "train" and not torch.isfinite(value.detach()).all():
+                    self._nonfinite_loss_tasks.append(f"{name} ({loss_name})")
                 self.log(f"{stage}/loss/{name}/{loss_name}", value.detach(), batch_size=len(rows),
                          on_step=stage == "train", on_epoch=stage != "train")
         self.log(f"{stage}/corrupt_samples", float(batch.corrupt_total), reduce_fx="max", batch_size=1)
@@ -316,7 +405,7 @@ class AVModule(L.LightningModule):
         skipped = f"{counter.count} sample(s) were skipped as corrupt ({counter.reasons})" if counter else "nothing was read"
         shards = getattr(datamodule, "shards", {}).get(split, [])
         where = f" in {[str(p) for p in shards[:3]]}" if shards else ""
-        raise ValueError(
+        raise UserError(
             f"the {stage} stage got no data{where}: {skipped}. Shards must hold avmt samples (AVSynth, or a "
             f"dataset converted with: python -m avmt data convert FORMAT --src DIR --out DIR)"
         )
@@ -340,7 +429,103 @@ class AVModule(L.LightningModule):
             self.log("train/aux_loss", aux, batch_size=len(batch))
             loss = loss + self.aux_loss_weight * aux
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        self._step_tasks.extend(name for name in dict.fromkeys(batch.tasks) if name not in self._step_tasks)
+        if not torch.isfinite(loss.detach()):
+            tasks = list(dict.fromkeys(self._nonfinite_loss_tasks)) or ["none on its own (their sum overflows)"]
+            if self.nonfinite == "raise":
+                raise TrainingDiverged(
+                    f"the training loss is {float(loss.detach())} at global step {self.global_step} (batch "
+                    f"{batch_idx}); tasks whose loss is non-finite: {', '.join(tasks)}; tasks of the batch: "
+                    f"{', '.join(dict.fromkeys(batch.tasks))}. Lower model.learning_rate, check the data of these "
+                    "tasks, or set model.nonfinite: skip to skip such steps"
+                )
+            self._nonfinite_loss_tasks = tasks  # the optimizer step skips (on_before_optimizer_step)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop at (``nonfinite: raise``) or skip (``nonfinite: skip``) a step whose gradients or
+        loss are non-finite; skipping drops every gradient, so the optimizer changes no parameter.
+
+        Runs before gradient clipping, so the gradients are the raw ones. Under DDP the gradients
+        are already reduced, so every rank takes the same decision.
+        """
+        self.optimizer_steps += 1
+        loss_tasks, step_tasks = self._nonfinite_loss_tasks, self._step_tasks
+        self._nonfinite_loss_tasks, self._step_tasks = [], []
+        bad = [name for name, p in self.named_parameters()
+               if p.grad is not None and not torch.isfinite(p.grad).all()]
+        if not bad and not loss_tasks:
+            self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), reduce_fx="max", batch_size=1)
+            return
+        where = (f"non-finite gradients in {len(bad)} parameter(s) (e.g. {', '.join(bad[:3])})" if bad
+                 else "a non-finite loss")
+        if loss_tasks:
+            where += f"; tasks whose loss is non-finite: {', '.join(loss_tasks)}"
+        if self.nonfinite == "raise":
+            raise TrainingDiverged(
+                f"{where} at global step {self.global_step}; tasks of the step's batch(es): "
+                f"{', '.join(step_tasks) or 'unknown'}. Lower model.learning_rate, check the data of these tasks, "
+                "or set model.nonfinite: skip to skip such steps"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_skipped += 1
+        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), reduce_fx="max", batch_size=1)
+        warnings.warn(f"skipped the optimizer step at global step {self.global_step}: {where} "
+                      f"({self.nonfinite_skipped} step(s) skipped so far)", stacklevel=2)
+
+    def check_training_health(self, when: str) -> None:
+        """Fail a fit whose optimizer steps were skipped for non-finite values too often.
+
+        Raises:
+            TrainingDiverged: more than ``max_nonfinite_fraction`` of the optimizer steps so far
+                were skipped (``nonfinite: skip``), or every one of them.
+        """
+        steps, skipped = self.optimizer_steps, self.nonfinite_skipped
+        if not skipped:
+            return
+        if skipped >= steps or skipped > self.max_nonfinite_fraction * steps:
+            raise TrainingDiverged(
+                f"{skipped} of {steps} optimizer step(s) were skipped for a non-finite loss or gradient by {when} "
+                f"(model.max_nonfinite_fraction is {self.max_nonfinite_fraction}): the training diverged; lower "
+                "model.learning_rate or check the data"
+            )
+
+    def check_training_outcome(self) -> None:
+        """Fail, at the end of training and before the last checkpoint is written, a fit that did
+        not train: one that made no optimizer update at all (every batch skipped or no batch). A fit
+        whose validation never ran (no final metrics) gets a warning naming the keys that decide it.
+
+        Raises:
+            TrainingDiverged: non-finite steps skipped too often (:meth:`check_training_health`).
+            UserError: zero optimizer updates (names the counts and the keys to check).
+        """
+        self.check_training_health("the end of training")
+        updates = self.optimizer_steps - self.nonfinite_skipped
+        if updates <= 0:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            dataset = getattr(datamodule, "datasets", {}).get("train") if datamodule is not None else None
+            counter = getattr(dataset, "counter", None)
+            corrupt = f"; {counter.count} sample(s) were skipped as corrupt ({counter.reasons})" if counter else ""
+            raise UserError(
+                f"the fit ran {updates} optimizer step(s) ({self.optimizer_steps} attempted, "
+                f"{self.nonfinite_skipped} skipped as non-finite){corrupt}: nothing was trained. Check data.root "
+                "and trainer.max_steps / trainer.limit_train_batches"
+            )
+        if self.validations_completed == 0:
+            rank_zero_warn(
+                f"the fit ended after {self.trainer.global_step} step(s) without running validation, so it has no "
+                f"final metrics (trainer.limit_val_batches is {self.trainer.limit_val_batches}, "
+                f"trainer.check_val_every_n_epoch is {self.trainer.check_val_every_n_epoch}, trainer.max_steps is "
+                f"{self.trainer.max_steps}): to score it, let a validation run (e.g. set max_steps to a whole number "
+                "of epochs) or run `python -m avmt validate` on its checkpoint"
+            )
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """:class:`avmt.callbacks.TrainingOutcome`: fails a diverged, untrained or unevaluated fit
+        before Lightning writes its checkpoint."""
+        from avmt.callbacks import TrainingOutcome
+
+        return [TrainingOutcome()]
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         loss = self._losses(batch, "val")
@@ -535,6 +720,8 @@ class AVModule(L.LightningModule):
         self.examples.clear()
 
     def on_validation_epoch_end(self) -> None:
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self.validations_completed += 1
         self._log_generation_metrics("val")
         self._log_router_telemetry()
 
@@ -621,8 +808,12 @@ class AVModule(L.LightningModule):
         parameters = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=self.learning_rate, weight_decay=self.weight_decay)
         total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            return optimizer
+        if not math.isfinite(total) or total <= 0:
+            raise UserError(
+                f"the learning-rate schedule needs the number of training steps, and Lightning estimates {total}: "
+                "the training stream has no known length (no clip count in the data's manifest) and "
+                "trainer.max_steps is not set; set trainer.max_steps"
+            )
         scheduler = get_cosine_schedule_with_warmup(optimizer, int(self.warmup_ratio * total), int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -655,15 +846,16 @@ class AVModule(L.LightningModule):
             "task_ids": dict(self.task_ids),
             "answer_shapes": self._answer_budget().state_dict(),
             "train_answers": {name: dict(counts) for name, counts in self._train_answers.items()},
+            "training_health": {"optimizer_steps": self.optimizer_steps, "nonfinite_skipped": self.nonfinite_skipped},
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("avmt")
         if meta is None or meta.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError("not an avmt checkpoint (no 'avmt' metadata of a known format)")
+            raise UserError("not an avmt checkpoint (no 'avmt' metadata of a known format)")
         current_tokenizer = self.model.llm.tokenizer_state()
         if meta["tokenizer"] != current_tokenizer:
-            raise ValueError(
+            raise UserError(
                 "the checkpoint was trained with a different tokenizer than this config's model.llm "
                 f"({tokenizer_difference(meta['tokenizer'], current_tokenizer)}); use the config.yaml saved next "
                 "to the checkpoint, with the avmt version that wrote it"
@@ -671,11 +863,14 @@ class AVModule(L.LightningModule):
         self._answer_budget().load_state_dict(meta.get("answer_shapes", {}))
         self._train_answers = defaultdict(Counter, {name: Counter(counts) for name, counts
                                                     in meta.get("train_answers", {}).items()})
+        health = meta.get("training_health", {})
+        self.optimizer_steps = int(health.get("optimizer_steps", 0))
+        self.nonfinite_skipped = int(health.get("nonfinite_skipped", 0))
         saved_ids = meta.get("task_ids", {})
         moved = {name: (tid, self.task_ids[name]) for name, tid in saved_ids.items()
                  if name in self.task_ids and self.task_ids[name] != tid}
         if moved:
-            raise ValueError(
+            raise UserError(
                 "task ids changed since the checkpoint was written (name: checkpoint id -> current id): "
                 + ", ".join(f"{name}: {a} -> {b}" for name, (a, b) in sorted(moved.items()))
                 + "; task-gated adapters and router telemetry index by these ids, so a task must keep its task_id"
@@ -684,7 +879,7 @@ class AVModule(L.LightningModule):
         found = set(checkpoint["state_dict"])
         missing, unexpected = sorted(expected - found), sorted(found - expected)
         if missing or unexpected:
-            raise KeyError(
+            raise UserError(
                 "checkpoint does not match the model: "
                 f"missing {len(missing)} key(s) {missing[:8]}, unexpected {len(unexpected)} key(s) {unexpected[:8]}"
             )
@@ -695,7 +890,7 @@ class AVModule(L.LightningModule):
             if tuple(checkpoint["state_dict"][key].shape) != tuple(current[key].shape)
         ]
         if mismatched:
-            raise ValueError(f"checkpoint shapes do not match the model: {'; '.join(mismatched[:8])}")
+            raise UserError(f"checkpoint shapes do not match the model: {'; '.join(mismatched[:8])}")
         for key in set(current) - expected:  # frozen pretrained weights: already loaded from their checkpoint
             checkpoint["state_dict"][key] = current[key]
 
