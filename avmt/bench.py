@@ -74,6 +74,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from avmt.errors import UserError
+
 __all__ = [
     "VARIANTS",
     "ADAPTERS",
@@ -334,25 +336,25 @@ def run_adapters(
         ``times_ms[adapter] = relative[adapter] · times_ms["base"]`` (see :func:`check_targets`).
     """
     if repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+        raise UserError(f"--repeats must be >= 1, got {repeats}")
     if tokens < 1:
-        raise ValueError(f"--tokens must be >= 1, got {tokens}")
+        raise UserError(f"--tokens must be >= 1, got {tokens}")
     if clock not in CLOCKS:
-        raise ValueError(f"clock must be one of {'|'.join(CLOCKS)}, got {clock!r}")
+        raise UserError(f"clock must be one of {'|'.join(CLOCKS)}, got {clock!r}")
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {'|'.join(DTYPES)}, got {dtype!r}")
+        raise UserError(f"dtype must be one of {'|'.join(DTYPES)}, got {dtype!r}")
     torch_dtype = getattr(torch, dtype)
     if not shapes or not ranks or not heads:
-        raise ValueError("give at least one shape, one rank and one head count")
+        raise UserError("give at least one shape, one rank and one head count")
     for d_in, d_out in shapes:
         if d_in < 1 or d_out < 1:
-            raise ValueError(f"shape {d_in}x{d_out}: dimensions must be >= 1")
+            raise UserError(f"shape {d_in}x{d_out}: dimensions must be >= 1")
     for r in ranks:
         if r < 1:
-            raise ValueError(f"rank must be >= 1, got {r}")
+            raise UserError(f"rank must be >= 1, got {r}")
     for k in heads:
         if k < 1:
-            raise ValueError(f"head count must be >= 1, got {k}")
+            raise UserError(f"head count must be >= 1, got {k}")
     started = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     configs: list[_Config] = []
@@ -1013,9 +1015,9 @@ def llm_main(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     """``python -m avmt bench llm``: validate, run (one child per variant), print, write JSON."""
     for name in ("batch", "seq", "steps", "r", "heads"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0 or args.threads < 0:
-        raise ValueError("--warmup and --threads must be >= 0")
+        raise UserError("--warmup and --threads must be >= 0")
     if args.variant is not None:  # a child (or a user timing one variant in this process)
         row = run_llm_variant(args, args.variant)
         if args.child_json is not None:
@@ -1128,7 +1130,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.benchmark == "llm":
         return llm_main(args, argv)
     if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+        raise UserError(f"--threads must be >= 0, got {args.threads}")
     shapes = args.shapes or list(QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
     tokens = args.tokens or (QUICK_TOKENS if args.quick else DEFAULT_TOKENS)
     repeats = args.repeats if args.repeats is not None else (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)

@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from avmt.errors import UserError
+
 __all__ = ["TARGET_RATIO", "add_parser", "run"]
 
 #: The cache must make a training epoch with frozen encoders at least this many times faster.
@@ -110,7 +112,7 @@ def _fit(module: Any, datamodule: Any, steps: int, config: Any) -> Any:
 def run(args: argparse.Namespace, argv: list[str]) -> dict:
     """Run the benchmark with its parsed ``args`` (``argv``: the command line, recorded); returns the result."""
     if args.steps < 1 or args.warmup_steps < 0 or args.threads < 0:
-        raise ValueError(f"--steps must be >= 1, --warmup_steps and --threads >= 0, got {args.steps}, "
+        raise UserError(f"--steps must be >= 1, --warmup_steps and --threads >= 0, got {args.steps}, "
                          f"{args.warmup_steps} and {args.threads}")
     threads_before = torch.get_num_threads()
     if args.threads:

@@ -14,16 +14,61 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentParser, Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from avmt.errors import UserError
 from avmt.plugins import MODULE_ARGUMENTS, PLUGIN_KINDS, check_class_path, list_plugins
 
-# what a wrong config or a missing file raises: one line on stderr and exit 2 (AVMT_DEBUG=1: traceback);
-# Lightning says so with MisconfigurationException (e.g. enable_checkpointing=false with a ModelCheckpoint)
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError, MisconfigurationException)
+# what a mistake the user can fix raises: one line on stderr and exit 2 (AVMT_DEBUG=1: traceback).
+# Lightning says so with MisconfigurationException (e.g. enable_checkpointing=false with a ModelCheckpoint),
+# and a FileNotFoundError names a path the user gave. Every other exception is a bug and keeps its traceback.
+USER_ERRORS = (UserError, MisconfigurationException, FileNotFoundError)
+
+#: ``ckpt_path`` values that Lightning resolves itself (not a file name).
+_CHECKPOINT_KEYWORDS = ("last", "best", "hpc", "registry")
+
+
+def check_checkpoint_file(ckpt_path: str | None) -> None:
+    """Raise :class:`UserError` naming ``ckpt_path`` when it is a missing, non-checkpoint or truncated file.
+
+    A torch checkpoint is a zip archive whose directory sits at its end, so a truncated file is not
+    a readable zip; the check reads only that directory, not the tensors. Lightning's keywords
+    (``last``, ``best``, ...) and remote URLs are left to Lightning.
+    """
+    import zipfile
+
+    if not ckpt_path or ckpt_path.split(":")[0] in _CHECKPOINT_KEYWORDS or "://" in ckpt_path:
+        return
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise UserError(f"ckpt_path: no such checkpoint file: {path}")
+    if zipfile.is_zipfile(path):
+        return
+    with path.open("rb") as handle:
+        head = handle.read(2)
+    if head[:1] == b"\x80":  # torch's legacy (pre-zip) format is a pickle stream
+        return
+    if head == b"PK":
+        raise UserError(f"ckpt_path: {path} is truncated or damaged (an incomplete torch checkpoint)")
+    raise UserError(f"ckpt_path: {path} is not a torch checkpoint (.ckpt) file")
+
+
+class AVCLI(LightningCLI):
+    """Lightning's CLI, parsing the expanded arguments of :func:`main` and checking ``ckpt_path`` before use.
+
+    ``sys.argv`` keeps what the user typed: Lightning's DDP launcher starts the other ranks with it,
+    and each rank expands the ``config:`` bases again (see :func:`expand_config_bases`).
+    """
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parse ``args`` into ``self.config`` and fail with a :class:`UserError` on a bad ``ckpt_path``."""
+        self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            check_checkpoint_file(self.config[subcommand].get("ckpt_path"))
 
 
 class ConfigToTensorBoard(SaveConfigCallback):
@@ -33,6 +78,16 @@ class ConfigToTensorBoard(SaveConfigCallback):
         if isinstance(trainer.logger, TensorBoardLogger):
             text = self.parser.dump(self.config, skip_none=False)
             trainer.logger.experiment.add_text("config", f"```yaml\n{text}\n```", 0)
+
+
+def load_config_file(path: Path) -> Any:
+    """The parsed YAML of the config file ``path``; a :class:`UserError` naming the file when it is not valid YAML."""
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise UserError(f"config file {path} is not valid YAML: {' '.join(str(error).split())}") from error
 
 
 def _config_class_paths(argv: list[str]) -> list[tuple[str, str]]:
@@ -60,8 +115,7 @@ def _config_class_paths(argv: list[str]) -> list[tuple[str, str]]:
         elif arg.startswith("--config="):
             value = arg.split("=", 1)[1]
         if value is not None:
-            path = Path(value)
-            loaded = yaml.safe_load(value if "\n" in value else path.read_text()) or {}
+            loaded = (yaml.safe_load(value) if "\n" in value else load_config_file(Path(value))) or {}
             if isinstance(loaded, dict):
                 from_model_section(loaded.get("model"))
         elif arg.startswith("--model."):
@@ -86,11 +140,9 @@ def expand_config_bases(argv: list[str]) -> list[str]:
 
     def expand(path: Path, seen: tuple[Path, ...]) -> list[str]:
         path = path.resolve()
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
         if path in seen:
-            raise ValueError(f"config files include each other: {' -> '.join(str(p) for p in (*seen, path))}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+            raise UserError(f"config files include each other: {' -> '.join(str(p) for p in (*seen, path))}")
+        loaded = load_config_file(path) or {}
         if not isinstance(loaded, dict) or "config" not in loaded:
             return [str(path)]
         bases = loaded.pop("config")
@@ -225,7 +277,7 @@ def convert_main(argv: list[str]) -> None:
     module = cli.model
     adapter = module.model.adapter
     if not isinstance(adapter, ILoRA):
-        raise ValueError(
+        raise UserError(
             f"convert crab-lora needs model.adapter to be avmt.adapters.ILoRA, the config has {type(adapter).__name__}"
         )
     state = convert_crab_state_dict(load_tensors(Path(args.weights)), adapter, ignore_other_keys=args.ignore_other_keys)
@@ -270,7 +322,6 @@ COMMANDS: dict[str, str] = {
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m avmt``."""
-    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -280,20 +331,37 @@ def main(argv: list[str] | None = None) -> None:
             from avmt.data.datamodule import AVDataModule
             from avmt.module import AVModule
 
+            # sys.argv is left as typed: DDP's launcher re-runs it for the other ranks, which expand it alike
             argv = expand_config_bases(argv)
             check_plugins(argv)
-            if from_command_line:
-                sys.argv[1:] = argv
-            LightningCLI(
+            AVCLI(
                 AVModule,
                 AVDataModule,
                 save_config_callback=ConfigToTensorBoard,
                 save_config_kwargs={"overwrite": True},
-                args=None if from_command_line else argv,
+                args=argv,
             )
-    except USER_ERRORS as error:
-        if os.environ.get("AVMT_DEBUG"):
+    except Exception as error:
+        user_error = user_error_of(error)
+        if user_error is None or os.environ.get("AVMT_DEBUG"):
             raise
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"avmt: error: {message}", file=sys.stderr)
+        print(f"avmt: error: {user_error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def user_error_of(error: BaseException) -> BaseException | None:
+    """The user's mistake behind ``error``, or None when ``error`` is a bug (it then keeps its traceback).
+
+    ``error`` itself when it is one of :data:`USER_ERRORS`; jsonargparse reports a plugin's
+    :class:`UserError` under an ``Optional`` argument as a plain ``ValueError`` raised *from* it,
+    so the chain of causes of a ``ValueError`` is searched too.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, USER_ERRORS):
+            return error
+        if not isinstance(error, ValueError):
+            return None
+        seen.add(id(error))
+        error = error.__cause__
+    return None

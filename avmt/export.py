@@ -44,6 +44,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from avmt.errors import UserError
+
 __all__ = ["EXPORT_FORMAT", "SIDE_FILE", "build_module", "export_peft", "load_exported", "main"]
 
 EXPORT_FORMAT = "avmt-peft-export-1"
@@ -76,16 +78,14 @@ def build_module(configs: Sequence[str | Path]):
     import yaml
     from lightning.pytorch.cli import LightningCLI
 
-    from avmt.cli import expand_config_bases
+    from avmt.cli import expand_config_bases, load_config_file
     from avmt.data.datamodule import AVDataModule
     from avmt.module import AVModule
 
     args: list[str] = []
     for config in configs:
         path = Path(config)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = load_config_file(path) or {}
         if isinstance(loaded, dict) and any(key in loaded for key in _RUN_ONLY_KEYS):
             for key in _RUN_ONLY_KEYS:
                 loaded.pop(key, None)
@@ -114,9 +114,9 @@ def load_trained_module(ckpt: Path, configs: Sequence[str | Path], adapter_check
     try:
         checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-        raise ValueError(f"{ckpt} could not be read as a checkpoint ({type(error).__name__}: {error})") from error
+        raise UserError(f"{ckpt} could not be read as a checkpoint ({type(error).__name__}: {error})") from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"{ckpt} is not a Lightning checkpoint (no state_dict)")
+        raise UserError(f"{ckpt} is not a Lightning checkpoint (no state_dict)")
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"])
     module.eval()
@@ -136,7 +136,7 @@ def check_exportable(module) -> None:
 
     adapter = module.model.adapter
     if adapter is None:
-        raise ValueError(
+        raise UserError(
             "export peft: the run has no adapter (model.adapter: null); a peft adapter folder needs "
             "avmt.adapters.LoRA on the llm scope"
         )
@@ -144,12 +144,12 @@ def check_exportable(module) -> None:
         kind = {"ILoRA": "shared A with K token-routed B heads", "MoELoRA": "K LoRA experts behind a router"}.get(
             type(adapter).__name__, "not peft's LoRA"
         )
-        raise ValueError(
+        raise UserError(
             f"export peft: the run's adapter is {_class_path(adapter)} ({kind}), which peft's LoRA format cannot "
             "hold; only avmt.adapters.LoRA exports to peft (the avmt checkpoint itself keeps the adapter)"
         )
     if "llm" not in adapter.scopes:
-        raise ValueError(f"export peft: the LoRA adapter has no 'llm' scope (scopes: {adapter.scopes}); nothing of the LLM to export")
+        raise UserError(f"export peft: the LoRA adapter has no 'llm' scope (scopes: {adapter.scopes}); nothing of the LLM to export")
 
 
 # ---------------------------------------------------------------------------- the LLM pieces
@@ -207,7 +207,7 @@ def _trained_modules(lm: nn.Module, adapter) -> list[str]:
         if child in ("base", "base_layer") and isinstance(lm.get_submodule(parent_name), wrappers):
             module_name = parent_name  # the wrapped module keeps its transformers name in the plain model
         if module_name in lora_targets:
-            raise ValueError(
+            raise UserError(
                 f"export peft: {module_name} is trained both in full (llm.train_modules) and with LoRA; "
                 "peft's format cannot hold both"
             )

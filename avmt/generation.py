@@ -28,6 +28,8 @@ from typing import Any, Iterable, Sequence
 import torch
 from transformers import LogitsProcessor
 
+from avmt.errors import UserError
+
 __all__ = ["AnswerShape", "AnswerShapes", "ReasoningBudget", "sentence_end_ids"]
 
 _SENTENCE_SPLIT = re.compile(r"(?<=\.)\s+")
@@ -179,7 +181,7 @@ class ReasoningBudget(LogitsProcessor):
     def __init__(self, leads: Sequence[int | None], max_sentences: Sequence[int],
                  max_sentence_tokens: Sequence[int], end_ids: Sequence[int]) -> None:
         if not end_ids:
-            raise ValueError("ReasoningBudget needs at least one sentence-end token id")
+            raise UserError("ReasoningBudget needs at least one sentence-end token id")
         self.leads = list(leads)
         self.max_sentences = list(max_sentences)
         self.max_sentence_tokens = list(max_sentence_tokens)

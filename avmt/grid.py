@@ -51,6 +51,8 @@ from typing import Any
 
 import yaml
 
+from avmt.errors import UserError
+
 REPO = Path(__file__).resolve().parents[1]
 
 #: keys of a grid file -> what they mean (anything else is refused)
@@ -131,7 +133,7 @@ def override_flags(overrides: Any, where: str) -> list[str]:
         return [f"--{key}={format_value(value)}" for key, value in overrides.items()]
     if isinstance(overrides, list) and all(isinstance(item, str) for item in overrides):
         return [item if item.startswith("--") else f"--{item}" for item in overrides]
-    raise ValueError(f"{where}: expected a mapping of dotted keys to values or a list of '--key=value' strings")
+    raise UserError(f"{where}: expected a mapping of dotted keys to values or a list of '--key=value' strings")
 
 
 def find_config(reference: str, grid_path: Path, where: str) -> str:
@@ -152,42 +154,45 @@ def load_grid(path: Path) -> Grid:
     """Parse and check a grid file; every mistake names the file and the key."""
     if not path.is_file():
         raise FileNotFoundError(f"grid file not found: {path}")
-    loaded = yaml.safe_load(path.read_text()) or {}
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"grid file {path} is not valid YAML: {' '.join(str(error).split())}") from error
     if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: a grid file is a mapping with keys {', '.join(GRID_KEYS)}")
+        raise UserError(f"{path}: a grid file is a mapping with keys {', '.join(GRID_KEYS)}")
     unknown = sorted(set(loaded) - set(GRID_KEYS))
     if unknown:
-        raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; a grid file has {', '.join(GRID_KEYS)}")
+        raise UserError(f"{path}: unknown key(s) {', '.join(unknown)}; a grid file has {', '.join(GRID_KEYS)}")
     if "base" not in loaded:
-        raise ValueError(f"{path}: key 'base' is missing ({GRID_KEYS['base']})")
+        raise UserError(f"{path}: key 'base' is missing ({GRID_KEYS['base']})")
     bases = loaded["base"]
     bases = [bases] if isinstance(bases, str) else bases
     if not isinstance(bases, list) or not bases or not all(isinstance(b, str) for b in bases):
-        raise ValueError(f"{path}: key 'base' must be a YAML path or a non-empty list of them")
+        raise UserError(f"{path}: key 'base' must be a YAML path or a non-empty list of them")
     base_configs = [find_config(b, path, "base") for b in bases]
 
     commands = loaded.get("commands", ["fit"])
     commands = [commands] if isinstance(commands, str) else commands
     if not isinstance(commands, list) or not commands or any(c not in RESULTS_FILES for c in commands):
-        raise ValueError(f"{path}: key 'commands' must list some of {', '.join(RESULTS_FILES)}, got {commands!r}")
+        raise UserError(f"{path}: key 'commands' must list some of {', '.join(RESULTS_FILES)}, got {commands!r}")
 
     seeds = loaded.get("seeds")
     if seeds is not None and (not isinstance(seeds, list) or not seeds):
-        raise ValueError(f"{path}: key 'seeds' must be a non-empty list")
+        raise UserError(f"{path}: key 'seeds' must be a non-empty list")
     fixed = override_flags(loaded.get("overrides"), f"{path}: key 'overrides'")
 
     # each axis: a list of (value shown, extra -c files, extra flags)
     axes = loaded.get("axes") or {}
     if not isinstance(axes, dict):
-        raise ValueError(f"{path}: key 'axes' must be a mapping")
+        raise UserError(f"{path}: key 'axes' must be a mapping")
     axis_points: dict[str, list[tuple[Any, list[str], list[str]]]] = {}
     for axis, spec in axes.items():
         where = f"axes.{axis}"
         if axis == SEED_AXIS:
-            raise ValueError(f"{path}: {where}: '{SEED_AXIS}' is not an axis, use the 'seeds' key")
+            raise UserError(f"{path}: {where}: '{SEED_AXIS}' is not an axis, use the 'seeds' key")
         if isinstance(spec, list):
             if not spec:
-                raise ValueError(f"{path}: {where}: the list of values is empty")
+                raise UserError(f"{path}: {where}: the list of values is empty")
             axis_points[axis] = [(value, [], [f"--{axis}={format_value(value)}"]) for value in spec]
         elif isinstance(spec, dict) and set(spec) == {"variants"} and isinstance(spec["variants"], dict):
             points = []
@@ -196,20 +201,20 @@ def load_grid(path: Path) -> Grid:
                 if isinstance(variant_spec, (str, list)) and not isinstance(variant_spec, dict):
                     variant_spec = {"config": variant_spec}
                 if not isinstance(variant_spec, dict):
-                    raise ValueError(f"{path}: {variant_where}: expected a YAML path or {{config, overrides}}")
+                    raise UserError(f"{path}: {variant_where}: expected a YAML path or {{config, overrides}}")
                 bad = sorted(set(variant_spec) - set(VARIANT_KEYS))
                 if bad:
-                    raise ValueError(f"{path}: {variant_where}: unknown key(s) {', '.join(bad)}; "
+                    raise UserError(f"{path}: {variant_where}: unknown key(s) {', '.join(bad)}; "
                                      f"a variant has {', '.join(VARIANT_KEYS)}")
                 files = variant_spec.get("config") or []
                 files = [files] if isinstance(files, str) else files
                 configs = [find_config(f, path, variant_where) for f in files]
                 points.append((variant, configs, override_flags(variant_spec.get("overrides"), f"{path}: {variant_where}.overrides")))
             if not points:
-                raise ValueError(f"{path}: {where}.variants is empty")
+                raise UserError(f"{path}: {where}.variants is empty")
             axis_points[axis] = points
         else:
-            raise ValueError(f"{path}: {where}: expected a list of values (dotted config key) "
+            raise UserError(f"{path}: {where}: expected a list of values (dotted config key) "
                              f"or {{variants: {{NAME: config file(s) / {{config, overrides}}}}}}")
 
     runs: list[Run] = []
@@ -227,10 +232,10 @@ def load_grid(path: Path) -> Grid:
             runs.append(Run("__".join(parts) or "run", values, seed, configs, flags))
     duplicates = sorted({r.name for r in runs if sum(o.name == r.name for o in runs) > 1})
     if duplicates:
-        raise ValueError(f"{path}: key 'axes': several runs would share the folder name(s) {', '.join(duplicates)}")
+        raise UserError(f"{path}: key 'axes': several runs would share the folder name(s) {', '.join(duplicates)}")
     main_metrics = loaded.get("main_metrics") or {}
     if not isinstance(main_metrics, dict) or not all(isinstance(v, str) for v in main_metrics.values()):
-        raise ValueError(f"{path}: key 'main_metrics' must map task names to metric names")
+        raise UserError(f"{path}: key 'main_metrics' must map task names to metric names")
     transfer = check_transfer(loaded.get("transfer"), axis_points, path)
     name = str(loaded.get("name") or path.stem)
     feature_splits = check_features(loaded.get("features"), path) if "features" in loaded else None
@@ -241,10 +246,10 @@ def check_features(section: Any, path: Path) -> list[str]:
     """The grid file's ``features`` section: the splits to encode (default train and val)."""
     section = {} if section is None else section
     if not isinstance(section, dict) or set(section) - set(FEATURES_KEYS):
-        raise ValueError(f"{path}: key 'features' must be a mapping with key(s) {', '.join(FEATURES_KEYS)}, got {section!r}")
+        raise UserError(f"{path}: key 'features' must be a mapping with key(s) {', '.join(FEATURES_KEYS)}, got {section!r}")
     splits = section.get("splits", ["train", "val"])
     if not isinstance(splits, list) or not splits or not all(split in ("train", "val", "test") for split in splits):
-        raise ValueError(f"{path}: key 'features.splits' must list some of train, val, test, got {splits!r}")
+        raise UserError(f"{path}: key 'features.splits' must list some of train, val, test, got {splits!r}")
     return list(splits)
 
 
@@ -328,18 +333,18 @@ def check_transfer(section: Any, axis_points: dict[str, list[tuple]], path: Path
     if section is None:
         return None
     if not isinstance(section, dict) or set(section) != set(TRANSFER_KEYS):
-        raise ValueError(f"{path}: key 'transfer' must be a mapping with exactly the keys "
+        raise UserError(f"{path}: key 'transfer' must be a mapping with exactly the keys "
                          f"{', '.join(TRANSFER_KEYS)} ({GRID_KEYS['transfer']})")
     axis, multi = section["axis"], format_value(section["multi"])
     if axis not in axis_points:
-        raise ValueError(f"{path}: key 'transfer': axis {axis!r} is not an axis of the grid "
+        raise UserError(f"{path}: key 'transfer': axis {axis!r} is not an axis of the grid "
                          f"(axes: {', '.join(axis_points) or 'none'})")
     variants = [format_value(point[0]) for point in axis_points[axis]]
     if multi not in variants:
-        raise ValueError(f"{path}: key 'transfer': multi {multi!r} is not a variant of axis {axis!r} "
+        raise UserError(f"{path}: key 'transfer': multi {multi!r} is not a variant of axis {axis!r} "
                          f"(variants: {', '.join(variants)})")
     if len(variants) < 2:
-        raise ValueError(f"{path}: key 'transfer': axis {axis!r} needs single-task variants besides {multi!r}")
+        raise UserError(f"{path}: key 'transfer': axis {axis!r} needs single-task variants besides {multi!r}")
     return {"axis": str(axis), "multi": multi}
 
 

@@ -29,11 +29,14 @@ import logging
 import string
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from avmt.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +149,7 @@ def dataset_words(sources: Iterable[str]) -> list[str]:
                                     f"python -m avmt data convert is expected)")
         manifest = json.loads(path.read_text())
         if not isinstance(manifest, dict) or not isinstance(manifest.get("words"), list):
-            raise ValueError(f"model.llm.init_args.words_from: '{path}' is not a converted dataset's manifest (no words)")
+            raise UserError(f"model.llm.init_args.words_from: '{path}' is not a converted dataset's manifest (no words)")
         out.extend(str(word) for word in manifest["words"])
     return out
 
@@ -405,11 +408,11 @@ class CausalLM(nn.Module):
         super().__init__()
         if base_dtype is not None:
             if base_dtype not in _DTYPES or base_dtype == "float32":
-                raise ValueError(
+                raise UserError(
                     f"llm.base_dtype: {base_dtype!r} is not a reduced precision dtype; use bfloat16 or float16 (or null)"
                 )
             if torch_dtype != "float32":
-                raise ValueError(
+                raise UserError(
                     f"llm.base_dtype ({base_dtype}) keeps trained weights in float32 and needs torch_dtype: float32, "
                     f"got torch_dtype: {torch_dtype}; set one of the two"
                 )
@@ -423,7 +426,7 @@ class CausalLM(nn.Module):
         self.special_tokens = special_tokens
         if model is None:
             if architecture not in _ARCHITECTURES:
-                raise ValueError(
+                raise UserError(
                     f"unknown architecture {architecture!r}; choose one of {', '.join(_ARCHITECTURES)}"
                 )
             _check_dtype(torch_dtype)
@@ -546,7 +549,7 @@ class CausalLM(nn.Module):
         """The single id of ``token`` (e.g. ``"<video>"``); ValueError when it is not one token."""
         tid = self.tokenizer.convert_tokens_to_ids(token)
         if tid is None or (tid == self.tokenizer.unk_token_id and token != self.tokenizer.unk_token):
-            raise ValueError(
+            raise UserError(
                 f"{token!r} is not a token of this LLM's tokenizer; special tokens: {self.special_tokens}"
             )
         return int(tid)
@@ -684,7 +687,7 @@ class CausalLM(nn.Module):
             if not matched:
                 names = sorted({part for name, _ in self.model.named_parameters() for part in name.split(".")[:-1]
                                 if not part.isdigit()})
-                raise ValueError(f"llm.train_modules: {wanted!r} names no module of the LLM; module names: {', '.join(names)}")
+                raise UserError(f"llm.train_modules: {wanted!r} names no module of the LLM; module names: {', '.join(names)}")
             for p in matched:
                 p.requires_grad_(True)
         self._base_frozen = True
@@ -730,7 +733,7 @@ class CausalLM(nn.Module):
                 tok.add_tokens(added)
             tok.pad_token = state["pad_token"]
             if len(tok) != state["vocab_size"]:
-                raise ValueError(
+                raise UserError(
                     f"tokenizer {state['name_or_path']!r} rebuilt with {len(tok)} tokens, "
                     f"expected {state['vocab_size']}"
                 )
@@ -778,10 +781,10 @@ def _tiny_model(
 ) -> nn.Module:
     """A random ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` (torch RNG: deterministic under a seed)."""
     if hidden_size % num_heads != 0:
-        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+        raise UserError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
     kv = num_heads if num_kv_heads is None else num_kv_heads
     if num_heads % kv != 0:
-        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({kv})")
+        raise UserError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({kv})")
     common = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -806,7 +809,7 @@ def _tiny_model(
 
 def _check_dtype(torch_dtype: str) -> None:
     if torch_dtype != "auto" and torch_dtype not in _DTYPES:
-        raise ValueError(f"unknown torch_dtype {torch_dtype!r}; use one of {sorted(_DTYPES)} or 'auto'")
+        raise UserError(f"unknown torch_dtype {torch_dtype!r}; use one of {sorted(_DTYPES)} or 'auto'")
 
 
 def _load_pretrained(model: str, gguf_file: str | None, torch_dtype: str):
@@ -816,12 +819,21 @@ def _load_pretrained(model: str, gguf_file: str | None, torch_dtype: str):
     _check_dtype(torch_dtype)
     dtype = torch_dtype if torch_dtype == "auto" else _DTYPES[torch_dtype]
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    expected = ("a hub id or a local directory with a transformers checkpoint is expected; "
+                "set it to null for the tiny offline LLM")
+    if _names_a_local_path(model) and not Path(model).expanduser().exists():
+        # a FileNotFoundError (an OSError, as transformers raises): the CLI reports it in one line, exit 2
+        raise FileNotFoundError(f"model.llm.init_args.model: could not load the LLM {model!r}: no such directory "
+                                f"({expected})")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model, **kwargs)
         lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, **kwargs)
     except OSError as e:
-        raise OSError(
-            f"could not load the LLM {model!r} (a hub id or a local directory with a transformers "
-            f"checkpoint is expected; set llm init_args.model: null for the tiny offline one): {e}"
-        ) from e
+        reason = " ".join(str(e).split())
+        raise UserError(f"model.llm.init_args.model: could not load the LLM {model!r} ({expected}): {reason}") from e
     return tokenizer, lm
+
+
+def _names_a_local_path(model: str) -> bool:
+    """Whether ``model`` can only be a local path, not a hub id (``org/name``)."""
+    return model.startswith(("/", "./", "../", "~")) or model.count("/") > 1 or "\\" in model

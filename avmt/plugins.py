@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 import inspect
 
+from avmt.errors import UserError
+
 # kind -> (module holding the implementations, base class name in that module)
 PLUGIN_KINDS: dict[str, tuple[str, str]] = {
     "vision_encoder": ("avmt.encoders", "VisionEncoder"),
@@ -37,7 +39,7 @@ MODULE_ARGUMENTS: dict[str, str] = {
 def plugin_base(kind: str) -> type:
     """The base class of a plugin kind (``"connector"`` -> ``avmt.connectors.Connector``)."""
     if kind not in PLUGIN_KINDS:
-        raise ValueError(f"unknown plugin kind {kind!r}; kinds: {', '.join(sorted(PLUGIN_KINDS))}")
+        raise UserError(f"unknown plugin kind {kind!r}; kinds: {', '.join(sorted(PLUGIN_KINDS))}")
     module_name, base_name = PLUGIN_KINDS[kind]
     return getattr(importlib.import_module(module_name), base_name)
 
@@ -72,7 +74,7 @@ def check_class_path(kind: str, class_path: str, key: str) -> None:
             obj = None
     if isinstance(obj, type) and issubclass(obj, plugin_base(kind)):
         return
-    raise ValueError(
+    raise UserError(
         f"{key}: unknown {kind} plugin {class_path!r}. Available {kind} plugins: {', '.join(choices)} "
         f"(or any importable subclass of {PLUGIN_KINDS[kind][0]}.{PLUGIN_KINDS[kind][1]})"
     )

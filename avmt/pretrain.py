@@ -32,9 +32,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from avmt.errors import UserError
 from avmt.data import vocab
 from avmt.data.sample import Clip, segment_frames
+from avmt.errors import UserError
 
 FORMAT_VERSION = 1
 _PARTS = ("vision_encoder", "audio_encoder", "vision_connector", "audio_connector")
@@ -145,7 +145,7 @@ class MediaPretraining:
     ) -> None:
         for name, value in (("epochs", epochs), ("clips_per_batch", clips_per_batch), ("eval_clips", eval_clips)):
             if int(value) < 1:
-                raise ValueError(f"model.media_pretraining.{name} must be >= 1, got {value}")
+                raise UserError(f"model.media_pretraining.{name} must be >= 1, got {value}")
         self.epochs = int(epochs)
         self.learning_rate = float(learning_rate)
         self.clips_per_batch = int(clips_per_batch)
@@ -274,7 +274,7 @@ class MediaPretraining:
 def _segment_mean(tokens: torch.Tensor, segments: int, kind: str) -> torch.Tensor:
     """Connector tokens ``[C, T·k, D]`` -> the mean token of each segment ``[C, T, D]``."""
     if tokens.shape[1] % segments:
-        raise ValueError(f"media pretraining needs the {kind} connector to give k tokens per segment; it gives "
+        raise UserError(f"media pretraining needs the {kind} connector to give k tokens per segment; it gives "
                          f"{tokens.shape[1]} for {segments} segments (set model.media_pretraining: null)")
     return tokens.view(tokens.shape[0], segments, -1, tokens.shape[-1]).mean(dim=2)
 

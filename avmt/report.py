@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from avmt.errors import UserError
 from avmt.grid import GRID_JSON, STAGES, Run, format_value, main_score, read_results
 
 #: results stages in order of preference (test results, else validation results)
@@ -368,12 +369,12 @@ def write_transfer_report(run_dir: Path, axis: str | None = None, multi: str | N
     axis = axis if axis is not None else section.get("axis")
     multi = multi if multi is not None else section.get("multi")
     if axis is None or multi is None:
-        raise ValueError(f"{run_dir}: the grid has no 'transfer' section; pass --axis and --multi")
+        raise UserError(f"{run_dir}: the grid has no 'transfer' section; pass --axis and --multi")
     if axis not in description["axes"]:
-        raise ValueError(f"{run_dir}: {axis!r} is not an axis of the grid (axes: {', '.join(description['axes'])})")
+        raise UserError(f"{run_dir}: {axis!r} is not an axis of the grid (axes: {', '.join(description['axes'])})")
     rows = transfer_rows(run_dir, description, axis, multi)
     if not any(row.delta is not None for row in rows):
-        raise ValueError(f"{run_dir}: no finished multi-task/single-task pair ({axis}={multi} and a single-task "
+        raise UserError(f"{run_dir}: no finished multi-task/single-task pair ({axis}={multi} and a single-task "
                          f"variant of {axis} with results); run or finish the grid first")
     summaries = summarize(rows)
     markdown = transfer_markdown(description.get("name", run_dir.name), axis, multi, rows, summaries)

@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from avmt.errors import UserError
+
 DEFAULT_TARGET_MODULES: tuple[str, ...] = (
     "q_proj",
     "k_proj",
@@ -122,20 +124,20 @@ class Adapter(nn.Module):
         super().__init__()
         scopes = ["llm"] if scopes is None else list(scopes)
         if not scopes or not all(isinstance(s, str) and s and "." not in s for s in scopes):
-            raise ValueError(f"scopes must be a non-empty list of scope names without '.', got {scopes!r}")
+            raise UserError(f"scopes must be a non-empty list of scope names without '.', got {scopes!r}")
         if len(set(scopes)) != len(scopes):
-            raise ValueError(f"scopes contains duplicates: {scopes!r}")
+            raise UserError(f"scopes contains duplicates: {scopes!r}")
         if target_modules is None:
             target_modules = list(DEFAULT_TARGET_MODULES)
         if isinstance(target_modules, str):
-            raise ValueError(
+            raise UserError(
                 f"target_modules must be a list of patterns, got the string {target_modules!r}; "
                 f"write [{target_modules!r}] (use 're:<regex>' for a regular expression)"
             )
         if isinstance(target_modules, Mapping):
             unknown = sorted(set(target_modules) - set(scopes))
             if unknown:
-                raise ValueError(
+                raise UserError(
                     f"target_modules names scopes {unknown} that are not in scopes={scopes}"
                 )
             targets = {s: list(target_modules.get(s, DEFAULT_TARGET_MODULES)) for s in scopes}
@@ -143,21 +145,21 @@ class Adapter(nn.Module):
             targets = {s: list(target_modules) for s in scopes}
         for scope, pats in targets.items():
             if not pats:
-                raise ValueError(f"target_modules for scope {scope!r} is empty")
+                raise UserError(f"target_modules for scope {scope!r} is empty")
             for p in pats:
                 if not isinstance(p, str) or not p:
-                    raise ValueError(f"invalid target pattern {p!r} for scope {scope!r}")
+                    raise UserError(f"invalid target pattern {p!r} for scope {scope!r}")
                 if p.startswith("re:"):
                     try:
                         re.compile(p[3:])
                     except re.error as e:
-                        raise ValueError(f"invalid regular expression in target pattern {p!r}: {e}") from e
+                        raise UserError(f"invalid regular expression in target pattern {p!r}: {e}") from e
         if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise ValueError(f"r must be a positive integer, got {r!r}")
+            raise UserError(f"r must be a positive integer, got {r!r}")
         if not alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {alpha!r}")
+            raise UserError(f"alpha must be > 0, got {alpha!r}")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+            raise UserError(f"dropout must be in [0, 1), got {dropout!r}")
         self.scopes: list[str] = scopes
         self.target_modules: dict[str, list[str]] = targets
         self.r = r
@@ -185,7 +187,7 @@ class Adapter(nn.Module):
         matched = [n for n in candidates if any(match_target(p, n) for p in pats)]
         if not matched:
             shown = candidates if len(candidates) <= 40 else candidates[:40] + [f"... ({len(candidates)} in all)"]
-            raise ValueError(
+            raise UserError(
                 f"{type(self).__name__}: no linear module in scope {scope!r} "
                 f"({type(module).__name__}) matches target_modules={pats}. "
                 f"Linear modules found: {shown if shown else 'none'}. Patterns match the end of a "
@@ -217,7 +219,7 @@ class Adapter(nn.Module):
             raise RuntimeError(f"{type(self).__name__} was already applied to scopes {list(self._scope_modules)}")
         missing = [s for s in self.scopes if s not in scopes]
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"{type(self).__name__}: unknown scope(s) {missing}; scopes given: {sorted(scopes)}. "
                 f"Set the adapter's `scopes` to names among the given ones."
             )
@@ -392,7 +394,7 @@ def _check_keys(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.
     if bad_shapes:
         problems.append("shape mismatches " + "; ".join(bad_shapes[:10]))
     if problems:
-        raise ValueError(f"{who}.load_adapter_state_dict (strict): " + "; ".join(problems))
+        raise UserError(f"{who}.load_adapter_state_dict (strict): " + "; ".join(problems))
 
 
 def count_parameters(adapter: Adapter) -> dict[str, int]:

@@ -22,6 +22,8 @@ import torch
 
 from .ilora import ILoRA, ILoRALinear
 
+from avmt.errors import UserError
+
 __all__ = ["convert_crab_state_dict"]
 
 _KEY = re.compile(r"^(?P<layer>.+?)\.(?P<kind>lora_A|lora_B(?P<idx>\d+)|lora_route)(?:\.[A-Za-z_][\w-]*)?\.weight$")
@@ -40,9 +42,9 @@ def _match_layer(crab_layer: str, ours: dict[str, tuple[str, str]]) -> str:
             elif len(rel) == best_len:
                 best.append(full)
     if not best:
-        raise ValueError(f"convert_crab_state_dict: Crab layer {crab_layer!r} matches no I-LoRA layer of the adapter")
+        raise UserError(f"convert_crab_state_dict: Crab layer {crab_layer!r} matches no I-LoRA layer of the adapter")
     if len(best) > 1:
-        raise ValueError(f"convert_crab_state_dict: Crab layer {crab_layer!r} is ambiguous between {best}")
+        raise UserError(f"convert_crab_state_dict: Crab layer {crab_layer!r} is ambiguous between {best}")
     return best[0]
 
 
@@ -85,7 +87,7 @@ def convert_crab_state_dict(
         m = _KEY.match(key)
         if m is None:
             if ".lora_" in key or key.startswith("lora_"):
-                raise ValueError(
+                raise UserError(
                     f"convert_crab_state_dict: unrecognized LoRA key {key!r} (expected <layer>.lora_A.weight, "
                     f"<layer>.lora_B<i>.weight or <layer>.lora_route.weight)"
                 )
@@ -94,30 +96,30 @@ def convert_crab_state_dict(
         full = _match_layer(m["layer"], ours)
         prev = sources.setdefault(full, m["layer"])
         if prev != m["layer"]:
-            raise ValueError(
+            raise UserError(
                 f"convert_crab_state_dict: Crab layers {prev!r} and {m['layer']!r} both map to {full!r}"
             )
         g = groups[full]
         kind = m["kind"]
         if kind == "lora_A" or kind == "lora_route":
             if kind in g:
-                raise ValueError(f"convert_crab_state_dict: duplicate {kind} for layer {full!r} ({key!r})")
+                raise UserError(f"convert_crab_state_dict: duplicate {kind} for layer {full!r} ({key!r})")
             g[kind] = tensor
         else:
             idx = int(m["idx"])
             if idx in g["B"]:
-                raise ValueError(f"convert_crab_state_dict: duplicate lora_B{idx} for layer {full!r} ({key!r})")
+                raise UserError(f"convert_crab_state_dict: duplicate lora_B{idx} for layer {full!r} ({key!r})")
             g["B"][idx] = tensor
     if others and not ignore_other_keys:
         shown = sorted(others)[:10]
-        raise ValueError(
+        raise UserError(
             f"convert_crab_state_dict: {len(others)} key(s) are not I-LoRA weights, e.g. {shown}; "
             f"pass ignore_other_keys=True to skip them"
         )
     missing_layers = sorted(set(ours) - set(groups))
     if missing_layers:
         shown = missing_layers[:10] + ([f"... ({len(missing_layers)} in all)"] if len(missing_layers) > 10 else [])
-        raise ValueError(f"convert_crab_state_dict: no Crab weights for adapted layer(s) {shown}")
+        raise UserError(f"convert_crab_state_dict: no Crab weights for adapted layer(s) {shown}")
 
     out: dict[str, torch.Tensor] = {}
     for full, g in groups.items():
@@ -126,16 +128,16 @@ def convert_crab_state_dict(
         crab = sources[full]
         for kind in ("lora_A", "lora_route"):
             if kind not in g:
-                raise ValueError(f"convert_crab_state_dict: layer {full!r} (Crab {crab!r}) has no {kind}.weight")
+                raise UserError(f"convert_crab_state_dict: layer {full!r} (Crab {crab!r}) has no {kind}.weight")
         heads: dict[int, torch.Tensor] = g["B"]  # type: ignore[assignment]
         if sorted(heads) != list(range(len(heads))):
-            raise ValueError(
+            raise UserError(
                 f"convert_crab_state_dict: layer {full!r} (Crab {crab!r}) has heads lora_B{sorted(heads)}; "
                 f"expected lora_B0 .. lora_B{k - 1}"
             )
         if len(heads) != k:
             shape_b = tuple(next(iter(heads.values())).shape) if heads else ()
-            raise ValueError(
+            raise UserError(
                 f"convert_crab_state_dict: layer {full!r} (Crab {crab!r}): expected lora_B of shape "
                 f"{(k, d_out, r)} ({k} heads), found {(len(heads), *shape_b)} ({len(heads)} heads); "
                 f"set the adapter's num_heads={len(heads)} to load this checkpoint"
@@ -144,7 +146,7 @@ def convert_crab_state_dict(
         checks += [(f"lora_B{i}", heads[i], (d_out, r)) for i in range(k)]
         for name, t, expected in checks:
             if tuple(t.shape) != expected:
-                raise ValueError(
+                raise UserError(
                     f"convert_crab_state_dict: layer {full!r} (Crab {crab!r}) {name}.weight: "
                     f"expected shape {expected}, found {tuple(t.shape)}"
                 )

@@ -26,6 +26,8 @@ from torch import nn
 
 from .routing import RoutedAdapter, RoutedLoRALinear, route
 
+from avmt.errors import UserError
+
 __all__ = ["ILoRALinear", "ILoRA", "KERNELS"]
 
 KERNELS: tuple[str, ...] = ("auto", "triton", "torch")
@@ -57,7 +59,7 @@ def _auto_kernel():
 
 def _validate_kernel(kernel: str) -> None:
     if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {'|'.join(KERNELS)}, got {kernel!r}")
+        raise UserError(f"kernel must be one of {'|'.join(KERNELS)}, got {kernel!r}")
 
 
 class ILoRALinear(RoutedLoRALinear):

@@ -13,6 +13,8 @@ from torch import nn
 
 from .base import Adapter, _check_keys
 
+from avmt.errors import UserError
+
 if TYPE_CHECKING:  # peft (and transformers behind it) is imported lazily: `import avmt.adapters` stays light
     from peft import LoraConfig
 
@@ -49,7 +51,7 @@ class LoRA(Adapter):
     ) -> None:
         super().__init__(target_modules=target_modules, scopes=scopes, r=r, alpha=alpha, dropout=dropout)
         if not adapter_name or "." in adapter_name:
-            raise ValueError(f"adapter_name must be a non-empty name without '.', got {adapter_name!r}")
+            raise UserError(f"adapter_name must be a non-empty name without '.', got {adapter_name!r}")
         self.use_rslora = bool(use_rslora)
         self.adapter_name = adapter_name
         self._peft_configs: dict[str, LoraConfig] = {}
@@ -134,7 +136,7 @@ class LoRA(Adapter):
             result = set_peft_model_state_dict(module, sub, adapter_name=self.adapter_name)
             bad = [k for k in result.unexpected_keys]
             if bad:  # pragma: no cover - keys were checked above
-                raise ValueError(f"LoRA.load_adapter_state_dict: peft rejected keys {bad[:10]}")
+                raise UserError(f"LoRA.load_adapter_state_dict: peft rejected keys {bad[:10]}")
 
     # ------------------------------------------------------------------ peft export
     def export_peft(

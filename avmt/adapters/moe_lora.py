@@ -24,6 +24,8 @@ from torch import nn
 
 from .routing import RoutedAdapter, RoutedLoRALinear
 
+from avmt.errors import UserError
+
 __all__ = ["MoELoRALinear", "MoELoRA", "GATES"]
 
 GATES: tuple[str, ...] = ("token", "task")
@@ -31,9 +33,9 @@ GATES: tuple[str, ...] = ("token", "task")
 
 def _validate_gate(gate: str, num_tasks: int | None) -> None:
     if gate not in GATES:
-        raise ValueError(f"gate must be one of {'|'.join(GATES)}, got {gate!r}")
+        raise UserError(f"gate must be one of {'|'.join(GATES)}, got {gate!r}")
     if gate == "task" and (not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1):
-        raise ValueError(f"gate='task' needs num_tasks >= 1 (the number of tasks), got {num_tasks!r}")
+        raise UserError(f"gate='task' needs num_tasks >= 1 (the number of tasks), got {num_tasks!r}")
 
 
 class MoELoRALinear(RoutedLoRALinear):

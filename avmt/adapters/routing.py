@@ -11,6 +11,8 @@ from torch import nn
 
 from .base import AdaptedLayer, Adapter
 
+from avmt.errors import UserError
+
 __all__ = [
     "route",
     "router_aux_loss",
@@ -124,14 +126,14 @@ def validate_routing_args(
 ) -> None:
     """Raise ValueError naming the first invalid routing option (``count`` = K heads or experts)."""
     if not _is_int(count) or count < 1:
-        raise ValueError(f"{count_name} must be a positive integer, got {count!r}")
+        raise UserError(f"{count_name} must be a positive integer, got {count!r}")
     if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        raise UserError(f"temperature must be > 0, got {temperature!r}")
     if top_k is not None and (not _is_int(top_k) or not 1 <= top_k <= count):
-        raise ValueError(f"top_k must be None or an integer in [1, {count_name}={count}], got {top_k!r}")
+        raise UserError(f"top_k must be None or an integer in [1, {count_name}={count}], got {top_k!r}")
     for name, c in (("balance_coef", balance_coef), ("switch_coef", switch_coef), ("z_loss_coef", z_loss_coef)):
         if not c >= 0:
-            raise ValueError(f"{name} must be >= 0, got {c!r}")
+            raise UserError(f"{name} must be >= 0, got {c!r}")
 
 
 class RoutedLayer(AdaptedLayer):
@@ -279,11 +281,11 @@ class RoutedLoRALinear(RoutedLayer):
         if not isinstance(base, nn.Linear):
             raise TypeError(f"{type(self).__name__} adapts an nn.Linear, got {type(base).__name__}")
         if not _is_int(r) or r < 1:
-            raise ValueError(f"r must be a positive integer, got {r!r}")
+            raise UserError(f"r must be a positive integer, got {r!r}")
         if not alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {alpha!r}")
+            raise UserError(f"alpha must be > 0, got {alpha!r}")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+            raise UserError(f"dropout must be in [0, 1), got {dropout!r}")
         validate_routing_args(num_heads, temperature, top_k, balance_coef, switch_coef, z_loss_coef, count_name)
         self.base_layer = base
         self.in_features = base.in_features

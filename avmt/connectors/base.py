@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from avmt.errors import UserError
+
 
 class Connector(nn.Module):
     """Base class: lazy ``build(in_dim, out_dim)``, ``num_tokens``, forward contract."""
@@ -39,7 +41,7 @@ class Connector(nn.Module):
                 )
             return
         if in_dim < 1 or out_dim < 1:
-            raise ValueError(f"widths must be positive, got in_dim={in_dim}, out_dim={out_dim}")
+            raise UserError(f"widths must be positive, got in_dim={in_dim}, out_dim={out_dim}")
         self._build(in_dim, out_dim)
         self.in_dim, self.out_dim = in_dim, out_dim
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from avmt.connectors.base import Connector
+from avmt.errors import UserError
 
 
 class DirectConnector(Connector):
@@ -30,7 +31,7 @@ class DirectConnector(Connector):
     def __init__(self, tokens_per_segment: int = 4) -> None:
         super().__init__()
         if tokens_per_segment < 1:
-            raise ValueError(f"tokens_per_segment must be >= 1, got {tokens_per_segment}")
+            raise UserError(f"tokens_per_segment must be >= 1, got {tokens_per_segment}")
         self.tokens_per_segment = int(tokens_per_segment)
 
     def _build(self, in_dim: int, out_dim: int) -> None:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from avmt.connectors.base import Connector
+from avmt.errors import UserError
 
 
 class MLPConnector(Connector):
@@ -21,7 +22,7 @@ class MLPConnector(Connector):
     def __init__(self, tokens_per_segment: int = 4, hidden_size: int = 256) -> None:
         super().__init__()
         if tokens_per_segment < 1:
-            raise ValueError(f"tokens_per_segment must be >= 1, got {tokens_per_segment}")
+            raise UserError(f"tokens_per_segment must be >= 1, got {tokens_per_segment}")
         self.tokens_per_segment = int(tokens_per_segment)
         self.hidden_size = int(hidden_size)
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from avmt.connectors.base import Connector
+from avmt.errors import UserError
 
 
 class QFormerConnector(Connector):
@@ -41,9 +42,9 @@ class QFormerConnector(Connector):
     ) -> None:
         super().__init__()
         if num_queries < 1:
-            raise ValueError(f"num_queries must be >= 1, got {num_queries}")
+            raise UserError(f"num_queries must be >= 1, got {num_queries}")
         if hidden_size % num_heads != 0:
-            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+            raise UserError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
         self.num_queries = int(num_queries)
         self.hidden_size = int(hidden_size)
         self.num_layers = int(num_layers)

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+from avmt.errors import UserError
+
 __all__ = [
     "ANNOTATION_FORMAT",
     "ANNOTATION_VERSION",
@@ -98,42 +100,42 @@ def _positive_int(value: Any) -> bool:
 def validate_annotation(scene: Any) -> None:
     """Raise ``ValueError`` saying what is wrong when ``scene`` breaks the schema above."""
     if not is_annotation(scene):
-        raise ValueError(f"not an {ANNOTATION_FORMAT} annotation")
+        raise UserError(f"not an {ANNOTATION_FORMAT} annotation")
     missing = [key for key in _KEYS if key not in scene]
     if missing:
-        raise ValueError(f"annotation misses fields {missing}")
+        raise UserError(f"annotation misses fields {missing}")
     version = scene["version"]
     if version != ANNOTATION_VERSION:
         newer = isinstance(version, int) and version > ANNOTATION_VERSION
-        raise ValueError(
+        raise UserError(
             f"annotation version {version!r}; this avmt reads version {ANNOTATION_VERSION}"
             + (" (upgrade avmt)" if newer else " (convert the data again)")
         )
     for key in ("num_segments", "frames_per_segment", "sample_rate"):
         if not _positive_int(scene[key]):
-            raise ValueError(f"annotation {key} must be a positive int, got {scene[key]!r}")
+            raise UserError(f"annotation {key} must be a positive int, got {scene[key]!r}")
     if not isinstance(scene["segment_seconds"], (int, float)) or not scene["segment_seconds"] > 0:
-        raise ValueError(f"annotation segment_seconds must be > 0, got {scene['segment_seconds']!r}")
+        raise UserError(f"annotation segment_seconds must be > 0, got {scene['segment_seconds']!r}")
     size = scene["frame_size"]
     if not (isinstance(size, list) and len(size) == 2 and all(_positive_int(v) and v <= 8192 for v in size)):
-        raise ValueError(f"annotation frame_size must be [H, W] positive ints, got {size!r}")
+        raise UserError(f"annotation frame_size must be [H, W] positive ints, got {size!r}")
     objects = scene["objects"]
     if not isinstance(objects, list) or len(objects) > 255:
-        raise ValueError("annotation objects must be a list of at most 255 objects")
+        raise UserError("annotation objects must be a list of at most 255 objects")
     for i, obj in enumerate(objects):
         if not isinstance(obj, dict) or obj.get("id") != i or not isinstance(obj.get("class"), str):
-            raise ValueError(f"annotation object {i} must be {{'id': {i}, 'class': str}}, got {obj!r}")
+            raise UserError(f"annotation object {i} must be {{'id': {i}, 'class': str}}, got {obj!r}")
     frames = scene["num_segments"] * scene["frames_per_segment"]
     mask_frames = scene["mask_frames"]
     if not isinstance(mask_frames, list) or any(
         not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < frames for i in mask_frames
     ):
-        raise ValueError(f"annotation mask_frames must be frame indices in [0, {frames}), got {mask_frames!r}")
+        raise UserError(f"annotation mask_frames must be frame indices in [0, {frames}), got {mask_frames!r}")
     answers = scene["answers"]
     if not isinstance(answers, dict) or not answers or not all(isinstance(k, str) for k in answers):
-        raise ValueError("annotation answers must be a non-empty object keyed by task name")
+        raise UserError("annotation answers must be a non-empty object keyed by task name")
     if not isinstance(scene["media"], dict):
-        raise ValueError("annotation media must be an object")
+        raise UserError("annotation media must be an object")
 
 
 def annotation_words(value: Any) -> set[str]:

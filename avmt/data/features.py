@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 from avmt.data.sample import Clip, ClipFeatures, segment_frames
 from avmt.data.shards import CorruptSampleCounter, iter_clips, write_tar
+from avmt.errors import UserError
 
 if TYPE_CHECKING:  # imported lazily (the model pulls in transformers)
     from jsonargparse import ArgumentParser
@@ -116,12 +117,12 @@ def check_frozen(model: AVModel) -> None:
             continue
         key = f"model.{scope}_encoder.init_args.freeze"
         if not getattr(encoder, "frozen", False):
-            raise ValueError(
+            raise UserError(
                 f"the {scope} encoder is trainable ({key}: false), so its features cannot be cached: a cache "
                 f"would stand for weights that change during training. Set {key}: true to train on cached "
                 "features (or data.features: null to encode the media)"
             )
-        raise ValueError(
+        raise UserError(
             f"the adapter injects trainable weights into the frozen {scope} encoder ({trainable[0]}, ...): its "
             f"outputs change during training, so they cannot be cached. Remove {scope!r} from "
             "model.adapter.init_args.scopes (or set data.features: null to encode the media)"
@@ -229,7 +230,7 @@ def check_cache_matches(root: str | os.PathLike, model: AVModel) -> dict:
     manifest = read_feature_manifest(root)
     differences = fingerprint_differences(manifest["fingerprint"], encoder_fingerprint(model))
     if differences:
-        raise ValueError(
+        raise UserError(
             f"the feature cache '{root}' (data.features) was made by other encoders than this model's: "
             f"{'; '.join(differences)}. Rebuild it for this config with: {FEATURES_COMMAND.format(root=root)} "
             "(or set data.features: null to encode the media)"
@@ -276,10 +277,10 @@ def decode_features(data: bytes, where: str) -> tuple[Tensor, Tensor, dict[str, 
         (length,) = struct.unpack("<Q", data[:8])
         metadata = json.loads(data[8 : 8 + length]).get("__metadata__") or {}
     except Exception as exn:  # noqa: BLE001 - safetensors raises several types on bad bytes
-        raise ValueError(f"{where}: unreadable cached features ({exn})") from None
+        raise UserError(f"{where}: unreadable cached features ({exn})") from None
     if set(tensors) != {"vision", "audio"} or any(t.dim() != 3 for t in tensors.values()):
         shapes = {name: tuple(t.shape) for name, t in tensors.items()}
-        raise ValueError(f"{where}: expected cached features vision [T, P, D] and audio [T, Q, D], found {shapes}")
+        raise UserError(f"{where}: expected cached features vision [T, P, D] and audio [T, Q, D], found {shapes}")
     return tensors["vision"], tensors["audio"], metadata
 
 
@@ -313,14 +314,14 @@ def read_feature_manifest(root: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"feature cache '{root}' (data.features) not found: no {path}. Make it with: {command}")
     manifest = _load_manifest(root)
     if manifest is None:
-        raise ValueError(f"'{path}' is not the manifest of a feature cache (data.features); make one with: {command}")
+        raise UserError(f"'{path}' is not the manifest of a feature cache (data.features); make one with: {command}")
     if manifest.get("format_version") != FEATURES_FORMAT_VERSION:
-        raise ValueError(
+        raise UserError(
             f"the feature cache '{root}' is of format version {manifest.get('format_version')!r}; this avmt "
             f"reads version {FEATURES_FORMAT_VERSION}. Rebuild it with: {command}"
         )
     if not manifest.get("complete"):
-        raise ValueError(f"the feature cache '{root}' is incomplete (its writing was interrupted); "
+        raise UserError(f"the feature cache '{root}' is incomplete (its writing was interrupted); "
                          f"rerun the command that makes it to finish it: {command}")
     return manifest
 
@@ -347,7 +348,7 @@ class FeatureReader:
         manifest = read_feature_manifest(self.root)
         splits = manifest.get("splits", {})
         if split not in splits:
-            raise ValueError(
+            raise UserError(
                 f"the feature cache '{self.root}' (data.features) has no {split!r} split (it has "
                 f"{sorted(splits)}); add it with: {FEATURES_COMMAND.format(root=self.root)} --splits {split}"
             )
@@ -369,7 +370,7 @@ class FeatureReader:
                         if member.isfile() and member.name.endswith(suffix):
                             index[member.name[: -len(suffix)]] = (path, member.offset_data, member.size)
             except tarfile.TarError as exn:
-                raise ValueError(f"feature shard '{path}' of the cache '{self.root}' is unreadable ({exn}); rebuild "
+                raise UserError(f"feature shard '{path}' of the cache '{self.root}' is unreadable ({exn}); rebuild "
                                  f"the cache with: {FEATURES_COMMAND.format(root=self.root)}") from None
         return index
 
@@ -392,7 +393,7 @@ class FeatureReader:
         entry = self._index.get(clip.key)
         command = FEATURES_COMMAND.format(root=self.root)
         if entry is None:
-            raise ValueError(
+            raise UserError(
                 f"clip {clip.key!r} is not in the {self.split!r} split of the feature cache '{self.root}' "
                 f"(data.features; {len(self._index)} clips, made from other shards): rebuild it for this "
                 f"data with: {command} (or set data.features: null)"
@@ -404,7 +405,7 @@ class FeatureReader:
         where = f"clip {clip.key!r} in the feature cache '{self.root}' ({path.name})"
         vision, audio, metadata = decode_features(data, where)
         if metadata.get("media_sha256") != media_sha256(clip.frames, clip.audio, self.num_segments):
-            raise ValueError(
+            raise UserError(
                 f"{where}: the clip's media differ from the media its features were computed from (the "
                 f"shards changed since the cache was made): rebuild it with: {command} (or set data.features: null)"
             )
@@ -435,14 +436,14 @@ def _check_out(out: Path, shards: dict[str, list[Path]]) -> dict | None:
     """Refuse an ``--out`` folder that holds other data; return its feature manifest when it has one."""
     existing = _load_manifest(out)
     if existing is None and (out / MANIFEST).exists():
-        raise ValueError(f"--out '{out}' holds another manifest.json (not a feature cache's); choose another folder")
+        raise UserError(f"--out '{out}' holds another manifest.json (not a feature cache's); choose another folder")
     sources = {p.resolve().parent.parent for paths in shards.values() for p in paths}
     if out.resolve() in sources:
-        raise ValueError(f"--out '{out}' is the folder of the clip shards; write the feature cache to another folder")
+        raise UserError(f"--out '{out}' is the folder of the clip shards; write the feature cache to another folder")
     if existing is None:
         for split in shards:
             if any((out / split).glob("*.tar")):
-                raise ValueError(f"--out '{out}': '{out / split}' holds .tar files that are not a feature cache's; "
+                raise UserError(f"--out '{out}': '{out / split}' holds .tar files that are not a feature cache's; "
                                  "choose an empty folder")
     return existing
 
@@ -534,9 +535,9 @@ def write_features(
             bad ``batch_size`` / ``dtype``.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"--batch_size must be an int >= 1, got {batch_size!r}")
+        raise UserError(f"--batch_size must be an int >= 1, got {batch_size!r}")
     if dtype is not None and dtype not in STORAGE_DTYPES:
-        raise ValueError(f"--dtype must be one of {STORAGE_DTYPES} (or unset: the encoders' dtype), got {dtype!r}")
+        raise UserError(f"--dtype must be one of {STORAGE_DTYPES} (or unset: the encoders' dtype), got {dtype!r}")
     fingerprint = encoder_fingerprint(model)
     out = Path(out)
     previous = _check_out(out, shards)
@@ -655,7 +656,7 @@ def datamodule_shards(datamodule: AVDataModule, splits: Sequence[str]) -> dict[s
     """Split -> the clip shards the data module reads for it (generating AVSynth data when needed)."""
     unknown = [split for split in splits if split not in _STAGE_OF_SPLIT]
     if unknown or not splits:
-        raise ValueError(f"--splits: unknown split(s) {unknown or splits}; choose from {list(_STAGE_OF_SPLIT)}")
+        raise UserError(f"--splits: unknown split(s) {unknown or splits}; choose from {list(_STAGE_OF_SPLIT)}")
     datamodule.features = None  # read the media, not an (older) cache
     datamodule.prepare_data()
     shards: dict[str, list[Path]] = {}

@@ -111,27 +111,27 @@ class MediaConfig:
 
     def __post_init__(self) -> None:
         if int(self.num_segments) != self.num_segments or self.num_segments < 1:
-            raise ValueError(f"num_segments must be a positive integer, got {self.num_segments!r}")
+            raise UserError(f"num_segments must be a positive integer, got {self.num_segments!r}")
         if not self.segment_seconds > 0:
-            raise ValueError(f"segment_seconds must be > 0, got {self.segment_seconds!r}")
+            raise UserError(f"segment_seconds must be > 0, got {self.segment_seconds!r}")
         if int(self.frames_per_segment) != self.frames_per_segment or self.frames_per_segment < 1:
-            raise ValueError(
+            raise UserError(
                 f"frames_per_segment must be a positive integer, got {self.frames_per_segment!r}"
             )
         if self.frame_sampling not in _FRAME_SAMPLING:
-            raise ValueError(f"frame_sampling must be one of {_FRAME_SAMPLING}, got {self.frame_sampling!r}")
+            raise UserError(f"frame_sampling must be one of {_FRAME_SAMPLING}, got {self.frame_sampling!r}")
         if int(self.image_size) != self.image_size or self.image_size < 1:
-            raise ValueError(f"image_size must be a positive integer, got {self.image_size!r}")
+            raise UserError(f"image_size must be a positive integer, got {self.image_size!r}")
         if self.resize not in _RESIZE:
-            raise ValueError(f"resize must be one of {_RESIZE}, got {self.resize!r}")
+            raise UserError(f"resize must be one of {_RESIZE}, got {self.resize!r}")
         if int(self.sample_rate) != self.sample_rate or self.sample_rate < 1:
-            raise ValueError(f"sample_rate must be a positive integer, got {self.sample_rate!r}")
+            raise UserError(f"sample_rate must be a positive integer, got {self.sample_rate!r}")
         if self.audio_window_seconds is not None and not self.audio_window_seconds > 0:
-            raise ValueError(f"audio_window_seconds must be > 0 or None, got {self.audio_window_seconds!r}")
+            raise UserError(f"audio_window_seconds must be > 0 or None, got {self.audio_window_seconds!r}")
         if self.missing_audio not in _MISSING_AUDIO:
-            raise ValueError(f"missing_audio must be one of {_MISSING_AUDIO}, got {self.missing_audio!r}")
+            raise UserError(f"missing_audio must be one of {_MISSING_AUDIO}, got {self.missing_audio!r}")
         if self.num_samples < self.num_segments:
-            raise ValueError(
+            raise UserError(
                 f"{self.num_segments} segments of {self.segment_seconds} s at {self.sample_rate} Hz "
                 f"give fewer than one audio sample per segment"
             )
@@ -263,9 +263,9 @@ def decode_clip(
     config = config or MediaConfig()
     start = 0.0 if start is None else float(start)
     if not start >= 0:
-        raise ValueError(f"start must be >= 0 seconds, got {start!r}")
+        raise UserError(f"start must be >= 0 seconds, got {start!r}")
     if end is not None and not float(end) > start:
-        raise ValueError(f"end ({end!r}) must be after start ({start!r})")
+        raise UserError(f"end ({end!r}) must be after start ({start!r})")
     try:
         container = av.open(os.fspath(path), metadata_errors="ignore")
     except FileNotFoundError as exc:

@@ -27,6 +27,7 @@ from torch.utils.data import IterableDataset
 
 from avmt.data.media import MediaConfig, MediaError, decode_clip
 from avmt.data.sample import Clip, ClipGroup, MediaRef, TaskSample
+from avmt.errors import UserError
 from avmt.tasks import TASKS, get_task
 
 __all__ = ["Request", "RequestDataset", "load_requests", "INSTRUCTION"]
@@ -57,26 +58,26 @@ def _entries(path: Path) -> list[Any]:
         try:
             return json.loads(text)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error})") from None
+            raise UserError(f"{path}: not valid JSON ({error})") from None
     entries = []
     for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:
                 entries.append(json.loads(line))
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({error})") from None
+                raise UserError(f"{path}, line {number}: not valid JSON ({error})") from None
     return entries
 
 
 def _question(task_name: str, entry: dict, where: str) -> str:
     task = get_task(task_name)
     if task.num_clips != 1:
-        raise ValueError(f"{where}: task {task_name!r} compares {task.num_clips} clips; a request names one clip")
+        raise UserError(f"{where}: task {task_name!r} compares {task.num_clips} clips; a request names one clip")
     prompt = task.prompts[0]
     slots = [name for _, name, _, _ in string.Formatter().parse(prompt) if name]
     missing = [name for name in slots if name not in entry]
     if missing:
-        raise ValueError(f"{where}: task {task_name!r} asks about {missing}: add the key(s) to the request")
+        raise UserError(f"{where}: task {task_name!r} asks about {missing}: add the key(s) to the request")
     return prompt.format(**{name: entry[name] for name in slots})
 
 
@@ -94,9 +95,9 @@ def load_requests(path: str | Path) -> list[Request]:
     for index, entry in enumerate(_entries(path)):
         where = f"{path}, request {index}"
         if not isinstance(entry, dict):
-            raise ValueError(f"{where}: expected an object with 'task' or 'instruction' and media paths")
+            raise UserError(f"{where}: expected an object with 'task' or 'instruction' and media paths")
         if ("task" in entry) == ("instruction" in entry):
-            raise ValueError(f"{where}: give exactly one of 'task' and 'instruction'")
+            raise UserError(f"{where}: give exactly one of 'task' and 'instruction'")
         media = {}
         for key in ("video", "audio"):
             if entry.get(key) is not None:
@@ -105,11 +106,11 @@ def load_requests(path: str | Path) -> list[Request]:
                     raise FileNotFoundError(f"{where}: {key} file {file} does not exist")
                 media[key] = file
         if not media:
-            raise ValueError(f"{where}: name a 'video' and/or an 'audio' file")
+            raise UserError(f"{where}: name a 'video' and/or an 'audio' file")
         if "task" in entry:
             name = str(entry["task"])
             if name not in TASKS:
-                raise ValueError(f"{where}: unknown task {name!r}; available tasks: {', '.join(sorted(TASKS))}")
+                raise UserError(f"{where}: unknown task {name!r}; available tasks: {', '.join(sorted(TASKS))}")
             question = _question(name, entry, where)
         else:
             name, question = INSTRUCTION, str(entry["instruction"])
@@ -119,7 +120,7 @@ def load_requests(path: str | Path) -> list[Request]:
             fields={k: v for k, v in entry.items() if k not in _KEYS},
         ))
     if not requests:
-        raise ValueError(f"{path}: the request file holds no request")
+        raise UserError(f"{path}: the request file holds no request")
     return requests
 
 
@@ -160,14 +161,14 @@ class RequestDataset(IterableDataset):
             try:
                 clip, available = self._clip(request)
             except MediaError as error:
-                raise ValueError(f"request {request.id!r}: {error}") from error
+                raise UserError(f"request {request.id!r}: {error}") from error
             if request.task == INSTRUCTION:
                 inputs = available
             else:
                 inputs = list(get_task(request.task).inputs)
                 lacking = [p for p in inputs if p != "<image>" and p not in available]
                 if lacking:
-                    raise ValueError(f"request {request.id!r}: task {request.task!r} needs {lacking}; "
+                    raise UserError(f"request {request.id!r}: task {request.task!r} needs {lacking}; "
                                      "name the media file(s)")
             media = tuple(MediaRef(p, 0, int(request.fields.get("segment", 0)) if p == "<image>" else None)
                           for p in inputs)

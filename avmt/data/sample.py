@@ -60,7 +60,7 @@ def segment_frames(num_frames: int, num_segments: int) -> list[int]:
     to. ``num_frames`` must be a multiple of ``num_segments`` (F frames per segment).
     """
     if num_segments < 1 or num_frames < num_segments or num_frames % num_segments:
-        raise ValueError(f"{num_frames} frames do not split into {num_segments} segments of equal length")
+        raise UserError(f"{num_frames} frames do not split into {num_segments} segments of equal length")
     per = num_frames // num_segments
     return [t * per + per // 2 for t in range(num_segments)]
 
@@ -377,11 +377,11 @@ def _collate_features(clips: Sequence[Clip]) -> tuple[Tensor | None, Tensor | No
         return None, None, None
     if len(cached) != len(clips):
         raw = [clip.key for clip in clips if clip.features is None]
-        raise ValueError(f"clips {raw[:3]} have no cached features while {cached[0].key!r} has: a batch "
+        raise UserError(f"clips {raw[:3]} have no cached features while {cached[0].key!r} has: a batch "
                          "is encoded from cached features or from media, not both")
     caches = sorted({clip.features.cache for clip in cached})
     if len(caches) > 1:
-        raise ValueError(f"one batch holds cached features of several caches ({caches}); use one data.features")
+        raise UserError(f"one batch holds cached features of several caches ({caches}); use one data.features")
     return (torch.stack([clip.features.vision for clip in cached]),
             torch.stack([clip.features.audio for clip in cached]), caches[0])
 
@@ -392,7 +392,7 @@ def _collate_values(name: str, rule: str, values: list[Tensor], owners: list[str
         if len(shapes) > 1:
             first = tuple(values[0].shape)
             odd = next(i for i, v in enumerate(values) if tuple(v.shape) != first)
-            raise ValueError(
+            raise UserError(
                 f"dense target {name!r}: {owners[odd]} has shape {tuple(values[odd].shape)} but {owners[0]} "
                 f"has {first}; a batch stacks one shape (the clips of a batch must share their frame size)"
             )

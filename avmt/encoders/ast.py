@@ -30,6 +30,7 @@ from avmt.encoders.spectrogram import (
     tiny_feature_extractor,
 )
 from avmt.encoders.windowed import WindowedAudioEncoder, check_sample_rate
+from avmt.errors import UserError
 
 # Kaldi's filter bank as ASTFeatureExtractor computes it (torchaudio.compliance.kaldi.fbank
 # defaults): 25 ms frames every 10 ms without centering, DC offset removed, pre-emphasis 0.97,
@@ -167,7 +168,7 @@ class ASTAudioEncoder(WindowedAudioEncoder):
                 attention_probs_dropout_prob=0.0,
             )
             if min(num_mel_bins, max_frames) < config.patch_size:
-                raise ValueError(
+                raise UserError(
                     f"num_mel_bins ({num_mel_bins}) and max_frames ({max_frames}) must be at least AST's "
                     f"patch size ({config.patch_size})"
                 )
@@ -188,7 +189,7 @@ class ASTAudioEncoder(WindowedAudioEncoder):
         self.fbank = KaldiFbank(extractor)
         cfg = self.backbone.config
         if (self.fbank.num_mel_bins, self.fbank.max_length) != (cfg.num_mel_bins, cfg.max_length):
-            raise ValueError(
+            raise UserError(
                 f"model: the feature extractor of {model!r} makes {self.fbank.max_length} frames x "
                 f"{self.fbank.num_mel_bins} mel bins but the AST takes {cfg.max_length} x {cfg.num_mel_bins}"
             )
@@ -229,7 +230,7 @@ def _load_ast(model: str, dtype: str) -> nn.Module:
     """Load an AST checkpoint with ``AutoModel`` (an ``ASTModel``)."""
     loaded = load_pretrained(model, dtype, "audio", "Audio Spectrogram Transformer")
     if getattr(loaded.config, "model_type", None) != "audio-spectrogram-transformer":
-        raise ValueError(
+        raise UserError(
             f"model: {model!r} ({type(loaded).__name__}) is not an Audio Spectrogram Transformer checkpoint"
         )
     return loaded

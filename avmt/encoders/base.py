@@ -16,6 +16,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from avmt.errors import UserError
+
 
 class Encoder(nn.Module):
     """Base class of the encoders.
@@ -110,7 +112,7 @@ _DTYPES = {
 def torch_dtype(name: str) -> torch.dtype:
     """``"float32"`` / ``"bfloat16"`` / ``"float16"`` (or fp32/bf16/fp16) -> torch dtype."""
     if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}")
+        raise UserError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}")
     return _DTYPES[name]
 
 
@@ -121,7 +123,7 @@ def check_heads(hidden_size: int, num_heads: int) -> None:
         ValueError: ``hidden_size`` is not a multiple of ``num_heads``.
     """
     if hidden_size % num_heads != 0:
-        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+        raise UserError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
 
 
 def load_pretrained(

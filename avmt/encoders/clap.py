@@ -39,6 +39,7 @@ from avmt.encoders.spectrogram import (
     tiny_feature_extractor,
 )
 from avmt.encoders.windowed import WindowedAudioEncoder, check_sample_rate
+from avmt.errors import UserError
 
 _PADDINGS = ("repeatpad", "repeat", "pad")
 _POWER_FLOOR = 1e-10  # ClapFeatureExtractor's mel floor before converting to dB (reference power 1.0)
@@ -60,7 +61,7 @@ class ClapLogMel(nn.Module):
     def __init__(self, extractor) -> None:
         super().__init__()
         if extractor.padding not in _PADDINGS:
-            raise ValueError(f"ClapFeatureExtractor padding {extractor.padding!r} is not one of {_PADDINGS}")
+            raise UserError(f"ClapFeatureExtractor padding {extractor.padding!r} is not one of {_PADDINGS}")
         self.n_fft = int(extractor.fft_window_size)
         self.hop_length = int(extractor.hop_length)
         self.num_samples = int(extractor.nb_max_samples)
@@ -136,11 +137,11 @@ class CLAPAudioEncoder(WindowedAudioEncoder):
         if model is None:
             stages = len(depths)
             if stages < 1 or len(num_heads) != stages:
-                raise ValueError(
+                raise UserError(
                     f"depths {tuple(depths)} and num_heads {tuple(num_heads)} need one entry per stage"
                 )
             if hidden_size % 2 ** (stages - 1) != 0:
-                raise ValueError(
+                raise UserError(
                     f"hidden_size ({hidden_size}) must be divisible by 2^(stages - 1) = {2 ** (stages - 1)}"
                 )
             config = ClapAudioConfig(
@@ -179,12 +180,12 @@ class CLAPAudioEncoder(WindowedAudioEncoder):
         config = self.backbone.config
         max_frames = tower.spec_size * tower.freq_ratio
         if self.log_mel.num_mel_bins != config.num_mel_bins:
-            raise ValueError(
+            raise UserError(
                 f"model: the feature extractor of {model!r} makes {self.log_mel.num_mel_bins} mel bins but "
                 f"the CLAP audio tower takes {config.num_mel_bins}"
             )
         if self.log_mel.num_frames > max_frames:
-            raise ValueError(
+            raise UserError(
                 f"model: the feature extractor of {model!r} makes {self.log_mel.num_frames} frames but the "
                 f"CLAP audio tower takes at most {max_frames} (spec_size {tower.spec_size} x freq_ratio "
                 f"{tower.freq_ratio})"
@@ -250,4 +251,4 @@ def _clap_audio_tower(model: str, dtype: torch.dtype) -> nn.Module:
         return ClapModel.from_pretrained(model, dtype=dtype).audio_model
     if model_type == "clap_audio_model":
         return ClapAudioModel.from_pretrained(model, dtype=dtype)
-    raise ValueError(f"model: {model!r} (model_type {model_type!r}) is not a CLAP checkpoint")
+    raise UserError(f"model: {model!r} (model_type {model_type!r}) is not a CLAP checkpoint")

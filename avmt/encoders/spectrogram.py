@@ -20,6 +20,8 @@ import math
 
 import torch
 
+from avmt.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -93,7 +95,7 @@ def load_feature_extractor(model: str, expected: type, default_kwargs: dict):
         )
         return expected(**default_kwargs)
     if not isinstance(extractor, expected):
-        raise ValueError(
+        raise UserError(
             f"model: {model!r} has a {type(extractor).__name__} feature extractor, but this encoder computes "
             f"{expected.__name__} features"
         )

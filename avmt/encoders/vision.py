@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from avmt.encoders.base import VisionEncoder, check_heads, load_pretrained
+from avmt.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def _as_int(v: int | list[int] | tuple[int, ...]) -> int:
     """A square size from an int or an ``[h, w]`` pair (non-square sizes are rejected)."""
     if isinstance(v, (list, tuple)):
         if len(set(v)) != 1:
-            raise ValueError(f"only square image/patch sizes are supported, got {v}")
+            raise UserError(f"only square image/patch sizes are supported, got {v}")
         return int(v[0])
     return int(v)
 
@@ -119,7 +120,7 @@ class ViTVisionEncoder(VisionEncoder):
             from transformers import ViTConfig, ViTModel
 
             if image_size % patch_size != 0:
-                raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
+                raise UserError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
             check_heads(hidden_size, num_heads)
             config = ViTConfig(
                 image_size=image_size,
@@ -142,7 +143,7 @@ class ViTVisionEncoder(VisionEncoder):
         cfg = self.backbone.config
         layers = getattr(cfg, "num_hidden_layers", None)  # hidden states: the embeddings + one per layer
         if layers is not None and not -layers - 1 <= self.select_layer <= layers:
-            raise ValueError(
+            raise UserError(
                 f"select_layer={select_layer} is out of range for a backbone with {layers} layers "
                 f"({layers + 1} hidden states: use -1 .. -{layers + 1} or 0 .. {layers})"
             )
@@ -158,7 +159,7 @@ class ViTVisionEncoder(VisionEncoder):
         if image_std is not None:
             std = tuple(image_std)
         if len(mean) != 3 or len(std) != 3:
-            raise ValueError(f"image_mean/image_std need 3 values, got {mean} / {std}")
+            raise UserError(f"image_mean/image_std need 3 values, got {mean} / {std}")
         mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self.register_buffer("pixel_mean", mean_t, persistent=False)
@@ -216,7 +217,7 @@ def _load_vision_tower(model: str, dtype: str) -> nn.Module:
     if tower is None:
         tower = loaded
     if not hasattr(tower.config, "image_size") or not hasattr(tower.config, "patch_size"):
-        raise ValueError(
+        raise UserError(
             f"{model!r} ({type(tower).__name__}) is not a ViT-like vision model (no image_size/patch_size)"
         )
     return tower

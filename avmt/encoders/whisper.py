@@ -29,6 +29,7 @@ from avmt.encoders.spectrogram import (
     tiny_feature_extractor,
 )
 from avmt.encoders.windowed import WindowedAudioEncoder, check_sample_rate
+from avmt.errors import UserError
 
 # Whisper's conv stem (conv1 stride 1, conv2 stride 2) halves the frame rate:
 # max_source_positions = mel frames / 2.
@@ -164,12 +165,12 @@ class WhisperAudioEncoder(WindowedAudioEncoder):
         if model is None:
             check_heads(hidden_size, num_heads)
             if chunk_length_s < 1:
-                raise ValueError(f"chunk_length_s must be >= 1, got {chunk_length_s}")
+                raise UserError(f"chunk_length_s must be >= 1, got {chunk_length_s}")
             extractor = tiny_feature_extractor(
                 WhisperFeatureExtractor, sample_rate, feature_size=num_mel_bins, chunk_length=int(chunk_length_s)
             )
             if extractor.nb_max_frames % _STEM_STRIDE != 0:
-                raise ValueError(
+                raise UserError(
                     f"chunk_length_s={chunk_length_s} gives {extractor.nb_max_frames} mel frames, which "
                     f"Whisper's stride-{_STEM_STRIDE} conv stem cannot halve"
                 )
@@ -233,7 +234,7 @@ def _load_whisper_encoder(model: str, dtype: str) -> nn.Module:
     config = getattr(encoder, "config", None)
     fields = ("max_source_positions", "num_mel_bins", "d_model")
     if not all(hasattr(config, name) for name in fields) or not hasattr(encoder, "embed_positions"):
-        raise ValueError(f"model: {model!r} ({type(loaded).__name__}) is not a Whisper checkpoint")
+        raise UserError(f"model: {model!r} ({type(loaded).__name__}) is not a Whisper checkpoint")
     disable_training_noise(encoder)
     return encoder
 
@@ -247,12 +248,12 @@ def _check_extractor_fits(backbone: nn.Module, log_mel: WhisperLogMel, model: st
     config = backbone.config
     expected_frames = config.max_source_positions * backbone.conv1.stride[0] * backbone.conv2.stride[0]
     if log_mel.num_mel_bins != config.num_mel_bins:
-        raise ValueError(
+        raise UserError(
             f"model: the feature extractor of {model!r} makes {log_mel.num_mel_bins} mel bins but the "
             f"encoder takes {config.num_mel_bins}"
         )
     if log_mel.chunk_frames != expected_frames:
-        raise ValueError(
+        raise UserError(
             f"model: the feature extractor of {model!r} makes {log_mel.chunk_frames} frames (chunk_length "
             f"{log_mel.num_samples} samples) but the encoder takes exactly {expected_frames}"
         )

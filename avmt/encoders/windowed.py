@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from avmt.encoders.base import AudioEncoder
+from avmt.errors import UserError
 
 
 class WindowedAudioEncoder(AudioEncoder):
@@ -39,9 +40,9 @@ class WindowedAudioEncoder(AudioEncoder):
     def __init__(self, model: str | None, tokens_per_segment: int, window_seconds: float | None = None) -> None:
         super().__init__()
         if tokens_per_segment < 1:
-            raise ValueError(f"tokens_per_segment must be >= 1, got {tokens_per_segment}")
+            raise UserError(f"tokens_per_segment must be >= 1, got {tokens_per_segment}")
         if window_seconds is not None and not window_seconds > 0:
-            raise ValueError(f"window_seconds must be > 0 or None, got {window_seconds!r}")
+            raise UserError(f"window_seconds must be > 0 or None, got {window_seconds!r}")
         self.window_seconds = window_seconds
         self.model_name = model
         self.pretrained = model is not None
@@ -94,7 +95,7 @@ class WindowedAudioEncoder(AudioEncoder):
         if audio.dim() != 2:
             raise ValueError(f"audio must be [B, S], got shape {tuple(audio.shape)}")
         if sample_rate is not None and int(sample_rate) != self.sample_rate:
-            raise ValueError(
+            raise UserError(
                 f"audio at {sample_rate} Hz but the audio encoder expects {self.sample_rate} Hz; {self.resample_hint}"
             )
         segments = int(num_segments)
@@ -125,13 +126,13 @@ class WindowedAudioEncoder(AudioEncoder):
         """
         name = type(self).__name__
         if window < self.min_window_samples:
-            raise ValueError(
+            raise UserError(
                 f"audio windows of {window} samples ({samples} samples / {segments} segments) are shorter "
                 f"than {name}'s receptive field ({self.min_window_samples} samples per window)"
             )
         longest = self.max_window_samples
         if longest is not None and window > longest:
-            raise ValueError(
+            raise UserError(
                 f"audio windows of {window} samples ({samples} samples / {segments} segments) are longer "
                 f"than the {longest} samples ({longest / self.sample_rate:g} s) that {name}'s backbone "
                 f"takes; use more num_segments or a checkpoint with a longer input"
@@ -167,7 +168,7 @@ def check_sample_rate(requested: int | None, extractor_rate: int, model: str | N
     """
     problem = None if requested is None else sample_rate_mismatch(requested, extractor_rate, model)
     if problem is not None:
-        raise ValueError(
+        raise UserError(
             f"{problem}; resample the audio to {extractor_rate} Hz (or leave sample_rate unset)"
         )
     return int(extractor_rate)

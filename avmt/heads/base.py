@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from avmt.errors import UserError
 from avmt.outputs import EncodedMedia
 
 
@@ -51,7 +52,7 @@ class Head(nn.Module):
                 raise RuntimeError(f"{type(self).__name__} already built for {self.dims}, cannot rebuild for {dims}")
             return
         if min(dims) < 1:
-            raise ValueError(f"widths must be positive, got {dims}")
+            raise UserError(f"widths must be positive, got {dims}")
         self._build(*dims)
         self.dims = dims
 

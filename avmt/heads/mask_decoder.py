@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from avmt.errors import UserError
 from avmt.heads.base import Head
 from avmt.outputs import EncodedMedia
 
@@ -53,9 +54,9 @@ class MaskDecoderHead(Head):
         super().__init__(token)
         for name, value in (("hidden_size", hidden_size), ("pixel_channels", pixel_channels)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+                raise UserError(f"{name} must be a positive int, got {value!r}")
         if audio not in AUDIO_MODES:
-            raise ValueError(f"audio must be one of {AUDIO_MODES}, got {audio!r}")
+            raise UserError(f"audio must be one of {AUDIO_MODES}, got {audio!r}")
         self.hidden_size = hidden_size
         self.pixel_channels = pixel_channels
         self.audio = audio

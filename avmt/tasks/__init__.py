@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from avmt.data.sample import TaskSample
+from avmt.errors import UserError
 from avmt.tasks.base import Task
 
 __all__ = ["TASKS", "register_task", "get_task", "list_tasks", "task_ids", "num_task_ids", "all_words",
@@ -62,7 +63,7 @@ def get_task(name: str, **kwargs: Any) -> Task:
         ValueError: unknown name (the message lists the available tasks).
     """
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; available tasks: {', '.join(list_tasks())}")
+        raise UserError(f"unknown task {name!r}; available tasks: {', '.join(list_tasks())}")
     return TASKS[name](**kwargs)
 
 

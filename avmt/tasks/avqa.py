@@ -26,6 +26,7 @@ from torchmetrics import MetricCollection
 from avmt.data.labels import MUSIC_AVQA_ANSWERS
 from avmt.data.sample import Clip, SampleError
 from avmt.data.vocab import CLASSES, NUMBER_WORDS, POSITIONS
+from avmt.errors import UserError
 from avmt.intervals import intersect_ranges, merge_ranges, ranges_onset, ranges_total
 from avmt.tasks import register_task
 from avmt.tasks.base import Task, TaskParts
@@ -514,7 +515,7 @@ def question_modality(qtype: str) -> str:
     for modality in sorted(MODALITIES, key=len, reverse=True):
         if qtype.startswith(modality + "_"):
             return modality
-    raise ValueError(f"question type {qtype!r} starts with none of the modalities {MODALITIES}")
+    raise UserError(f"question type {qtype!r} starts with none of the modalities {MODALITIES}")
 
 
 def real_question_type(value: Any) -> str:
@@ -534,7 +535,7 @@ def real_question_type(value: Any) -> str:
         qtype = f"{modality}_{parts[1].strip().lower()}"
         if modality is not None and qtype in QUESTION_TYPES:
             return qtype
-    raise ValueError(f"question type {value!r} is none of {', '.join(QUESTION_TYPES)} "
+    raise UserError(f"question type {value!r} is none of {', '.join(QUESTION_TYPES)} "
                      f"(nor 'Modality/Kind' naming one of them)")
 
 
@@ -585,7 +586,7 @@ class AVQATask(Task):
     def __init__(self, reasoning: bool = True, num_classes: int = 8) -> None:
         super().__init__(reasoning=reasoning)
         if not 1 <= num_classes <= len(CLASSES):
-            raise ValueError(f"num_classes must be in 1..{len(CLASSES)}, got {num_classes}")
+            raise UserError(f"num_classes must be in 1..{len(CLASSES)}, got {num_classes}")
         self.num_classes = int(num_classes)
 
     def _compose(self, scene: dict, rng: random.Random) -> TaskParts:
@@ -598,7 +599,7 @@ class AVQATask(Task):
                 qa = template(scene, rng, self.num_classes)
                 if qa is not None:
                     return self._parts(qa, qtype)
-        raise ValueError(f"scene {scene.get('clip_id')!r} supports no avqa question (it has no objects?)")
+        raise UserError(f"scene {scene.get('clip_id')!r} supports no avqa question (it has no objects?)")
 
     def _parts(self, qa: QA, qtype: str) -> TaskParts:
         sentences = [object_sentence(o) for o in sort_objects(qa.objects)]
@@ -629,9 +630,9 @@ class AVQATask(Task):
         try:
             question, word = chosen["question"], chosen["answer"]
             if not isinstance(question, str) or not question.strip() or not isinstance(word, str):
-                raise ValueError("question and answer must be strings, the question not empty")
+                raise UserError("question and answer must be strings, the question not empty")
             if label_key(word) not in _METRIC_KEYS:
-                raise ValueError(f"answer {word!r} is not one of the task's {len(METRIC_LABELS)} answers")
+                raise UserError(f"answer {word!r} is not one of the task's {len(METRIC_LABELS)} answers")
             qtype = real_question_type(chosen["type"])
         except (KeyError, TypeError, ValueError) as error:
             raise SampleError(f"clip {clip.key!r}: avqa question {chosen!r} is not "
@@ -699,7 +700,7 @@ class AVQATask(Task):
         """
         answers = list(answers)
         if not answers:
-            raise ValueError(f"task {self.name!r}: trivial_baseline needs at least one answer")
+            raise UserError(f"task {self.name!r}: trivial_baseline needs at least one answer")
         fitted = list(train_answers) if train_answers else answers
         prior = self.type_prior(fitted)
         overall = self.type_prior([{"type": "", "answer": a["answer"]} for a in fitted])[""]

@@ -22,6 +22,7 @@ from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 
 from avmt.data.sample import Clip, SampleError
+from avmt.errors import UserError
 from avmt.tasks import register_task
 from avmt.tasks.base import Task, TaskParts
 from avmt.tasks.metrics import ParseFailureRate
@@ -74,7 +75,7 @@ class MultiLabelF1(Metric):
     def __init__(self, kind: str = "sample_f1", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if kind not in self.KINDS:
-            raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
+            raise UserError(f"kind must be one of {self.KINDS}, got {kind!r}")
         self.kind = kind
         for name in ("f1_sum", "exact"):
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")

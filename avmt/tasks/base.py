@@ -39,6 +39,7 @@ from torchmetrics import MetricCollection
 from avmt.data.annotation import is_annotation
 from avmt.data.sample import PLACEHOLDERS, Clip, Dense, DenseSpec, MediaRef, SampleError, TaskSample
 from avmt.data.vocab import CLASSES, COLORS, MOODS, MOTIONS, NUMBER_WORDS, POSITIONS, ROWS, SHAPES
+from avmt.errors import UserError
 from avmt.tasks.reasoning import SHARED_PHRASES
 from avmt.tasks.text import template_words, text_words
 
@@ -216,13 +217,13 @@ class Task:
             prompt = " ".join(ref.placeholder for ref in media) + " " + parts.question
         found = _PLACEHOLDER_RE.findall(prompt)
         if found != [ref.placeholder for ref in media]:
-            raise ValueError(
+            raise UserError(
                 f"task {self.name!r}: the prompt's placeholders {found} do not match its media references "
                 f"{[ref.placeholder for ref in media]} one to one, in order (prompt: {prompt!r})"
             )
         bad = [ref for ref in media if not 0 <= ref.clip <= len(others)]
         if bad:
-            raise ValueError(f"task {self.name!r}: media references {bad} name clips beyond the anchor and "
+            raise UserError(f"task {self.name!r}: media references {bad} name clips beyond the anchor and "
                              f"the {len(others)} other clip(s) given")
         target = " ".join([*parts.sentences, parts.conclusion]) if self.reasoning else parts.bare
         specs = {spec.name: spec for spec in self.dense_targets}
@@ -341,7 +342,7 @@ class Task:
         """
         answers = list(answers)
         if not answers:
-            raise ValueError(f"task {self.name!r}: majority_baseline needs at least one answer")
+            raise UserError(f"task {self.name!r}: majority_baseline needs at least one answer")
         best: dict[str, float] = {}
         for cand in self.constant_candidates(answers):
             collection = self.metrics()

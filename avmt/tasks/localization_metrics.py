@@ -22,6 +22,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from avmt.data.vocab import CLASSES
+from avmt.errors import UserError
 from avmt.tasks.metrics import _check_lengths
 from avmt.tasks.text import label_key
 
@@ -190,7 +191,7 @@ class TemporalDetectionMAP(Metric):
             for event in events:
                 cls = label_key(event["class"])
                 if cls not in self._index:
-                    raise ValueError(
+                    raise UserError(
                         f"target class {event['class']!r} is not one of the metric's classes {self.classes}")
                 counts[self._index[cls]] += 1
             if pred is None:

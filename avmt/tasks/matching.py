@@ -25,6 +25,7 @@ from torchmetrics import Metric, MetricCollection
 
 from avmt.data.sample import Clip, MediaRef, SampleError
 from avmt.data.vocab import NUMBER_WORDS
+from avmt.errors import UserError
 from avmt.tasks import register_task
 from avmt.tasks.base import Task, TaskParts
 from avmt.tasks.metrics import ParseFailureRate, _check_lengths, _ratio
@@ -221,7 +222,7 @@ class MatchingTask(Task):
         """
         answers = list(answers)
         if not answers:
-            raise ValueError(f"task {self.name!r}: trivial_baseline needs at least one answer")
+            raise UserError(f"task {self.name!r}: trivial_baseline needs at least one answer")
         collection = self.metrics()
         for constant in range(1, self.num_clips + 1):
             collection.update([constant] * len(answers), answers)

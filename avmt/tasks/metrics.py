@@ -27,6 +27,7 @@ from torchmetrics.text import BLEUScore, ROUGEScore
 from torchmetrics.utilities.data import dim_zero_cat
 from torchmetrics.utilities.distributed import gather_all_tensors
 
+from avmt.errors import UserError
 from avmt.intervals import mask_to_ranges, ranges_to_mask
 from avmt.tasks.text import label_key
 
@@ -377,7 +378,7 @@ class _LabelEncoder:
                 continue
             label = target[self.target_key] if self.target_key is not None else target
             if not isinstance(label, str) or label_key(label) not in self._index:
-                raise ValueError(f"target label {label!r} is not one of the metric's labels {self.labels}")
+                raise UserError(f"target label {label!r} is not one of the metric's labels {self.labels}")
             t_idx.append(self._index[label_key(label)])
             p_idx.append(self._index.get(label_key(pred), invalid) if isinstance(pred, str) else invalid)
         if not t_idx:
@@ -531,7 +532,7 @@ def cider_d_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]], n: int = 
     hyp_counts = [_ngram_counts(h.split(), n) for h in hyps]
     ref_counts = [[_ngram_counts(r.split(), n) for r in rs] for rs in refs]
     if any(not rs for rs in ref_counts):
-        raise ValueError("every clip needs at least one reference caption")
+        raise UserError("every clip needs at least one reference caption")
     # document frequency: the number of clips whose references contain the n-gram
     df: Counter = Counter()
     for rs in ref_counts:
@@ -643,7 +644,7 @@ class CaptionCIDErD(Metric):
             return
         refs = [_refs(t) for t in targets]
         if any(not r for r in refs):
-            raise ValueError("CIDEr-D needs at least one reference caption per clip")
+            raise UserError("CIDEr-D needs at least one reference caption per clip")
         hyp_bytes, hyp_lengths = _utf8_tensor([normalize_caption(p) for p in preds], self.device)
         ref_bytes, ref_lengths = _utf8_tensor([r for rs in refs for r in rs], self.device)
         self.hyp_bytes.append(hyp_bytes)

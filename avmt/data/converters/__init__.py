@@ -22,6 +22,7 @@ from avmt.data.converters.base import (
     convert,
     safe_key,
 )
+from avmt.errors import UserError
 
 __all__ = [
     "CONVERTED_FORMAT",
@@ -52,7 +53,7 @@ def register_converter(cls: type[Converter]) -> type[Converter]:
 def get_converter(name: str) -> Converter:
     """A new converter of format ``name``; ValueError listing the formats when it is unknown."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown dataset format {name!r}; formats: {', '.join(list_converters())}")
+        raise UserError(f"unknown dataset format {name!r}; formats: {', '.join(list_converters())}")
     return _REGISTRY[name]()
 
 

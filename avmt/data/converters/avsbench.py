@@ -69,6 +69,7 @@ from avmt.data.converters.base import (
     safe_key,
 )
 from avmt.data.media import MediaConfig, decode_clip, read_image, sampling_times
+from avmt.errors import UserError
 
 S4_CSV, MS3_CSV, AVSS_CSV, AVSS_LABELS = "s4_meta_data.csv", "ms3_meta_data.csv", "metadata.csv", "label2idx.json"
 S4_DATA, MS3_DATA = "s4_data", "ms3_data"
@@ -319,7 +320,7 @@ class AVSBenchConverter(Converter):
         mask_frames = [j for j, (index, past) in enumerate(zip(sources, past_end))
                        if not past and mask_paths[index] is not None]
         if not mask_frames:
-            raise ValueError(f"no annotated mask within the clip's first {media.clip_seconds:g} s "
+            raise UserError(f"no annotated mask within the clip's first {media.clip_seconds:g} s "
                              f"(masks of source frames {[i for i, p in enumerate(mask_paths) if p is not None]})")
         raw: dict[int, np.ndarray] = {}
         for index in sorted({sources[j] for j in mask_frames}):
@@ -340,7 +341,7 @@ class AVSBenchConverter(Converter):
             for j in mask_frames:
                 order += [int(p) for p in np.unique(label_maps[sources[j]]) if p > 0 and int(p) not in order]
             if not order:
-                raise ValueError("its annotated masks show no sounding object (every pixel is background)")
+                raise UserError("its annotated masks show no sounding object (every pixel is background)")
             object_of = np.zeros(len(labels), dtype=np.uint8)
             object_of[order] = np.arange(1, len(order) + 1)
             for j in mask_frames:

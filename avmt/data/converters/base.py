@@ -32,10 +32,10 @@ from typing import Any, ClassVar, Iterable, Iterator
 
 import numpy as np
 
-from avmt.errors import UserError
 from avmt.data.annotation import annotation_words, make_annotation
 from avmt.data.media import MediaConfig, MediaError, decode_clip, read_image
 from avmt.data.shards import encode_members, write_tar
+from avmt.errors import UserError
 
 __all__ = [
     "CONVERTED_FORMAT",
@@ -403,7 +403,7 @@ def convert(
     if not src.is_dir():
         raise ConvertError(f"--src '{src}' is not a folder (the {converter.name} dataset's root is expected)")
     if clips_per_shard < 1:
-        raise ValueError(f"clips_per_shard must be >= 1, got {clips_per_shard}")
+        raise UserError(f"clips_per_shard must be >= 1, got {clips_per_shard}")
     entries = list(converter.items(src, media))
     items = [e for e in entries if isinstance(e, SourceClip)]
     listing_skips = [e for e in entries if isinstance(e, Skip)]

@@ -54,6 +54,7 @@ from avmt.data.converters import register_converter
 from avmt.data.converters.base import ConvertError, Converter, LoadedClip, Skip, SourceClip, read_json, safe_key
 from avmt.data.labels import MUSIC_AVQA_ANSWERS
 from avmt.data.media import MediaConfig
+from avmt.errors import UserError
 
 SPLITS = ("train", "val", "test")
 #: Where the question files ``avqa-{split}.json`` may be, relative to ``--src``; the first folder
@@ -94,11 +95,11 @@ def _string_list(text: Any, field: str) -> list[str]:
             try:
                 value = ast.literal_eval(text)
             except (ValueError, SyntaxError):
-                raise ValueError(f"{field} {text!r} is not a stringified list") from None
+                raise UserError(f"{field} {text!r} is not a stringified list") from None
     else:
-        raise ValueError(f"{field} {text!r} is not a stringified list")
+        raise UserError(f"{field} {text!r} is not a stringified list")
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, (str, int, float)) for v in value):
-        raise ValueError(f"{field} {text!r} is not a list of strings")
+        raise UserError(f"{field} {text!r} is not a list of strings")
     return [str(v) for v in value]
 
 
@@ -108,7 +109,7 @@ def question_type(text: Any) -> str:
     parts = _string_list(text, "type")
     if len(parts) != 2 or (parts[0], parts[1]) not in QUESTION_TYPES:
         known = ", ".join(f"{m}/{k}" for m, k in QUESTION_TYPES)
-        raise ValueError(f"type {text!r} is not one of MUSIC-AVQA's question types ({known})")
+        raise UserError(f"type {text!r} is not one of MUSIC-AVQA's question types ({known})")
     return f"{parts[0]}/{parts[1]}"
 
 
@@ -120,11 +121,11 @@ def fill_question(content: Any, templ_values: Any) -> str:
     'Is the piano on the left louder?'
     """
     if not isinstance(content, str) or not content.strip():
-        raise ValueError(f"question_content {content!r} is not a non-empty string")
+        raise UserError(f"question_content {content!r} is not a non-empty string")
     values = _string_list(templ_values, "templ_values")
     slots = _SLOT_RE.findall(content)
     if len(slots) != len(values):
-        raise ValueError(f"question_content {content!r} has {len(slots)} slot(s) {slots}, "
+        raise UserError(f"question_content {content!r} has {len(slots)} slot(s) {slots}, "
                          f"templ_values {templ_values!r} gives {len(values)} value(s)")
     remaining = iter(values)
     return " ".join(_SLOT_RE.sub(lambda _: next(remaining), content).split())
@@ -137,22 +138,22 @@ def read_question(entry: Any) -> tuple[str, dict[str, Any]]:
         ValueError: the entry is not usable (says which field and why).
     """
     if not isinstance(entry, dict):
-        raise ValueError(f"the entry is a {type(entry).__name__}, not an object")
+        raise UserError(f"the entry is a {type(entry).__name__}, not an object")
     missing = [name for name in REQUIRED_FIELDS if name not in entry]
     if missing:
-        raise ValueError(f"the entry misses the field(s) {missing}")
+        raise UserError(f"the entry misses the field(s) {missing}")
     video_id = entry["video_id"]
     if not isinstance(video_id, (str, int)) or not str(video_id).strip():
-        raise ValueError(f"video_id {video_id!r} is not an id")
+        raise UserError(f"video_id {video_id!r} is not an id")
     question_id = entry["question_id"]
     if not isinstance(question_id, (str, int)) or isinstance(question_id, bool) or not str(question_id).strip():
-        raise ValueError(f"question_id {question_id!r} is not an id")
+        raise UserError(f"question_id {question_id!r} is not an id")
     if entry.get("question_deleted") in (1, "1", True):
-        raise ValueError("the question is withdrawn (question_deleted = 1)")
+        raise UserError("the question is withdrawn (question_deleted = 1)")
     answer = entry["anser"]
     known = _ANSWER_KEYS.get("".join(str(answer).split()).casefold()) if isinstance(answer, str) else None
     if known is None:
-        raise ValueError(f"anser {answer!r} is not one of MUSIC-AVQA's {len(MUSIC_AVQA_ANSWERS)} answers")
+        raise UserError(f"anser {answer!r} is not one of MUSIC-AVQA's {len(MUSIC_AVQA_ANSWERS)} answers")
     return str(video_id).strip(), {
         "question_id": question_id,
         "question": fill_question(entry["question_content"], entry["templ_values"]),
