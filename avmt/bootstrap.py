@@ -19,6 +19,10 @@ from avmt.tasks.base import Task
 __all__ = ["bootstrap_std"]
 
 
+def _never_distributed() -> bool:
+    return False
+
+
 def bootstrap_std(task: Task, predictions: Sequence[Any], answers: Sequence[Any], resamples: int,
                   seed: int = 0) -> dict[str, float]:
     """Standard deviation of each of the task's metrics over bootstrap resamples of the scored samples.
@@ -44,6 +48,8 @@ def bootstrap_std(task: Task, predictions: Sequence[Any], answers: Sequence[Any]
     for _ in range(resamples):
         indices = [rng.randrange(count) for _ in range(count)]
         collection = task.metrics()
+        for metric in collection.values():  # a resample of samples every rank already holds: no sync
+            metric.distributed_available_fn = _never_distributed
         collection.update([predictions[i] for i in indices], [answers[i] for i in indices])
         for key, value in collection.compute().items():
             values.setdefault(key, []).append(float(value))

@@ -107,10 +107,11 @@ class MetricsReport(L.Callback):
         self._report(trainer, pl_module, "test")
 
     def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        log_dir = trainer.log_dir  # under DDP a broadcast from rank 0: every rank must ask
         metrics = getattr(pl_module, "final_metrics", None)
         if not metrics or not trainer.is_global_zero:
             return
-        path = Path(trainer.log_dir or ".") / f"{stage}_metrics.json"
+        path = Path(log_dir or ".") / f"{stage}_metrics.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(metrics, indent=2))
         rank_zero_info(f"\n{stage} scores (generated answers) next to the trivial baseline on the same samples:\n"

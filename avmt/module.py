@@ -57,6 +57,18 @@ def _to_cpu(value: Any) -> Any:
     return value
 
 
+def gather_objects(values: list[Any]) -> list[Any]:
+    """``values`` of every rank concatenated in rank order (``torch.distributed.all_gather_object``);
+    ``values`` itself in a single process. Every rank must call it, in the same order."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    gathered: list[list[Any] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, list(values))
+    return [value for part in gathered for value in (part or [])]
+
+
 def data_num_segments(datamodule: Any) -> tuple[int, str] | None:
     """The segments per clip of a data module's clips, and where that number comes from.
 
@@ -578,7 +590,9 @@ class AVModule(L.LightningModule):
         recorded (an evaluation without fit of a checkpoint that holds none) and says so."""
         if not task.baseline_fits_training:
             return task.trivial_baseline(answers), task.baseline_name
-        counts = self._train_answers.get(task.name)
+        counts: Counter[str] = Counter()
+        for rank_counts in gather_objects([dict(self._train_answers.get(task.name, {}))]):  # every rank's
+            counts.update(rank_counts)
         if counts:
             train = [json.loads(key) for key, n in counts.items() for _ in range(n)]
             return task.trivial_baseline(answers, train), task.baseline_name
@@ -676,20 +690,23 @@ class AVModule(L.LightningModule):
         """Log every scored task's metrics and keep them, with its trivial baseline, in ``final_metrics``.
 
         With ``bootstrap_resamples`` each entry also gets ``bootstrap_std`` (metric -> standard
-        deviation over resamples of the scored samples, on this rank's samples only).
+        deviation over resamples of the scored samples). Under DDP every rank takes part for every
+        task that any rank scored (the metric states are synced by ``compute``), and the baseline,
+        the sample count and the bootstrap use the answers and predictions of all ranks.
         """
         total_seconds = 0.0
-        for name, collection in self.task_metrics.items():
+        for name, collection in self.task_metrics.items():  # the same order on every rank
             seconds = self._generation_seconds.get(name, 0.0)
             total_seconds += seconds
-            if not self._answers[name]:
+            answers = gather_objects(self._answers[name])
+            if not answers:  # no rank scored this task
                 continue
             task = self.tasks[name]
-            scores = {key: float(value) for key, value in collection.compute().items()}
-            baseline, baseline_name = self._baseline(task, self._answers[name])
+            scores = {key: float(value) for key, value in collection.compute().items()}  # synced across ranks
+            baseline, baseline_name = self._baseline(task, answers)
             for key, value in scores.items():
                 self.log(f"{stage}/{name}/{key}", value, sync_dist=True)
-            samples = len(self._answers[name])
+            samples = len(answers)
             interventions = self._forced_rows.get(name, 0) / samples
             self.log(f"{stage}/{name}/generation_seconds", seconds, reduce_fx="max")
             self.log(f"{stage}/{name}/budget_interventions", interventions, reduce_fx="max")
@@ -702,8 +719,10 @@ class AVModule(L.LightningModule):
                 "budget_interventions": interventions,
             }
             if self.bootstrap_resamples > 0:
+                pairs = sorted(zip(gather_objects(self._predictions[name]), answers, strict=True),
+                               key=lambda pair: json.dumps(pair, sort_keys=True, default=repr))  # any rank layout
                 self.final_metrics[name]["bootstrap_std"] = bootstrap_std(
-                    task, self._predictions[name], self._answers[name], self.bootstrap_resamples, seed=0)
+                    task, [p for p, _ in pairs], [a for _, a in pairs], self.bootstrap_resamples, seed=0)
             collection.reset()
         if total_seconds:
             self.log(f"{stage}/generation_seconds", total_seconds, reduce_fx="max")
