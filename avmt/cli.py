@@ -32,10 +32,12 @@ _CHECKPOINT_KEYWORDS = ("last", "best", "hpc", "registry")
 
 
 def check_checkpoint_file(ckpt_path: str | None) -> None:
-    """Raise :class:`UserError` naming ``ckpt_path`` when it is a missing, non-checkpoint or truncated file.
+    """Raise :class:`UserError` naming ``ckpt_path`` when it is a missing, non-checkpoint or truncated
+    file, or one whose pickle names globals outside torch's weights-only allow-list (code that
+    loading would run).
 
     A torch checkpoint is a zip archive whose directory sits at its end, so a truncated file is not
-    a readable zip; the check reads only that directory, not the tensors. Lightning's keywords
+    a readable zip; the check reads only that directory and the pickle's opcodes, not the tensors. Lightning's keywords
     (``last``, ``best``, ...) and remote URLs are left to Lightning.
     """
     import zipfile
@@ -46,6 +48,14 @@ def check_checkpoint_file(ckpt_path: str | None) -> None:
     if not path.is_file():
         raise UserError(f"ckpt_path: no such checkpoint file: {path}")
     if zipfile.is_zipfile(path):
+        import torch
+
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)  # reads the pickle, runs nothing
+        if unsafe:
+            raise UserError(
+                f"ckpt_path: {path} holds pickled objects that are not plain weights ({', '.join(unsafe[:5])}); avmt "
+                "loads checkpoints with torch.load(weights_only=True) and never unpickles them"
+            )
         return
     with path.open("rb") as handle:
         head = handle.read(2)

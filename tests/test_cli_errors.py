@@ -106,6 +106,28 @@ def test_ckpt_path_to_a_bad_file_is_one_line_naming_it(kind, tmp_path, capsys):
     assert code == 2 and str(path) in one_error_line(capsys)
 
 
+class _RunsCode:
+    """A pickle gadget: unpickling it would call ``Path.touch`` on ``target``."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (Path.touch, (self.target,))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unloaded(tmp_path, capsys):
+    target = tmp_path / "pwned"
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": _RunsCode(target)}, path)
+    code = exit_code_of(
+        ["validate", "-c", str(EXPERIMENTS / "ilora.yaml"), f"--ckpt_path={path}", "--trainer.logger=false"]
+    )
+    line = one_error_line(capsys)
+    assert code == 2 and str(path) in line and "weights_only" in line and "pathlib" in line, line
+    assert not target.exists()
+
+
 @pytest.mark.parametrize("bug", [KeyError("internal key"), ValueError("internal invariant"), ZeroDivisionError()])
 def test_an_internal_bug_keeps_its_traceback(bug, monkeypatch):
     def broken(argv):
