@@ -14,7 +14,8 @@ from avmt.tasks import num_task_ids
 T = 4
 
 
-def tiny_module(adapter) -> AVModule:
+def tiny_module(adapter, **options) -> AVModule:
+    """A seeded AVModule of one-layer models (T segments); ``options`` go to AVModule."""
     torch.manual_seed(0)
     return AVModule(
         CausalLM(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
@@ -23,7 +24,7 @@ def tiny_module(adapter) -> AVModule:
         QFormerConnector(num_queries=1, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
         QFormerConnector(num_queries=1, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
         adapter,
-        num_segments=T,
+        **{"num_segments": T, **options},
     )
 
 

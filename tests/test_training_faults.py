@@ -16,16 +16,14 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from avmt.connectors import QFormerConnector
 from avmt.data.datamodule import AVDataModule
 from avmt.data.shards import ensure_shards
 from avmt.data.synth import SynthConfig
-from avmt.encoders import ViTVisionEncoder, Wav2Vec2AudioEncoder
 from avmt.errors import UserError
-from avmt.llm import CausalLM
 from avmt.module import AVModule, TrainingDiverged
+from tests.test_module import T
+from tests.test_module import tiny_module as module_of
 
-T = 4
 TASKS = ["emotion", "action"]
 
 
@@ -42,17 +40,9 @@ def shards(tmp_path_factory) -> Path:
 
 
 def tiny_module(**kwargs) -> AVModule:
-    torch.manual_seed(0)
-    options = {"num_segments": T, "max_new_tokens": 4, "max_generation_samples": 2, "bootstrap_resamples": 0, **kwargs}
-    return AVModule(
-        CausalLM(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
-        ViTVisionEncoder(image_size=32, patch_size=16, hidden_size=32, num_layers=1, num_heads=2),
-        Wav2Vec2AudioEncoder(hidden_size=32, num_layers=1, num_heads=2, tokens_per_segment=1),
-        QFormerConnector(num_queries=1, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
-        QFormerConnector(num_queries=1, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
-        None,
-        **options,
-    )
+    """test_module's tiny module without an adapter, with short generation and no bootstrap."""
+    options = {"max_new_tokens": 4, "max_generation_samples": 2, "bootstrap_resamples": 0, **kwargs}
+    return module_of(None, **options)
 
 
 def fit(module: AVModule, root: Path, checkpoints: Path, **trainer_options) -> L.Trainer:
