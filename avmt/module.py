@@ -72,28 +72,21 @@ def gather_objects(values: list[Any]) -> list[Any]:
 def data_num_segments(datamodule: Any) -> tuple[int, str] | None:
     """The segments per clip of a data module's clips, and where that number comes from.
 
-    Read, in order, from the data module's own ``num_segments``, from the generator settings of
-    AVSynth generated into the cache (``root`` unset), or from the ``manifest.json`` of ``root``
-    (AVSynth's ``cfg`` or a converted dataset's ``media``). ``None`` when none of them says.
+    Read from the generator settings of AVSynth generated into the cache (``root`` unset), or from
+    the ``manifest.json`` of ``root`` (:func:`avmt.data.shards.manifest_segments`). ``None`` when
+    neither says.
     """
     if datamodule is None:
         return None
-    own = getattr(datamodule, "num_segments", None)
-    if isinstance(own, int) and not isinstance(own, bool):
-        return own, "data.num_segments"
     root = getattr(datamodule, "root", None)
     synth = getattr(datamodule, "synth_config", None)
     if root is None:
         count = getattr(synth, "num_segments", None)
         return (int(count), "AVSynth generated with data.root: null") if isinstance(count, int) else None
-    from avmt.data.shards import MANIFEST, read_manifest
+    from avmt.data.shards import MANIFEST, manifest_segments
 
-    manifest = read_manifest(root) or {}
-    for section in ("cfg", "media"):
-        count = manifest.get(section, {}).get("num_segments") if isinstance(manifest.get(section), dict) else None
-        if isinstance(count, int) and not isinstance(count, bool):
-            return count, f"num_segments in {Path(root) / MANIFEST}, the manifest of data.root"
-    return None
+    count = manifest_segments(root)
+    return None if count is None else (count, f"num_segments in {Path(root) / MANIFEST}, the manifest of data.root")
 
 
 @dataclass
@@ -246,6 +239,7 @@ class AVModule(L.LightningModule):
         self.nonfinite_skipped = 0  # optimizer steps skipped for a non-finite loss or gradient
         self.validations_completed = 0  # validation epochs run during fit (sanity checks excluded)
         self._nonfinite_loss_tasks: list[str] = []  # tasks whose loss was non-finite since the last step
+        self._train_losses: list[tuple[str, torch.Tensor]] = []  # (task, its loss) of the current training batch
         self._step_tasks: list[str] = []  # the tasks of the batches since the last optimizer step
 
     def _score_tasks(self, names: list[str]) -> None:
@@ -393,14 +387,14 @@ class AVModule(L.LightningModule):
             task_sum, task_count = out.loss_sum[index].sum(), out.token_count[index].sum()
             lm_sum, lm_count = lm_sum + task_sum, lm_count + task_count
             tokens = float(task_count.detach())
-            if stage == "train" and not torch.isfinite(task_sum.detach()):
-                self._nonfinite_loss_tasks.append(name)
+            if stage == "train":
+                self._train_losses.append((name, task_sum.detach()))
             self.log(f"{stage}/loss/{name}", task_sum.detach() / max(tokens, 1.0), batch_size=max(int(tokens), 1),
                      on_step=stage == "train", on_epoch=stage != "train")
             for loss_name, value in self._dense_losses(name, out, out_rows, batch, rows).items():
                 dense_total = dense_total + value
-                if stage == "train" and not torch.isfinite(value.detach()).all():
-                    self._nonfinite_loss_tasks.append(f"{name} ({loss_name})")
+                if stage == "train":
+                    self._train_losses.append((f"{name} ({loss_name})", value.detach()))
                 self.log(f"{stage}/loss/{name}/{loss_name}", value.detach(), batch_size=len(rows),
                          on_step=stage == "train", on_epoch=stage != "train")
         self.log(f"{stage}/corrupt_samples", float(batch.corrupt_total), reduce_fx="max", batch_size=1)
@@ -442,7 +436,9 @@ class AVModule(L.LightningModule):
             loss = loss + self.aux_loss_weight * aux
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         self._step_tasks.extend(name for name in dict.fromkeys(batch.tasks) if name not in self._step_tasks)
-        if not torch.isfinite(loss.detach()):
+        task_losses, self._train_losses = self._train_losses, []
+        if not torch.isfinite(loss.detach()):  # the one check per step; the tasks are named only then
+            self._nonfinite_loss_tasks += [name for name, value in task_losses if not torch.isfinite(value).all()]
             tasks = list(dict.fromkeys(self._nonfinite_loss_tasks)) or ["none on its own (their sum overflows)"]
             if self.nonfinite == "raise":
                 raise TrainingDiverged(
@@ -464,8 +460,9 @@ class AVModule(L.LightningModule):
         self.optimizer_steps += 1
         loss_tasks, step_tasks = self._nonfinite_loss_tasks, self._step_tasks
         self._nonfinite_loss_tasks, self._step_tasks = [], []
-        bad = [name for name, p in self.named_parameters()
-               if p.grad is not None and not torch.isfinite(p.grad).all()]
+        grads = [(name, p.grad) for name, p in self.named_parameters() if p.grad is not None]
+        finite = not grads or bool(torch.stack([torch.isfinite(g).all() for _, g in grads]).all())  # one sync
+        bad = [] if finite else [name for name, g in grads if not torch.isfinite(g).all()]
         if not bad and not loss_tasks:
             self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), reduce_fx="max", batch_size=1)
             return
@@ -533,8 +530,8 @@ class AVModule(L.LightningModule):
             )
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """:class:`avmt.callbacks.TrainingOutcome`: fails a diverged, untrained or unevaluated fit
-        before Lightning writes its checkpoint."""
+        """:class:`avmt.callbacks.TrainingOutcome`: fails a diverged or untrained fit before
+        Lightning writes its checkpoint (and warns about an unevaluated one)."""
         from avmt.callbacks import TrainingOutcome
 
         return [TrainingOutcome()]

@@ -24,8 +24,6 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader, IterableDataset
 
-from avmt.errors import UserError
-
 from avmt.data.features import FeatureReader
 from avmt.data.sample import Clip, ClipGroup, SampleError, TaskSample, collate
 from avmt.data.shards import (
@@ -35,11 +33,13 @@ from avmt.data.shards import (
     ensure_shards,
     iter_clips,
     list_shards,
+    manifest_segments,
     read_manifest,
     split_clip_count,
     stream_part,
 )
 from avmt.data.synth import SCHEMA_VERSION, SynthConfig
+from avmt.errors import UserError
 from avmt.tasks import Task, get_task, list_tasks
 
 SPLITS = ("train", "val", "test")
@@ -70,8 +70,9 @@ class ClipTaskStream(IterableDataset):
         shuffle: shuffle shard order and clips (a buffer of ``shuffle_buffer`` clips) per epoch.
         tasks_per_clip: build this many of the applicable tasks per clip (sampled), or all when ``None``.
         samples_per_clip: task name -> samples built per clip (default 1), e.g. 4 for a question
-            answering task asks four questions about every clip; each has its own rng stream (the first is the stream a
-            single sample uses) and a sample repeating an earlier prompt and target of the clip is dropped.
+            answering task asks four questions about every clip; each has its own rng stream (the
+            first is the stream a single sample uses) and a sample repeating an earlier prompt and
+            target of the clip is dropped.
         num_clips: clips in the shards, used for ``len``.
         shuffle_buffer: clips held for shuffling.
         recent_clips: clips remembered as the other clips of multi-clip samples, most recent
@@ -418,8 +419,7 @@ class AVDataModule(L.LightningDataModule):
         for name, count in self.samples_per_clip.items():
             if name not in known:  # a known task outside data.tasks is allowed: a shared base sets it for all runs
                 raise UserError(f"data.samples_per_clip: unknown task {name!r}; available tasks: {', '.join(known)}")
-            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-                raise UserError(f"data.samples_per_clip.{name} must be a whole number >= 1, got {count!r}")
+            _check_count(f"data.samples_per_clip.{name}", count, 1)
         self.num_workers = num_workers
         self.seed = seed
         self.clip_counts = {"train": train_clips, "val": val_clips, "test": test_clips}
@@ -466,6 +466,7 @@ class AVDataModule(L.LightningDataModule):
             ensure_shards(root, self.clip_counts, self.seed, self.synth_config)
         else:
             check_shard_version(root)
+        segments = manifest_segments(root)
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         for split in wanted.get(stage, SPLITS) if stage else SPLITS:
             if split in self.datasets:
@@ -484,18 +485,8 @@ class AVDataModule(L.LightningDataModule):
                 num_clips=self.counts[split],
                 features=FeatureReader(self.features, split) if self.features is not None else None,
                 split=split,
-                num_segments=self._manifest_segments(root),
+                num_segments=segments,
             )
-
-    @staticmethod
-    def _manifest_segments(root: Path) -> int | None:
-        """Segments per clip the manifest of ``root`` gives (AVSynth ``cfg``, converted ``media``)."""
-        manifest = read_manifest(root) or {}
-        for section in ("cfg", "media"):
-            value = manifest.get(section, {}).get("num_segments") if isinstance(manifest.get(section), dict) else None
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-        return None
 
     def data_words(self) -> list[str]:
         """The words of a converted dataset's text (its manifest's ``words``); ``[]`` for AVSynth."""

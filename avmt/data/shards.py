@@ -78,6 +78,7 @@ __all__ = [
     "check_shard_version",
     "list_shards",
     "split_clip_count",
+    "manifest_segments",
     "shard_clip_counts",
     "stream_part",
     "iter_clips",
@@ -702,6 +703,17 @@ def split_clip_count(root: str | os.PathLike, folder: str) -> int | None:
         clips = manifest.get("clips")
         count = clips.get(folder) if isinstance(clips, dict) else None
     return count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else None
+
+
+def manifest_segments(root: str | os.PathLike) -> int | None:
+    """Segments per clip that the manifest of ``root`` gives (AVSynth's ``cfg``, a converted
+    dataset's ``media``); ``None`` when there is no manifest or it does not say."""
+    manifest = read_manifest(root) or {}
+    for section in ("cfg", "media"):
+        value = manifest.get(section, {}).get("num_segments") if isinstance(manifest.get(section), dict) else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
 
 
 def shard_clip_counts(root: str | os.PathLike) -> dict[Path, int]:
