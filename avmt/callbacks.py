@@ -8,8 +8,8 @@
   trivial baseline, parse-failure rate, samples) and writes them as ``val_metrics.json``
   (``fit``, ``validate``) or ``test_metrics.json`` (``test``) in the run's log folder.
 - ``TrainingOutcome`` (added by ``AVModule.configure_callbacks``, so every fit has it) fails a
-  fit that diverged, trained nothing or was never validated, at the end of training and before
-  ``ModelCheckpoint`` (which Lightning runs last) writes the checkpoint of such a run.
+  fit that diverged or trained nothing (and warns about one never validated), at the end of
+  training and before ``ModelCheckpoint`` (which Lightning runs last) writes the checkpoint of such a run.
 - ``PredictionWriter`` writes what ``predict`` generated as ``predictions.jsonl`` (one line per
   sample) and every mask in it as a PNG named by the sample's key.
 """
@@ -121,7 +121,8 @@ class MetricsReport(L.Callback):
 class TrainingOutcome(L.Callback):
     """Never let a bad fit end as a success: ask the module to check its training health after
     every validation and every training epoch (non-finite steps skipped too often), and its outcome
-    at the end of training (diverged, zero optimizer updates, no validation, hence no final metrics).
+    at the end of training (diverged or zero optimizer updates; no validation, hence no final
+    metrics, only warns).
 
     Lightning runs checkpoint callbacks after all others, so these checks raise before
     ``ModelCheckpoint`` writes ``last.ckpt``; a failed run keeps only the checkpoints written while

@@ -37,8 +37,8 @@ def check_checkpoint_file(ckpt_path: str | None) -> None:
     loading would run).
 
     A torch checkpoint is a zip archive whose directory sits at its end, so a truncated file is not
-    a readable zip; the check reads only that directory and the pickle's opcodes, not the tensors. Lightning's keywords
-    (``last``, ``best``, ...) and remote URLs are left to Lightning.
+    a readable zip; the check reads only that directory and the pickle's opcodes, not the tensors.
+    Lightning's keywords (``last``, ``best``, ...) and remote URLs are left to Lightning.
     """
     import zipfile
 
