@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from avmt.adapters import Adapter
-from avmt.connectors import Connector
+from avmt.connectors import Connector, Instruction
 from avmt.data.sample import IGNORE_INDEX, PLACEHOLDERS, Batch, Dense, TokenizedBatch, iter_refs, segment_frames
 from avmt.encoders import AudioEncoder, VisionEncoder
 from avmt.errors import UserError
@@ -236,12 +236,16 @@ class AVModel(nn.Module):
             encoded_audio = _cached_features("audio", audio_features, expected, self.audio_encoder.dtype)
         return EncodedMedia(frames=frames, vision=vision, grid=self.vision_encoder.grid, audio=encoded_audio)
 
-    def media_tokens(self, media: EncodedMedia, refs_by_kind: dict[str, list]) -> dict[str, torch.Tensor]:
+    def media_tokens(self, media: EncodedMedia, refs_by_kind: dict[str, list],
+                     instructions: Instruction | None = None) -> dict[str, torch.Tensor]:
         """Connector tokens for every media reference, in reference order.
 
         Args:
             media: the clips' encoder features.
             refs_by_kind: placeholder -> ``[(row, MediaRef), ...]`` (:func:`~avmt.data.sample.iter_refs`).
+            instructions: each sample's prompt text (``[B, L, D_llm]``, :meth:`instructions`), for
+                the connectors that read it (``Connector.reads_instruction``); they run once per
+                reference, the others once per clip.
         Returns:
             placeholder -> ``[n_refs, N, D_llm]`` (``<video>``/``<audio>`` with their time codes,
             ``<image>`` with its segment's time code).
@@ -250,20 +254,49 @@ class AVModel(nn.Module):
         for name, refs in refs_by_kind.items():
             if not refs:
                 continue
-            clips = torch.tensor([ref.clip for _, ref in refs], dtype=torch.long, device=media.vision.device)
+            device = media.vision.device
+            clips = torch.tensor([ref.clip for _, ref in refs], dtype=torch.long, device=device)
+            segments = None
             if name == "<image>":
-                segments = torch.tensor([ref.segment for _, ref in refs], dtype=torch.long, device=clips.device)
+                connector = self.image_connector or self.vision_connector
+                segments = torch.tensor([ref.segment for _, ref in refs], dtype=torch.long, device=device)
                 features = media.vision[clips, segments].unsqueeze(1)  # [n, 1, P, D_v]
-                tokens = (self.image_connector or self.vision_connector)(features)
-                out[name] = self._add_time_codes(tokens, segments)
-                continue
-            unique, inverse = torch.unique(clips, return_inverse=True)
-            if name == "<video>":
-                tokens = self.vision_connector(media.vision[unique])
             else:
-                tokens = self.audio_connector(media.audio[unique])
-            out[name] = self._add_time_codes(tokens)[inverse]
+                connector = self.vision_connector if name == "<video>" else self.audio_connector
+                features = media.vision if name == "<video>" else media.audio
+            if connector.reads_instruction:
+                if instructions is None:
+                    raise ValueError(f"{type(connector).__name__} reads the prompt but no instructions were given")
+                rows = torch.tensor([row for row, _ in refs], dtype=torch.long, device=device)
+                per_ref = features if name == "<image>" else features[clips]
+                tokens = connector(per_ref, Instruction(instructions.embeds[rows], instructions.mask[rows]))
+                out[name] = self._add_time_codes(tokens, segments)
+            elif name == "<image>":
+                out[name] = self._add_time_codes(connector(features), segments)
+            else:
+                unique, inverse = torch.unique(clips, return_inverse=True)
+                out[name] = self._add_time_codes(connector(features[unique]))[inverse]
         return out
+
+    def instructions(self, input_ids: torch.Tensor, embeds: torch.Tensor, prompt_mask: torch.Tensor) -> Instruction:
+        """Each row's prompt text as the LLM embeds it, for connectors that read the prompt.
+
+        Args:
+            input_ids: ``[B, L]`` with placeholders expanded.
+            embeds: ``[B, L, D_llm]`` their LLM input embeddings.
+            prompt_mask: ``bool [B, L]`` the prompt's positions (no padding, no answer tokens).
+        Returns:
+            Instruction: embeds ``[B, L', D_llm]`` of the prompt tokens that are not media
+            placeholders, in order and left-aligned, and their mask ``[B, L']``.
+        """
+        placeholders = torch.tensor(list(self.placeholder_ids.values()), dtype=input_ids.dtype, device=input_ids.device)
+        keep = prompt_mask.bool() & ~torch.isin(input_ids, placeholders)
+        lengths = keep.sum(dim=1)
+        width = max(1, int(lengths.max()))
+        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]  # kept positions first
+        text = embeds.gather(1, order.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+        mask = torch.arange(width, device=input_ids.device).unsqueeze(0) < lengths.unsqueeze(1)
+        return Instruction(text, mask)
 
     def _add_time_codes(self, tokens: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
         """Connector tokens plus their segment's embedding.
@@ -279,13 +312,16 @@ class AVModel(nn.Module):
         codes = self.segment_embedding.weight.repeat_interleave(per_segment, dim=0)  # [T·k, D]
         return tokens + codes.to(tokens.dtype)
 
-    def embed(self, input_ids: torch.Tensor, media: EncodedMedia, refs: Sequence[tuple]) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, media: EncodedMedia, refs: Sequence[tuple],
+              prompt_mask: torch.Tensor | None = None) -> torch.Tensor:
         """LLM input embeddings with media tokens spliced in at the placeholder positions.
 
         Args:
             input_ids: ``[B, L]`` with each placeholder already expanded to ``N`` copies.
             media: the clips' encoder features (:meth:`encode_media`).
             refs: ``[B]`` media references of each sample (``clip`` indexes the clips of ``media``).
+            prompt_mask: ``bool [B, L]`` the prompt's positions, which connectors that read the
+                prompt see (None: every position; must exclude answer tokens when there are any).
 
         Returns:
             ``[B, L, D_llm]`` embeddings.
@@ -303,7 +339,12 @@ class AVModel(nn.Module):
                     f"for {len(refs_by_kind[name])} x {self.placeholder_lengths[name]}; a prompt's placeholders "
                     "and its media references must match one to one"
                 )
-        for name, tokens in self.media_tokens(media, refs_by_kind).items():
+        instructions = None
+        if any(connector is not None and connector.reads_instruction for connector in
+               (self.vision_connector, self.audio_connector, self.image_connector)):
+            mask = prompt_mask if prompt_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+            instructions = self.instructions(input_ids, embeds, mask)
+        for name, tokens in self.media_tokens(media, refs_by_kind, instructions).items():
             positions = input_ids == self.placeholder_ids[name]
             embeds = embeds.masked_scatter(positions.unsqueeze(-1), tokens.to(embeds.dtype))
         return embeds
@@ -360,7 +401,8 @@ class AVModel(nn.Module):
         if tokens is None or tokens.labels is None:
             raise ValueError("AVModel.forward needs batch.tokens with labels (AVModel.tokenize(prompts, targets))")
         media = self.encode_media(batch.frames, batch.audio, batch.vision_features, batch.audio_features)
-        embeds = self.embed(tokens.input_ids, media, batch.media)
+        prompt_mask = tokens.attention_mask.bool() & (tokens.labels == IGNORE_INDEX)
+        embeds = self.embed(tokens.input_ids, media, batch.media, prompt_mask)
         position_ids = self.llm.position_ids(tokens.input_ids, tokens.attention_mask, self.media_layout)
         positions = {} if position_ids is None else {"position_ids": position_ids}
         with self._final_states() as captured:
@@ -412,7 +454,7 @@ class AVModel(nn.Module):
         input_ids = tokens.input_ids.to(device)
         attention_mask = tokens.attention_mask.to(device)
         media = self.encode_media(batch.frames, batch.audio, batch.vision_features, batch.audio_features)
-        embeds = self.embed(input_ids, media, batch.media)
+        embeds = self.embed(input_ids, media, batch.media, attention_mask.bool())
         position_ids = self.llm.position_ids(input_ids, attention_mask, self.media_layout)
         if position_ids is not None:  # generated tokens continue from the last prompt token's ids + 1
             generate_kwargs["position_ids"] = position_ids

@@ -193,3 +193,44 @@ def test_generate_returns_one_string_per_prompt(model, make_batch):
     answers = model.generate(batch, max_new_tokens=5).texts
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
     assert answers[0] == answers[1]  # same prompt, same clip, greedy
+
+
+@pytest.fixture(scope="module")
+def instructed_model() -> AVModel:
+    torch.manual_seed(0)
+    from avmt.connectors import InstructQFormerConnector
+
+    return AVModel(
+        CausalLM(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
+        ViTVisionEncoder(image_size=32, patch_size=16, hidden_size=32, num_layers=1, num_heads=2),
+        Wav2Vec2AudioEncoder(hidden_size=32, num_layers=1, num_heads=2, tokens_per_segment=2),
+        InstructQFormerConnector(num_queries=2, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
+        MLPConnector(tokens_per_segment=3, hidden_size=32),
+        ILoRA(r=4, alpha=8, num_heads=3, dropout=0.0),
+        num_segments=T,
+    ).eval()
+
+
+def _connector_outputs(model, run) -> torch.Tensor:
+    """The vision connector's output ``[n_refs, N, D]`` during ``run()``."""
+    seen = []
+    handle = model.vision_connector.register_forward_hook(lambda module, args, out: seen.append(out))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return torch.cat(seen)
+
+
+def test_a_connector_that_reads_the_prompt_sees_its_question_and_never_its_answer(instructed_model, make_batch):
+    model = instructed_model
+    frames, audio = media(1)
+    prompts = ["<video> <audio> Is the dog heard?", "<video> <audio> Is the dog heard?", "<video> <audio> Where is it?"]
+    targets = ["<answer> yes </answer>", "<answer> no, it is not heard at all </answer>", "<answer> yes </answer>"]
+    batch = make_batch(prompts, frames, audio, [0, 0, 0], targets=targets, model=model)
+    with torch.no_grad():
+        trained = _connector_outputs(model, lambda: model(batch))
+        generated = _connector_outputs(model, lambda: model.generate(batch, max_new_tokens=2))
+    torch.testing.assert_close(trained[0], trained[1])  # same question, different answers: same media tokens
+    assert (trained[0] - trained[2]).abs().max() > 1e-4  # another question: other tokens
+    torch.testing.assert_close(trained, generated)  # teacher forcing reads what generation reads

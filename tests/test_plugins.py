@@ -51,7 +51,12 @@ def test_connector_plugins(class_path):
     connector = build(class_path)
     connector.build(24, 40)
     features = torch.randn(2, T, 5, 24, requires_grad=True)
-    out = connector(features)
+    if connector.reads_instruction:  # the prompt as the LLM embeds it, [B, L, D_llm], the second one padded
+        from avmt.connectors import Instruction
+
+        out = connector(features, Instruction(torch.randn(2, 6, 40), torch.arange(6).expand(2, 6) < torch.tensor([[6], [4]])))
+    else:
+        out = connector(features)
     assert out.shape == (2, connector.num_tokens(T), 40)
     assert torch.isfinite(out).all()
     out.square().mean().backward()

@@ -1,9 +1,10 @@
 """Connectors: ``[B, T, P, D_enc]`` -> ``[B, N_tokens, D_llm]``, built lazily by ``build(in_dim, out_dim)``.
 """
 
-from avmt.connectors.base import Connector
+from avmt.connectors.base import Connector, Instruction
 from avmt.connectors.direct import DirectConnector
+from avmt.connectors.instruct_qformer import InstructQFormerConnector
 from avmt.connectors.mlp import MLPConnector
 from avmt.connectors.qformer import QFormerConnector
 
-__all__ = ["Connector", "DirectConnector", "MLPConnector", "QFormerConnector"]
+__all__ = ["Connector", "DirectConnector", "InstructQFormerConnector", "Instruction", "MLPConnector", "QFormerConnector"]

@@ -8,14 +8,34 @@ modality with T segments expands to, before any forward pass.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 from avmt.errors import UserError
 
 
+class Instruction(NamedTuple):
+    """The prompt text of each media reference, for connectors that read it (InstructBLIP style).
+
+    embeds: ``[n, L, D_llm]`` the LLM input embeddings of the prompt's text tokens (placeholders,
+        padding and answer tokens removed), left-aligned; mask: ``bool [n, L]``, true on real tokens.
+    """
+
+    embeds: torch.Tensor
+    mask: torch.Tensor
+
+
 class Connector(nn.Module):
-    """Base class: lazy ``build(in_dim, out_dim)``, ``num_tokens``, forward contract."""
+    """Base class: lazy ``build(in_dim, out_dim)``, ``num_tokens``, forward contract.
+
+    A connector whose ``reads_instruction`` is true takes ``forward(features, instruction)`` and
+    is run once per media reference with that sample's prompt (:class:`Instruction`); the others
+    take ``forward(features)`` and are run once per clip.
+    """
+
+    reads_instruction = False
 
     def __init__(self) -> None:
         super().__init__()

@@ -54,10 +54,9 @@ class QFormerConnector(Connector):
         self.dropout = float(dropout)
         self.initializer_range = float(initializer_range) if initializer_range is not None else self.hidden_size**-0.5
 
-    def _build(self, in_dim: int, out_dim: int) -> None:
-        from transformers import Blip2QFormerConfig, Blip2QFormerModel
-
-        config = Blip2QFormerConfig(
+    def _qformer_config(self, in_dim: int) -> dict:
+        """Keyword arguments of the ``Blip2QFormerConfig`` (a subclass may add to them)."""
+        return dict(
             hidden_size=self.hidden_size,
             num_hidden_layers=self.num_layers,
             num_attention_heads=self.num_heads,
@@ -68,6 +67,11 @@ class QFormerConnector(Connector):
             encoder_hidden_size=in_dim,
             initializer_range=self.initializer_range,
         )
+
+    def _build(self, in_dim: int, out_dim: int) -> None:
+        from transformers import Blip2QFormerConfig, Blip2QFormerModel
+
+        config = Blip2QFormerConfig(**self._qformer_config(in_dim))
         self.input_norm = nn.LayerNorm(in_dim)
         init = torch.randn(1, self.num_queries, self.hidden_size) * config.initializer_range
         self.queries = nn.Parameter(init)
@@ -88,12 +92,26 @@ class QFormerConnector(Connector):
             come from segment t.
         """
         self._check_input(features)
+        b, t = features.shape[:2]
+        out = self._query(features, self.queries.expand(b * t, -1, -1))
+        return out.reshape(b, t * self.num_queries, -1)
+
+    def _query(self, features: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the Q-Former over every segment.
+
+        Args:
+            features: ``[B, T, P, D_enc]``.
+            hidden: ``[B*T, Q + L, H]`` the learned queries, then (optionally) L text tokens that
+                the queries attend to but that do not cross-attend the features.
+            mask: ``bool [B*T, Q + L]`` the tokens to attend to (None: all).
+        Returns:
+            ``[B*T, Q, D_llm]`` the projected query outputs.
+        """
         b, t, p, d = features.shape
         enc = self.input_norm(features.reshape(b * t, p, d).to(self.input_norm.weight.dtype))
-        queries = self.queries.expand(b * t, -1, -1)
-        out = self.qformer(query_embeds=queries, encoder_hidden_states=enc).last_hidden_state  # [B*T, Q, H]
-        out = self.proj(out.to(self.proj.weight.dtype))
-        return out.reshape(b, t * self.num_queries, -1)
+        out = self.qformer(query_embeds=hidden, query_length=self.num_queries, attention_mask=mask,
+                           encoder_hidden_states=enc).last_hidden_state[:, : self.num_queries]  # [B*T, Q, H]
+        return self.proj(out.to(self.proj.weight.dtype))
 
     def extra_repr(self) -> str:
         return f"num_queries={self.num_queries}, " + super().extra_repr()
