@@ -6,12 +6,14 @@ The interpreter tests (``pytest tests/kernels``) run every ``tl.dot`` in fp32 wi
 configuration, so they never see what only a GPU does: bf16/fp16 dot operands, tensor-core
 layouts, software pipelining and the other block shapes of the autotune lists. This check runs
 forward + backward of ``ilora_fused`` on the GPU with every kernel pinned to one autotune config
-at a time ("round" j pins each kernel to its config j, wrapping around shorter lists), so every
-config of every kernel is executed, and compares y and the five gradients with the float64
+at a time ("round" j pins each kernel to config j of its list as ``prune_configs`` leaves it for the
+case on this GPU, wrapping around shorter lists), so every config the autotuner can pick is
+executed, and compares y and the five gradients with the float64
 reference (``avmt_kernels.reference.ilora_reference``, dropout mask included) by
 ‖out − ref‖ / ‖ref‖. It then probes two launch properties: recompiles caused by the dropout seed
 (wall time of the first call per seed after warm-up), and a token count above the 65 535 limit of
-the second grid axis. Exits 1 when a check fails, 2 without a usable CUDA GPU.
+the second grid axis. fp32 cases run with TF32 allowed (the kernel) or not (the PyTorch fall-back,
+see ``avmt_kernels.ilora.fp32_strategy``). Exits 1 when a check fails, 2 without a usable CUDA GPU.
 """
 
 from __future__ import annotations
@@ -24,35 +26,53 @@ import time
 import torch
 
 from . import reference as ref
-from .ilora import _kernels, ilora_fused, triton_unusable_reason
+from .ilora import (KERNEL_CONFIGS, KERNEL_NAMES, _kernels, _max_shared_mem, _plan, ilora_fused,
+                    prune_configs, triton_unusable_reason)
 
 NAMES = ("y", "dx", "dy0", "dA", "dB", "dR")
-KERNELS = ("shrink", "expand", "g", "dx", "dar", "db")
-# ‖out − ref‖ / ‖ref‖ allowed per activation dtype: fp32 dots in IEEE mode are exact to rounding
-# of the fp32 accumulation; fp16/bf16 round each dot operand (8 / 11 bits of mantissa).
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+KERNELS = KERNEL_NAMES
+# ‖out − ref‖ / ‖ref‖ allowed per activation dtype: fp16/bf16 round each dot operand (11 / 8 bits
+# of mantissa); fp32 runs TF32 dots (operands read with 10 mantissa bits, truncated: a biased
+# error, see tests/kernels/test_kernel_limits.py). fp32 without TF32 runs PyTorch's fp32 GEMMs.
+TOLERANCE = {torch.float32: 8 * 2.0**-10, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+FP32_NO_TF32_TOLERANCE = 1e-5
 
-# name, (N, d_in, d_out, r, K, top_k, dropout p), activation dtype, parameter dtype, every config?
+# name, (N, d_in, d_out, r, K, top_k, dropout p), activation dtype, parameter dtype, every config?,
+# allow TF32 (fp32 only: True runs the kernel, False the PyTorch fall-back)
 CASES = [
-    ("bf16 r64 top2 drop", (1000, 512, 1536, 64, 3, 2, 0.1), torch.bfloat16, torch.bfloat16, True),
-    ("fp16 r128 dense drop", (777, 384, 1000, 128, 3, None, 0.05), torch.float16, torch.float16, True),
-    ("fp32 odd shapes", (70, 45, 53, 8, 3, 2, 0.2), torch.float32, torch.float32, True),
-    ("bf16 x, fp32 params", (300, 256, 320, 16, 2, None, 0.0), torch.bfloat16, torch.float32, False),
-    ("bf16 K8 top3", (333, 100, 370, 16, 8, 3, 0.0), torch.bfloat16, torch.bfloat16, False),
-    ("bf16 r256 K2", (200, 400, 300, 256, 2, None, 0.0), torch.bfloat16, torch.bfloat16, False),
+    ("bf16 r64 top2 drop", (1000, 512, 1536, 64, 3, 2, 0.1), torch.bfloat16, torch.bfloat16, True, True),
+    ("fp16 r128 dense drop", (777, 384, 1000, 128, 3, None, 0.05), torch.float16, torch.float16, True, True),
+    ("fp32 tf32 odd shapes", (70, 45, 53, 8, 3, 2, 0.2), torch.float32, torch.float32, True, True),
+    ("bf16 split-K r64", (256, 2048, 384, 64, 3, 2, 0.1), torch.bfloat16, torch.bfloat16, True, True),
+    ("fp32 no-tf32 (torch)", (70, 45, 53, 8, 3, 2, 0.2), torch.float32, torch.float32, False, False),
+    ("bf16 x, fp32 params", (300, 256, 320, 16, 2, None, 0.0), torch.bfloat16, torch.float32, False, True),
+    ("bf16 K8 top3", (333, 100, 370, 16, 8, 3, 0.0), torch.bfloat16, torch.bfloat16, False, True),
+    ("bf16 r256 K2", (200, 400, 300, 256, 2, None, 0.0), torch.bfloat16, torch.bfloat16, False, True),
 ]
 
 
-def pin_round(j: int | None) -> None:
-    """Pin every autotuned kernel to its config ``j`` (mod its list length); None restores the lists."""
+def case_configs(shape, act, par, device) -> dict:
+    """Per kernel, the configs the autotuner would consider for this case on ``device``
+    (``prune_configs`` with the device's shared memory and the case's bucketed N)."""
+    N, d_in, d_out, r, K = shape[:5]
+    dims = dict(N=1 << max(0, N - 1).bit_length(), D_IN=d_in, D_OUT=d_out, R=r, K=K)
+    smem = _max_shared_mem(device.index or 0)
+    return {name: prune_configs(name, KERNEL_CONFIGS[name], max_shared_mem=smem, dtype=act, param_dtype=par,
+                                dims=dims) for name in KERNELS}
+
+
+def pin_round(j: int | None, configs: dict | None = None) -> None:
+    """Pin every autotuned kernel to config ``j`` (mod its list length) of ``configs`` (default: the
+    full lists); None restores the full lists."""
     state = _kernels()
     if not state.autotuned:  # the interpreter runs its one fixed configuration
         return
-    if not hasattr(state, "all_configs"):
-        state.all_configs = {name: list(getattr(state, name).configs) for name in KERNELS}
+    _plan.cache_clear()  # the per-shape plans remember the configs chosen so far
     for name in KERNELS:
-        tuner, configs = getattr(state, name), state.all_configs[name]
-        tuner.configs = configs if j is None else [configs[j % len(configs)]]
+        tuner = getattr(state, name)
+        full = KERNEL_CONFIGS[name]
+        pick = (configs or {}).get(name, full)
+        tuner.configs = list(full) if j is None else [pick[j % len(pick)]]
         tuner.cache = {}
 
 
@@ -87,31 +107,41 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
-def check_case(name, shape, act, par, rounds, device) -> list[dict]:
+def check_case(name, shape, act, par, rounds, device, allow_tf32=True) -> list[dict]:
     """One row per config round: the relative error of y and every gradient."""
     N, d_in, d_out, r, K, top_k, p = shape
     tensors = _inputs(shape, act, par, device, seed=N + K)
     kw = dict(scaling=1.7, temperature=0.8, top_k=top_k, dropout_p=p, seed=1234 + K)
     want = _forward_backward(ref.ilora_reference, tensors, [torch.float64] * 5, kw)
+    configs = case_configs(shape, act, par, device) if _kernels().autotuned else None
+    tol = TOLERANCE[act] if act != torch.float32 or allow_tf32 else FP32_NO_TF32_TOLERANCE
+    saved_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     rows = []
-    for j in rounds:
-        pin_round(j)
-        row = {"case": name, "round": j, "shape": list(shape[:5]), "top_k": top_k, "dropout_p": p,
-               "dtype": str(act).split(".")[-1], "param_dtype": str(par).split(".")[-1]}
-        t0 = time.perf_counter()
-        try:
-            got = _forward_backward(ilora_fused, tensors, [act, act, par, par, par], kw)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-        except Exception as exc:  # a config that cannot compile or load is a failed row, not a crash
-            row.update(first_call_s=time.perf_counter() - t0, rel_err={n: float("nan") for n in NAMES}, ok=False,
-                       error=f"{type(exc).__name__}: {str(exc)[:200]}")
+    try:
+        for j in rounds:
+            pin_round(j, configs)
+            row = {"case": name, "round": j, "shape": list(shape[:5]), "top_k": top_k, "dropout_p": p,
+                   "dtype": str(act).split(".")[-1], "param_dtype": str(par).split(".")[-1],
+                   "allow_tf32": allow_tf32}
+            if configs is not None:
+                row["configs"] = {k: str(c[j % len(c)]) for k, c in configs.items()}
+            t0 = time.perf_counter()
+            try:
+                got = _forward_backward(ilora_fused, tensors, [act, act, par, par, par], kw)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+            except Exception as exc:  # a config that cannot compile or load is a failed row, not a crash
+                row.update(first_call_s=time.perf_counter() - t0, rel_err={n: float("nan") for n in NAMES},
+                           ok=False, error=f"{type(exc).__name__}: {str(exc)[:200]}")
+                rows.append(row)
+                continue
+            errs = {n: rel_err(a, b) for n, a, b in zip(NAMES, got, want)}
+            row.update(first_call_s=time.perf_counter() - t0, rel_err=errs,
+                       ok=all(e <= tol for e in errs.values()))
             rows.append(row)
-            continue
-        errs = {n: rel_err(a, b) for n, a, b in zip(NAMES, got, want)}
-        row.update(first_call_s=time.perf_counter() - t0, rel_err=errs,
-                   ok=all(e <= TOLERANCE[act] for e in errs.values()))
-        rows.append(row)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved_tf32
     return rows
 
 
@@ -169,16 +199,16 @@ def main(argv: list[str] | None = None) -> int:
     if reason is not None:
         print(f"avmt_kernels.gpu_check needs a CUDA GPU: {reason}", file=sys.stderr)
         return 2
-    n_rounds = max(len(getattr(_kernels(), k).configs) for k in KERNELS)
     report = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
               "triton": __import__("triton").__version__, "rows": []}
     print(f"I-LoRA kernels on {report['device']} (torch {report['torch']}, triton {report['triton']}): "
-          f"‖out − ref‖/‖ref‖ vs float64, tolerance fp32 {TOLERANCE[torch.float32]:g}, "
+          f"‖out − ref‖/‖ref‖ vs float64, tolerance fp32 (TF32) {TOLERANCE[torch.float32]:g}, "
           f"fp16 {TOLERANCE[torch.float16]:g}, bf16 {TOLERANCE[torch.bfloat16]:g}", flush=True)
     print(f"{'case':<22} {'round':>5} {'first s':>7} " + " ".join(f"{n:>9}" for n in NAMES) + "  ok", flush=True)
-    for name, shape, act, par, every in CASES:
+    for name, shape, act, par, every, tf32 in CASES:
+        n_rounds = max(len(c) for c in case_configs(shape, act, par, device).values())
         rounds = range(n_rounds) if every and not args.quick else [0]
-        for row in check_case(name, shape, act, par, rounds, device):
+        for row in check_case(name, shape, act, par, rounds, device, allow_tf32=tf32):
             report["rows"].append(row)
             print(f"{name:<22} {row['round']:>5} {row['first_call_s']:>7.2f} "
                   + " ".join(f"{row['rel_err'][n]:>9.2e}" for n in NAMES) + f"  {'yes' if row['ok'] else 'NO'}"
