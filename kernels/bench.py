@@ -15,6 +15,14 @@ and prints achieved TFLOP/s (useful FLOPs: base + stacked adapter, see ``flops``
 the fused kernel over each baseline, and the FLOP floor = base time × (base + adapter FLOPs) /
 base FLOPs (the time if the adapter ran at the base GEMM's efficiency). Timings are medians of
 ``triton.testing.do_bench``. Exits with status 2 and a message when no CUDA GPU is available.
+
+    python -m avmt_kernels.bench --model [--gpu h100|h200|a100] [--measured PATH]
+
+prints the roofline model (``avmt_kernels.roofline``) of every kernel at these shapes instead, and
+needs no GPU: FLOPs, HBM bytes and max(FLOPs / peak, bytes / bandwidth) per kernel and per layer,
+next to bench's FLOP floor. With ``--measured`` (a ``--profile --json`` report of this script; its
+tokens and dtype are used) or on a CUDA GPU (then measured here), each part also gets its measured
+time and measured / roofline.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ import sys
 
 import torch
 import torch.nn.functional as F
+
+from .roofline import GPUS, Layer, layer_model, measured_parts
 
 MODELS = {
     # name: (r, K, [(layer, d_in, d_out, count per transformer block)])
@@ -216,6 +226,102 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def add_profile(report: dict, models: list[str], tokens: int, dtype_name: str, p: float) -> None:
+    """Profile every layer (``profile_layer``) into ``report["profile"]``, printing each as it goes."""
+    from .ilora import _kernels
+
+    report["profile"] = []
+    for model in models:
+        r, K, layers = MODELS[model]
+        for layer, d_in, d_out, _ in layers:
+            rows = profile_layer(tokens, d_in, d_out, r, K, _DTYPES[dtype_name], p, torch.device("cuda"))
+            report["profile"].append({"model": model, "layer": layer, "kernels": rows})
+            print(format_profile(f"{model} {layer}: kernel time per fwd+bwd step", rows), flush=True)
+            print("  autotuned: " + ", ".join(f"{name} {k.best_config}" for name, k in vars(_kernels()).items()
+                                                if getattr(k, "best_config", None) is not None), flush=True)
+
+
+def format_model(gpu_name: str, tokens: int, dtype_name: str, models: list[str], measured: dict | None) -> str:
+    """The roofline table of every layer of ``models`` on ``GPUS[gpu_name]``; with ``measured`` (a
+    ``--profile`` report at the same tokens and dtype) also the measured µs and measured / roofline."""
+    gpu = GPUS[gpu_name]
+    elem = torch.empty((), dtype=_DTYPES[dtype_name]).element_size()
+    lines = [f"Roofline of the fused I-LoRA fwd+bwd on {gpu.name}: {gpu.tensor_flops / 1e12:.0f} TFLOP/s dense "
+             f"16-bit tensor cores, {gpu.hbm_bytes_per_s / 1e12:.3g} TB/s HBM ({gpu.source}); {dtype_name}, "
+             f"{tokens} tokens",
+             "time = max(FLOPs / peak, bytes / bandwidth); bytes = each operand read once and each result written "
+             "once (perfect on-chip reuse, one fp32 copy of split partials); kernel times add up"]
+    if measured is not None:
+        kernels = ("kernels = GPU time per step (torch.profiler), " if measured.get("profile")
+                   else "no profile (per-kernel times need --profile), ")
+        lines.append(f"measured: {measured['device']}, {measured['dtype']}, {measured['tokens']} tokens, "
+                     f"torch {measured['torch']}, triton {measured['triton']}; {kernels}"
+                     "fused = wall time (do_bench median)")
+    head = (f"  {'part':<8} {'GFLOP':>8} {'MB':>9} {'FLOP/B':>7} {'bound':<7} {'roof µs':>9} {'meas µs':>9} "
+            f"{'meas/roof':>9}")
+    for model in models:
+        r, K, layers = MODELS[model]
+        for layer, d_in, d_out, _ in layers:
+            rows = layer_model(Layer(tokens, d_in, d_out, r, K, elem), gpu)
+            meas = _measured_layer(measured, model, layer) if measured is not None else None
+            lines += ["", f"{model} {layer} ({d_in}->{d_out}, r {r}, K {K})", head]
+            for row in rows:
+                us = row["seconds"] * 1e6
+                got = meas.get(row["part"]) if meas is not None else None
+                lines.append(f"  {row['part']:<8} {row['flops'] / 1e9:>8.2f} {row['bytes'] / 1e6:>9.1f} "
+                             f"{row['intensity']:>7.0f} {row['bound']:<7} {us:>9.1f} "
+                             + (f"{got:>9.1f} {got / us:>9.2f}" if got is not None else f"{'-':>9} {'-':>9}"))
+            fb, fa = flops(tokens, d_in, d_out, r, K)
+            base_roof = next(row["seconds"] for row in rows if row["part"] == "base") * 1e6
+            floor = (f"bench floor = base × (base + adapter FLOPs) / base FLOPs = {fb + fa:.3g} / {fb:.3g}: "
+                     f"{base_roof * (fb + fa) / fb:.1f} µs at the roofline base")
+            if meas is not None:
+                floor += (f", {meas['base_wall'] * (fb + fa) / fb:.1f} µs at the measured base "
+                          f"({meas['base_wall']:.1f} µs)")
+            lines.append("  " + floor)
+    return "\n".join(lines)
+
+
+def _measured_layer(measured: dict, model: str, layer: str) -> dict:
+    """{part: µs} measured for one layer: 'fused' and 'base_wall' = do_bench wall times; with a
+    profile also the fused method's kernels by part, 'adapter' = their sum plus glue and 'base' =
+    its cuBLAS GEMMs."""
+    prof = [p for p in measured.get("profile", []) if p["model"] == model and p["layer"] == layer]
+    res = [e for e in measured["results"] if e["model"] == model and e["layer"] == layer]
+    if not res:
+        raise ValueError(f"the measurement has no result for {model} {layer}: run the bench with --json "
+                         "(and --profile for per-kernel times) at these shapes")
+    parts = {}
+    if prof:
+        parts = measured_parts(prof[0]["kernels"])
+        parts["adapter"] = sum(v for k, v in parts.items() if k != "base")
+    parts["fused"] = res[0]["times_ms"]["fused"] * 1e3
+    parts["base_wall"] = res[0]["times_ms"]["base"] * 1e3
+    return parts
+
+
+def model_main(args, models: list[str]) -> int:
+    """``--model``: print the roofline table, with measurements from ``--measured`` or this GPU."""
+    measured = None
+    if args.measured:
+        with open(args.measured) as f:
+            measured = json.load(f)
+        if measured["dtype"] not in _DTYPES:
+            print(f"{args.measured}: dtype {measured['dtype']!r} is not one of {sorted(_DTYPES)}", file=sys.stderr)
+            return 2
+    elif torch.cuda.is_available():
+        measured = run(args.tokens, models, args.dtype, args.dropout, args.rep, args.warmup)
+        add_profile(measured, models, args.tokens, args.dtype, args.dropout)
+    tokens = measured["tokens"] if measured is not None else args.tokens
+    dtype_name = measured["dtype"] if measured is not None else args.dtype
+    try:
+        print(format_model(args.gpu, tokens, dtype_name, models, measured))
+    except ValueError as exc:
+        print(f"{args.measured}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the process exit status (2 without a usable CUDA GPU)."""
     ap = argparse.ArgumentParser(prog="python -m avmt_kernels.bench", description=__doc__.split("\n\n")[0])
@@ -228,11 +334,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=50, help="do_bench warmup time per method, ms")
     ap.add_argument("--profile", action="store_true",
                     help="also list each method's GPU kernels with their time per step (torch.profiler)")
+    ap.add_argument("--model", action="store_true",
+                    help="print the roofline model of every kernel at these shapes (no GPU needed)")
+    ap.add_argument("--gpu", choices=sorted(GPUS), default="h200", help="peak numbers for --model (default h200)")
+    ap.add_argument("--measured", metavar="PATH",
+                    help="with --model: a --json report of this script to compare with (per kernel with --profile)")
     args = ap.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         ap.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    if args.measured and not args.model:
+        ap.error("--measured needs --model")
+    if args.model:
+        return model_main(args, models)
     if not torch.cuda.is_available():
         print("avmt_kernels.bench needs a CUDA GPU: torch.cuda.is_available() is False on this machine "
               "(the kernels' correctness tests run on CPU: pytest tests/kernels).", file=sys.stderr)
@@ -246,18 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args.tokens, models, args.dtype, args.dropout, args.rep, args.warmup)
     print(format_table(report))
     if args.profile:
-        from .ilora import _kernels
-
-        report["profile"] = []
-        for model in models:
-            r, K, layers = MODELS[model]
-            for layer, d_in, d_out, _ in layers:
-                rows = profile_layer(args.tokens, d_in, d_out, r, K, _DTYPES[args.dtype], args.dropout,
-                                     torch.device("cuda"))
-                report["profile"].append({"model": model, "layer": layer, "kernels": rows})
-                print(format_profile(f"{model} {layer}: kernel time per fwd+bwd step", rows), flush=True)
-                print("  autotuned: " + ", ".join(f"{name} {getattr(_kernels(), name).best_config}" for name in
-                                                    ("shrink", "expand", "g", "dx", "dar", "db")), flush=True)
+        add_profile(report, models, args.tokens, args.dtype, args.dropout)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
