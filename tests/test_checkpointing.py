@@ -1,21 +1,22 @@
-"""Checkpoints during fit: one per epoch (newest kept, last.ckpt linking to it), written atomically,
-and a run killed with SIGKILL resumes with ``--ckpt_path last`` to the same final metrics."""
+"""Checkpoints during fit: one per epoch and one every N steps (newest of each kept, last.ckpt linking
+to the newest), written atomically, and a run killed with SIGKILL in the middle of an epoch resumes
+with ``--ckpt_path last`` at that batch, to the same final metrics and weights."""
 
 from __future__ import annotations
 
 import errno
 import json
 import os
+import random
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from lightning.pytorch.callbacks import Callback
 
-from tests.test_cli import EXPERIMENTS, run_cli
+from tests.test_cli import EXPERIMENTS, REPO, run_cli
 
 RUN = [
     "-c", str(EXPERIMENTS / "ilora.yaml"),
@@ -59,34 +60,75 @@ def test_lightning_checkpoint_write_is_atomic_on_a_full_disk(tmp_path, monkeypat
     assert torch.load(path, weights_only=True)["step"] == 1
 
 
-def test_a_killed_run_keeps_its_last_epoch_and_resumes_to_the_same_metrics(shards, tmp_path):
-    cache = tmp_path / "cache"
+class KillAt(Callback):
+    """Test-only: SIGKILLs its own process when training step ``step`` ends, before that step's
+    checkpoint (Lightning runs checkpoint callbacks last): the run dies with the work of step
+    ``step`` lost and its newest checkpoint at step ``step - 1``. Inactive in a resumed run."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step and trainer.ckpt_path is None:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _every_step(path: Path, kill_at: int | None = None) -> Path:
+    """A config layer: base.yaml's callbacks with a step checkpoint after every step (and KillAt)."""
+    callbacks = yaml.safe_load((EXPERIMENTS / "base.yaml").read_text())["trainer"]["callbacks"]
+    stepped = [c for c in callbacks if "every_n_train_steps" in c.get("init_args", {})]
+    assert len(stepped) == 1, "base.yaml should have one ModelCheckpoint with every_n_train_steps"
+    stepped[0]["init_args"]["every_n_train_steps"] = 1
+    if kill_at is not None:
+        callbacks.append({"class_path": "tests.test_checkpointing.KillAt", "init_args": {"step": kill_at}})
+    path.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
+    return path
+
+
+def test_a_run_killed_mid_epoch_resumes_at_that_batch_to_the_same_metrics_and_weights(shards, tmp_path):
+    # one stage-1 cache; the runs import KillAt from this module; a fixed hash seed, since a run's
+    # floating-point sums depend on Python's per-process string hashing (~1e-9 apart otherwise)
+    env = {"AVMT_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO), "PYTHONHASHSEED": "0"}
     full = tmp_path / "full"
     full.mkdir()
-    run_cli("fit", *RUN, f"--data.root={shards}", cwd=full, env_extra={"AVMT_CACHE": str(cache)})
+    every_step = ["-c", str(_every_step(tmp_path / "every_step.yaml"))]
+    run_cli("fit", *RUN, f"--data.root={shards}", *every_step, cwd=full, env_extra=env)
     want = json.loads((full / "runs" / "ilora" / "version_0" / "val_metrics.json").read_text())
     checkpoints = full / "runs" / "ilora" / "version_0" / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch=2-step=12.ckpt", "last.ckpt"]
+    # the newest of each kind; at the last step both came, the epoch one (after validation) last
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "epoch=2-step=12.ckpt", "last.ckpt", "steps-epoch=2-step=12.ckpt"]
     assert (checkpoints / "last.ckpt").resolve() == checkpoints / "epoch=2-step=12.ckpt"
 
+    # a step strictly inside epoch 1 or 2 whose previous step (the newest checkpoint) is not an epoch's last
+    kill = random.Random(2026).choice([6, 7, 8, 10, 11, 12])
+    print(f"killing the run at the end of step {kill}; it resumes from the checkpoint of step {kill - 1}")
     killed = tmp_path / "killed"
     killed.mkdir()
-    env = {**os.environ, "AVMT_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "avmt", "fit", *RUN, f"--data.root={shards}"], cwd=killed,
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    layer = _every_step(tmp_path / "kill.yaml", kill_at=kill)
+    result = run_cli("fit", *RUN, f"--data.root={shards}", "-c", str(layer), cwd=killed, env_extra=env, check=False)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     run_dir = killed / "runs" / "ilora" / "version_0"
-    deadline = time.monotonic() + 300
-    while not (run_dir / "checkpoints" / "epoch=0-step=4.ckpt").exists():
-        assert process.poll() is None and time.monotonic() < deadline, "no epoch checkpoint before the run ended"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
     assert not (run_dir / "val_metrics.json").exists()
     last = run_dir / "checkpoints" / "last.ckpt"
-    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
+    epoch, batch = divmod(kill - 1, 4)
+    assert last.resolve().name == f"steps-epoch={epoch}-step={kill - 1}.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    assert saved["global_step"] == kill - 1
+    loader = saved["AVDataModule"]["train_loader"]  # the training stream's place in its epoch
+    assert (loader["epoch"], loader["batches"]) == (epoch, batch)
 
-    run_cli("fit", "-c", str(run_dir / "config.yaml"), f"--ckpt_path={last}", cwd=killed,
-            env_extra={"AVMT_CACHE": str(cache)})
-    got = json.loads((killed / "runs" / "ilora" / "version_1" / "val_metrics.json").read_text())
+    run_cli("fit", "-c", str(run_dir / "config.yaml"), f"--ckpt_path={last}", cwd=killed, env_extra=env)
+    resumed = killed / "runs" / "ilora" / "version_1"
+    got = json.loads((resumed / "val_metrics.json").read_text())
+    print("uninterrupted:", {task: want[task]["scores"] for task in want})
+    print("resumed:      ", {task: got[task]["scores"] for task in got})
+    assert set(got) == set(want)
     for task in want:
         assert got[task]["scores"] == want[task]["scores"], task
+    final = torch.load(checkpoints / "epoch=2-step=12.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    again = torch.load(resumed / "checkpoints" / "epoch=2-step=12.ckpt", map_location="cpu", weights_only=True)
+    assert again["state_dict"].keys() == final.keys()
+    differ = {k: (again["state_dict"][k].float() - final[k].float()).abs().max().item()
+              for k in final if not torch.equal(again["state_dict"][k], final[k])}
+    assert not differ, f"the resumed run's weights differ: {differ}"

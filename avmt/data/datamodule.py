@@ -10,10 +10,13 @@ owns the tokenizer. This module knows nothing about the model, nor about any par
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import logging
 import math
 import os
 import random
+import re
 import warnings
 import zlib
 from collections import deque
@@ -25,17 +28,21 @@ import lightning as L
 from torch.utils.data import DataLoader, IterableDataset
 
 from avmt.data.features import FeatureReader
+from avmt.data.resume import TURN, ResumableLoader, collate_turns, rank_quotas, worker_positions
 from avmt.data.sample import Clip, ClipGroup, SampleError, TaskSample, collate
 from avmt.data.shards import (
     CorruptSampleCounter,
     CorruptSampleWarning,
+    SplitSource,
     check_shard_version,
     ensure_shards,
+    is_url_pattern,
     iter_clips,
-    list_shards,
     manifest_segments,
     read_manifest,
-    split_clip_count,
+    reader_clip_count,
+    shard_order,
+    split_source,
     stream_part,
 )
 from avmt.data.synth import SCHEMA_VERSION, SynthConfig
@@ -43,6 +50,9 @@ from avmt.errors import UserError
 from avmt.tasks import Task, get_task, list_tasks
 
 SPLITS = ("train", "val", "test")
+log = logging.getLogger(__name__)
+# a scheme such as ``pipe:`` or ``s3://`` (two letters at least, so a Windows drive is not one)
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
 
 
 def default_cache_dir() -> Path:
@@ -63,18 +73,25 @@ class ClipTaskStream(IterableDataset):
     a :class:`~avmt.data.shards.CorruptSampleWarning` naming the clip and the task.
 
     Args:
-        shards: tar files to read.
+        shards: the split's shards: a :class:`~avmt.data.shards.SplitSource` (local files or URLs,
+            :func:`~avmt.data.shards.split_source`), or a list of tar files.
         task_names: tasks to build for every clip.
         reasoning: targets carry the reasoning sentences (else only the tagged answer).
-        seed: base seed; the task rng of a clip depends only on (seed, epoch, clip key).
-        shuffle: shuffle shard order and clips (a buffer of ``shuffle_buffer`` clips) per epoch.
+        seed: base seed; the task rng of a clip depends only on (seed, epoch, clip key), the shard
+            order only on (seed, epoch) (the same on every rank and worker), the buffer's draws on
+            (seed, epoch, reader).
+        shuffle: shuffle this split at all (the training split): the shard order when
+            ``shuffle_shards`` and the clips through a buffer of ``shuffle_buffer`` clips, per epoch.
         tasks_per_clip: build this many of the applicable tasks per clip (sampled), or all when ``None``.
         samples_per_clip: task name -> samples built per clip (default 1), e.g. 4 for a question
             answering task asks four questions about every clip; each has its own rng stream (the
             first is the stream a single sample uses) and a sample repeating an earlier prompt and
             target of the clip is dropped.
-        num_clips: clips in the shards, used for ``len``.
-        shuffle_buffer: clips held for shuffling.
+        num_clips: clips in the shards, used for ``len`` (a list of tar files only; a
+            :class:`~avmt.data.shards.SplitSource` carries its own).
+        shuffle_buffer: clip groups held for shuffling; 0 yields them in the order read.
+        shuffle_shards: with ``shuffle``, read the shards in a new order every epoch
+            (:func:`~avmt.data.shards.shard_order`); else in file order.
         recent_clips: clips remembered as the other clips of multi-clip samples, most recent
             first; each task picks its others from them (``Task.select_others``) and is not built
             for a clip when too few of them fit.
@@ -85,9 +102,10 @@ class ClipTaskStream(IterableDataset):
         num_segments: segments every clip must have (the manifest's); ``None``: those of the
             first clip read.
 
-    Readers: the DDP ranks and DataLoader workers share the stream by clip position
-    (:func:`~avmt.data.shards.iter_clips`), so every clip goes to exactly one of them, whatever
-    the number of shards. A clip whose layout (segment count, frame or audio shape) differs from
+    Readers: the DDP ranks and DataLoader workers share the stream by shard when there are at
+    least as many shards as readers, else by clip position (:func:`~avmt.data.shards.iter_clips`),
+    so every clip goes to exactly one of them, whatever the number of shards;
+    :meth:`reader_clips` says how many each gets. A clip whose layout (segment count, frame or audio shape) differs from
     the others would break collation: it is skipped and counted as corrupt (reason ``"other
     layout"``), with a warning naming it. A pass whose share held clips but yielded no clip
     group (every sample corrupt, or no task applies) raises :class:`~avmt.errors.UserError`
@@ -96,7 +114,7 @@ class ClipTaskStream(IterableDataset):
 
     def __init__(
         self,
-        shards: list[Path],
+        shards: SplitSource | Sequence[str | Path],
         task_names: list[str],
         reasoning: bool,
         seed: int,
@@ -109,17 +127,21 @@ class ClipTaskStream(IterableDataset):
         features: FeatureReader | None = None,
         split: str = "data",
         num_segments: int | None = None,
+        shuffle_shards: bool = True,
     ) -> None:
         super().__init__()
-        self.shards = [Path(s) for s in shards]
+        self.source = shards if isinstance(shards, SplitSource) else SplitSource.from_paths(shards, num_clips)
+        self.shards = list(self.source.urls)
         self.task_names = list(task_names)
         self.tasks = [get_task(name, reasoning=reasoning) for name in self.task_names]
         self.seed = seed
         self.shuffle = shuffle
         self.tasks_per_clip = tasks_per_clip
         self.samples_per_clip = dict(samples_per_clip or {})
-        self.num_clips = num_clips
+        self.num_clips = self.source.num_clips
+        _check_count("data.shuffle_buffer", shuffle_buffer, 0)
         self.shuffle_buffer = shuffle_buffer
+        self.shuffle_shards = shuffle_shards
         self.recent_clips = recent_clips
         self.features = features
         self.split = split
@@ -141,6 +163,12 @@ class ClipTaskStream(IterableDataset):
         """Read the share of DDP rank ``rank`` of ``world_size`` (the trainer's); unset, the rank
         comes from ``RANK``/``WORLD_SIZE`` or ``torch.distributed`` (:func:`~avmt.data.shards.stream_part`)."""
         self.ranks = (int(rank), int(world_size))
+
+    def reader_clips(self, part: tuple[int, int]) -> int | None:
+        """Clips reader ``part = (index, count)`` (DDP rank x worker, as :meth:`_part` numbers them)
+        reads in an epoch when every clip is usable (:func:`~avmt.data.shards.reader_clip_count`);
+        ``None`` when unknown."""
+        return reader_clip_count(self.source, self.split, part)
 
     def _part(self) -> tuple[int, int]:
         """``(index, count)`` of this reader (DDP rank x DataLoader worker) among the stream's readers."""
@@ -222,7 +250,7 @@ class ClipTaskStream(IterableDataset):
         read, corrupt = self.counter.read - read_before, self.counter.count - corrupt_before
         if groups or (read == 0 and corrupt == 0 and part[0] != 0):
             return
-        folder = self.shards[0].parent if self.shards else "?"
+        folder = self.source.where
         raise UserError(
             f"the {self.split} split in '{folder}' gave no usable sample in this pass: {corrupt} sample(s) "
             f"skipped as corrupt of {read} read ({dict(self.counter.reasons)}), tasks {self.task_names}. "
@@ -230,16 +258,16 @@ class ClipTaskStream(IterableDataset):
         )
 
     def __iter__(self) -> Iterator[ClipGroup]:
-        shards = list(self.shards)
-        rng = random.Random(self.seed * 1_000_003 + self.epoch)
-        if self.shuffle:
-            rng.shuffle(shards)
         part = self._part()
+        order = shard_order(len(self.source.urls), self.seed, self.epoch, self.shuffle and self.shuffle_shards)
+        rng = random.Random(zlib.crc32(f"buffer:{self.seed}:{self.epoch}:{part[0]}".encode()))
+        buffered = self.shuffle_buffer if self.shuffle else 0
         read_before, corrupt_before, groups = self.counter.read, self.counter.count, 0
         layout: list = []
         buffer: list[ClipGroup] = []
         recent: deque[Clip] = deque(maxlen=self.recent_clips)
-        for clip in iter_clips(shards, counter=self.counter, part=part):
+        clips = iter_clips(self.source, counter=self.counter, part=part, order=order) if self.source.urls else iter(())
+        for clip in clips:
             if not self._fits(clip, layout):
                 continue
             if self.features is not None:
@@ -249,11 +277,11 @@ class ClipTaskStream(IterableDataset):
             if not group.samples:
                 continue
             groups += 1
-            if not self.shuffle:
+            if not buffered:
                 yield group
                 continue
             buffer.append(group)
-            if len(buffer) >= self.shuffle_buffer:
+            if len(buffer) >= buffered:
                 yield buffer.pop(rng.randrange(len(buffer)))
         rng.shuffle(buffer)
         yield from buffer
@@ -275,41 +303,115 @@ def reader_batches(num_clips: int, batch_size: int, num_readers: int, first_read
 class BatchedStream(IterableDataset):
     """Batches of a :class:`ClipTaskStream` with a length: lists of ``batch_size`` clip groups,
     made in each DataLoader worker from its own share (as the DataLoader's own batching does),
-    and ``len`` = the batches this DDP rank's workers make from the ``num_clips`` clips of the
-    split (:func:`reader_batches`), an upper bound that is exact when every clip is usable.
+    and ``len`` = the batches this DDP rank's workers make from their shares of the split
+    (:meth:`reader_clips`), an upper bound that is exact when every clip is usable.
 
     Args:
         stream: the clip groups.
         batch_size: clip groups per batch.
         num_workers: DataLoader workers reading it (0: the main process).
         rank, world_size: this process's DDP rank and the number of ranks.
+        equal_steps: every rank makes the same number of batches (training under DDP, where a rank
+            with one batch more would wait forever in the gradient all-reduce): each worker makes
+            its quota (:func:`~avmt.data.resume.rank_quotas`; a rank over the fewest drops its
+            smallest trailing batches: one clip per reader at most when the clips are shared by
+            position), and under DDP a worker that runs short (corrupt clips skipped) repeats its
+            last batch up to it, with a warning. Evaluation keeps every clip once (``False``).
+
+    ``resume_batches``: batches of this rank that the next pass leaves out, as the first of the
+    epoch's (a resumed run's, set by :class:`~avmt.data.resume.ResumableLoader`); each worker
+    leaves out its own share of them (:func:`~avmt.data.resume.worker_positions`), reading but not
+    collating them. Every pass hands its last batch over only after the stream is read to its end,
+    so the stream's end-of-pass checks run although Lightning stops asking after ``len`` batches.
     """
 
     def __init__(self, stream: ClipTaskStream, batch_size: int, num_workers: int, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, equal_steps: bool = False) -> None:
         super().__init__()
         self.stream = stream
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.rank = rank
         self.world_size = world_size
+        self.equal_steps = equal_steps
+        self.resume_batches = 0
+
+    def reader_clips(self) -> list[int]:
+        """Clips of every reader (DDP rank x worker, rank-major) in an epoch when all are usable."""
+        workers = max(1, self.num_workers)
+        readers = self.world_size * workers
+        share = getattr(self.stream, "reader_clips", None)
+        counts = [share((reader, readers)) if share is not None
+                  else (None if self.stream.num_clips is None else len(range(reader, self.stream.num_clips, readers)))
+                  for reader in range(readers)]
+        if any(count is None for count in counts):
+            raise TypeError(f"length unknown: the {self.stream.split} split's clip count is not in its manifest")
+        return counts
+
+    def worker_batches(self) -> list[int]:
+        """``[max(1, num_workers)]`` batches each DataLoader worker of this rank makes in an epoch
+        (:func:`reader_batches`; with ``equal_steps``, its quota)."""
+        clips, workers = self.reader_clips(), max(1, self.num_workers)
+        if self.equal_steps:
+            return rank_quotas(clips, self.batch_size, self.world_size)[0][self.rank]
+        return [math.ceil(count / self.batch_size) for count in clips[self.rank * workers:(self.rank + 1) * workers]]
+
+    def dropped_clips(self) -> int:
+        """Clips of this rank's share left out of each epoch so that every rank steps equally."""
+        return rank_quotas(self.reader_clips(), self.batch_size, self.world_size)[1][self.rank] if self.equal_steps else 0
 
     def __len__(self) -> int:
-        if self.stream.num_clips is None:
-            raise TypeError(f"length unknown: the {self.stream.split} split's clip count is not in its manifest")
-        workers = max(1, self.num_workers)
-        return reader_batches(self.stream.num_clips, self.batch_size, self.world_size * workers,
-                              self.rank * workers, workers)
+        return sum(self.worker_batches())
 
-    def __iter__(self) -> Iterator[list[ClipGroup]]:
+    def _chunks(self) -> Iterator[list[ClipGroup]]:
+        """The stream in batches, each handed over once the next is made (or the stream has ended)."""
+        pending: list[ClipGroup] | None = None
         batch: list[ClipGroup] = []
         for group in self.stream:
             batch.append(group)
             if len(batch) == self.batch_size:
-                yield batch
-                batch = []
+                if pending is not None:
+                    yield pending
+                pending, batch = batch, []
+        if pending is not None:
+            yield pending
         if batch:
             yield batch
+
+    def __iter__(self) -> Iterator[list[ClipGroup]]:
+        worker, _ = stream_part(split_by_node=False, split_by_worker=True)
+        try:
+            per_worker: list[int] | None = self.worker_batches()
+        except TypeError:  # no clip count: no quota, and nothing to resume from
+            per_worker = None
+        quota = per_worker[worker] if self.equal_steps and per_worker is not None else None
+        skip = 0
+        if self.resume_batches and per_worker:
+            taken, next_worker = worker_positions(self.resume_batches, per_worker)
+            skip = taken[worker]
+            if next_worker is not None and worker < next_worker:
+                yield TURN
+        made, last = 0, None
+        for batch in self._chunks():
+            made += 1
+            if quota is not None and made > quota:
+                continue  # a trailing clip this rank leaves out (rank_quotas); read to the end all the same
+            last = batch
+            if made > skip:
+                yield batch
+        if quota is not None and made < quota and self.world_size > 1:
+            if last is None:  # nothing usable in this reader's share: no batch to repeat
+                raise UserError(
+                    f"DDP rank {self.rank}, worker {worker}: its share of the {self.stream.split} split gave no usable "
+                    f"clip (of {self.stream.counter.read} read), while every rank must take {len(self)} steps; check the "
+                    "shards or use fewer devices / data.num_workers")
+            warnings.warn(
+                f"DDP rank {self.rank}, worker {worker}: {quota - made} {self.stream.split} batch(es) short (corrupt "
+                f"clips skipped: {dict(self.stream.counter.reasons)}); repeating its last batch so that every rank "
+                "takes the same number of steps", CorruptSampleWarning, stacklevel=2)
+            for index in range(made, quota):
+                if index >= skip:
+                    yield last
 
 
 def collate_rules(tasks: Sequence[Task]) -> dict[str, str]:
@@ -344,7 +446,10 @@ class AVDataModule(L.LightningDataModule):
     """Multi-task audio-visual data from WebDataset shards (AVSynth by default).
 
     Args:
-        root: shard folder with ``train/``, ``val/``, ``test/`` subfolders. ``None`` uses the
+        root: shard folder with ``train/``, ``val/``, ``test/`` subfolders, or a shard URL pattern
+            holding ``{split}`` (the split's folder name), expanded and opened as webdataset does
+            (:func:`~avmt.data.shards.split_source`), e.g.
+            ``"pipe:aws s3 cp s3://bucket/avsynth/{split}/{000000..000099}.tar -"``. ``None`` uses the
             AVSynth cache (``$AVMT_CACHE`` or the user cache dir) and generates it when missing.
         tasks: task names to train and evaluate (see ``python -m avmt plugins``); ``None`` = every
             registered task.
@@ -371,6 +476,12 @@ class AVDataModule(L.LightningDataModule):
             module refuses a cache made by other encoders. ``None`` encodes the media.
         splits: the folder under ``root`` each stage reads: ``{"train": ..., "val": ..., "test": ...}``
             (defaults: the same names); e.g. ``{"test": "test_u"}`` tests on Ref-AVS's unseen split.
+        num_clips: clips of each stage split of a URL pattern ``root`` (no manifest there), e.g.
+            ``{"train": 25600, "val": 512}``: gives the loaders a length (the learning-rate schedule
+            needs the training split's, or ``trainer.max_steps``). A folder's manifest says it.
+        shuffle_shards: read the training shards in a new order every epoch (drawn from ``seed``
+            and the epoch, the same on every rank and worker); ``False``: file order.
+        shuffle_buffer: training clips held in the shuffle buffer (0: the order read).
     """
 
     def __init__(
@@ -395,6 +506,9 @@ class AVDataModule(L.LightningDataModule):
         requests: str | None = None,
         features: str | None = None,
         splits: dict[str, str] | None = None,
+        num_clips: dict[str, int] | None = None,
+        shuffle_shards: bool = True,
+        shuffle_buffer: int = 256,
     ) -> None:
         super().__init__()
         known = list_tasks()
@@ -408,7 +522,27 @@ class AVDataModule(L.LightningDataModule):
         _check_count("data.clips_per_batch", clips_per_batch, 1)
         _check_count("data.eval_clips_per_batch", eval_clips_per_batch, 1, "or null (as in training)")
         _check_count("data.num_workers", num_workers, 0)
-        self.root = Path(root).expanduser() if root is not None else None
+        _check_count("data.shuffle_buffer", shuffle_buffer, 0)
+        if not isinstance(shuffle_shards, bool):
+            raise UserError(f"data.shuffle_shards must be true or false, got {shuffle_shards!r}")
+        if root is not None and not is_url_pattern(root) and _URL_SCHEME.match(str(root)):
+            raise UserError(
+                f"data.root {root!r} looks like a URL but has no {{split}}: a URL root is a pattern of the "
+                "shards of every split, e.g. 'pipe:aws s3 cp s3://bucket/avsynth/{split}/{000000..000099}.tar -'"
+            )
+        self.root: Path | str | None = (root if is_url_pattern(root) else Path(root).expanduser()
+                                        if root is not None else None)
+        unknown_counts = sorted(set(num_clips or {}) - set(SPLITS))
+        if unknown_counts:
+            raise UserError(f"data.num_clips: unknown stage split(s) {unknown_counts}; the keys are {', '.join(SPLITS)}")
+        for split, count in (num_clips or {}).items():
+            _check_count(f"data.num_clips.{split}", count, 0)
+        if num_clips and not is_url_pattern(root):
+            raise UserError("data.num_clips is for a URL pattern data.root (no manifest); a shard folder's "
+                            "manifest gives its clip counts: remove data.num_clips")
+        self.num_clips = dict(num_clips or {})
+        self.shuffle_shards = shuffle_shards
+        self.shuffle_buffer = shuffle_buffer
         self.task_names = list(tasks)
         self.collate_rules = collate_rules([get_task(name) for name in self.task_names])
         self.reasoning = reasoning
@@ -436,7 +570,8 @@ class AVDataModule(L.LightningDataModule):
         if unknown_splits:
             raise UserError(f"data.splits: unknown stage split(s) {unknown_splits}; the keys are {', '.join(SPLITS)}")
         self.split_folders = {**{split: split for split in SPLITS}, **(splits or {})}
-        self.shards: dict[str, list[Path]] = {}
+        self.shards: dict[str, list[Path] | list[str]] = {}
+        self.sources: dict[str, SplitSource] = {}
         self.counts: dict[str, int | None] = {}
         self.datasets: dict[str, ClipTaskStream] = {}
 
@@ -462,27 +597,39 @@ class AVDataModule(L.LightningDataModule):
             self.datasets["predict"] = RequestDataset(load_requests(self.requests), media)
             return
         root = self.root if self.root is not None else self.default_root()
+        url = is_url_pattern(root)
         if self.root is None:  # prepare_data ran on rank 0; on other ranks this only reads the manifest
             ensure_shards(root, self.clip_counts, self.seed, self.synth_config)
-        else:
+        elif not url:
             check_shard_version(root)
-        segments = manifest_segments(root)
+        segments = None if url else manifest_segments(root)
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         for split in wanted.get(stage, SPLITS) if stage else SPLITS:
             if split in self.datasets:
                 continue
-            self.shards[split] = list_shards(root / self.split_folders[split])
-            self.counts[split] = (self.clip_counts[split] if self.root is None
-                                  else split_clip_count(root, self.split_folders[split]))
+            source = split_source(root, self.split_folders[split], self.num_clips.get(split) if url else None)
+            if self.root is None:
+                source = dataclasses.replace(source, num_clips=self.clip_counts[split])
+            max_steps = getattr(self.trainer, "max_steps", None) if self.trainer is not None else None
+            if url and split == "train" and stage == "fit" and source.num_clips is None and max_steps is not None \
+                    and max_steps <= 0:  # the learning-rate schedule would have no length to be sized from
+                raise UserError(
+                    f"data.root {self.root!r} is a URL pattern (no manifest), so the training split's size is unknown "
+                    "and the learning-rate schedule cannot be sized: give data.num_clips.train, or set trainer.max_steps"
+                )
+            self.sources[split] = source
+            self.shards[split] = list(source.urls) if url else [Path(u) for u in source.urls]
+            self.counts[split] = source.num_clips
             self.datasets[split] = ClipTaskStream(
-                self.shards[split],
+                source,
                 self.task_names,
                 reasoning=self.reasoning,
                 seed=self.seed,
                 shuffle=split == "train",
+                shuffle_buffer=self.shuffle_buffer,
+                shuffle_shards=self.shuffle_shards,
                 tasks_per_clip=self.tasks_per_clip if split == "train" else None,
                 samples_per_clip=self.samples_per_clip,
-                num_clips=self.counts[split],
                 features=FeatureReader(self.features, split) if self.features is not None else None,
                 split=split,
                 num_segments=segments,
@@ -526,10 +673,60 @@ class AVDataModule(L.LightningDataModule):
             dataset.set_epoch(self.trainer.current_epoch)
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
         dataset.set_ranks(rank, world_size)
-        batches = BatchedStream(dataset, batch_size, self.num_workers, rank, world_size)
+        # training: every rank the same number of steps (else DDP hangs in the all-reduce), and a
+        # place in the epoch that checkpoints keep; evaluation: every clip exactly once
+        train = split == "train"
+        batches = BatchedStream(dataset, batch_size, self.num_workers, rank, world_size, equal_steps=train)
         # batch_size=None: the stream yields whole batches, collate_fn turns each into a Batch
-        return DataLoader(batches, batch_size=None, collate_fn=collate_fn, num_workers=self.num_workers,
-                          persistent_workers=False)
+        loader = dict(batch_size=None, collate_fn=collate_fn, num_workers=self.num_workers, persistent_workers=False)
+        if not train:
+            return DataLoader(batches, **loader)
+        loader["collate_fn"] = functools.partial(collate_turns, collate_fn=collate_fn)
+        trainer = self.trainer
+        if trainer is not None:
+            loader["epoch"] = lambda: trainer.current_epoch
+        resumable = ResumableLoader(batches, **loader)
+        self._train_loader = resumable  # its place in the epoch goes into checkpoints (state_dict)
+        pending, self._train_state = getattr(self, "_train_state", None), None
+        if pending is not None:  # a checkpoint restored before the loader was made
+            resumable.load_state_dict(pending)
+        try:
+            steps, dropped = len(batches), batches.dropped_clips()
+        except TypeError:  # no clip count (no manifest): Lightning runs the stream to its end
+            return resumable
+        if steps == 0 and dataset.num_clips:
+            raise UserError(
+                f"the train split's {dataset.num_clips} clip(s) leave DDP rank(s) without a batch: they are shared by "
+                f"{world_size} rank(s) x {max(1, self.num_workers)} reader(s) each (trainer.devices, data.num_workers); "
+                "use fewer devices or workers, or more clips")
+        if dropped > max(1, self.num_workers):  # more than one clip per reader: shards of unequal sizes
+            warnings.warn(f"DDP rank {rank} leaves {dropped} training clip(s) out of every epoch so that every rank "
+                          f"takes {steps} steps: its shards hold more clips than another rank's", stacklevel=2)
+        elif dropped:
+            log.debug("rank %d: %d training batches per epoch, like every rank; %d trailing clip(s) of its share "
+                      "(the last of each epoch's order) are left out of every epoch", rank, steps, dropped)
+        return resumable
+
+    def state_dict(self) -> dict:
+        """The training loader's place in its epoch (:class:`~avmt.data.resume.ResumableLoader`).
+
+        Lightning also keeps it with its fit loop, but gives it back only when the training loader
+        is made after the checkpoint is restored; the learning-rate schedule asks for the step
+        count (``trainer.estimated_stepping_batches``) and so makes it before, and that state is
+        lost (Lightning issue #20550). A data module's state is restored before either.
+        """
+        loader = getattr(self, "_train_loader", None)
+        return {"train_loader": loader.state_dict()} if loader is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`: the training loader made next (or already made) resumes there."""
+        if "train_loader" not in state:
+            return
+        loader = getattr(self, "_train_loader", None)
+        if loader is not None:
+            loader.load_state_dict(state["train_loader"])
+        else:
+            self._train_state = state["train_loader"]
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

@@ -21,6 +21,13 @@ unpickles anything: only the four members above are decoded (PIL, soundfile, jso
 member is ignored with a warning, and a corrupt sample is skipped, counted in a
 :class:`CorruptSampleCounter` and reported with a :class:`CorruptSampleWarning` naming its key.
 
+The shards of a split may also be read where they lie, from a webdataset URL pattern holding
+``{split}`` (``pipe:``, ``file:``, ``http(s):`` ... opened with webdataset's ``gopen``; see
+:func:`split_source`).  Readers (DDP ranks x DataLoader workers) split a split's shards between them
+when there are at least as many shards as readers, else share the stream by sample position
+(:func:`iter_clips`, :func:`reader_clip_count`).  A member whose name is an absolute path or has a
+``..`` component is never used: its sample is skipped as corrupt (reason ``"unsafe member path"``).
+
 Shards of an older version (AVSynth v1: no masks) are refused with a message that says how to
 regenerate them (:func:`check_shard_version`; an old sample met while reading is a corrupt sample
 of reason ``"old schema"``); :func:`ensure_shards` regenerates them by itself.
@@ -29,14 +36,17 @@ of reason ``"old schema"``); :func:`ensure_shards` regenerates them by itself.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import itertools
 import json
 import multiprocessing
 import os
+import random
 import tarfile
 import threading
 import warnings
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,6 +91,13 @@ __all__ = [
     "manifest_segments",
     "shard_clip_counts",
     "stream_part",
+    "SplitSource",
+    "split_source",
+    "is_url_pattern",
+    "shard_order",
+    "by_shard",
+    "reader_clip_count",
+    "unsafe_member",
     "iter_clips",
     "clip_from_scene",
     "clip_from_index",
@@ -766,100 +783,285 @@ def list_shards(folder: str | os.PathLike) -> list[Path]:
         if paths:
             return paths
         problem = "holds no .tar shards"
+    manifest = read_manifest(folder.parent)
+    if manifest is not None and manifest.get("format") == "avmt-converted":  # the user's own data: never suggest synth
+        splits = sorted(p.name for p in folder.parent.iterdir() if p.is_dir() and any(p.glob("*.tar")))
+        raise FileNotFoundError(
+            f"shard folder '{folder}' {problem}: the converted dataset under '{folder.parent}' has the split(s) "
+            f"{', '.join(splits) or 'none'}. Convert the {folder.name} split too, or read another split for this "
+            f"stage with data.splits (e.g. --data.splits='{{\"{folder.name}\": \"{splits[0] if splits else 'train'}\"}}')")
     command = SYNTH_COMMAND.format(root=folder.parent)
     raise FileNotFoundError(f"shard folder '{folder}' {problem}. Make the AVSynth shards with: {command}")
 
 
-def _as_shard_list(shard_paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    if isinstance(shard_paths, (str, os.PathLike)):
+#: The placeholder that makes ``data.root`` a URL pattern: it stands for the split's folder name.
+SPLIT_PLACEHOLDER = "{split}"
+
+
+def is_url_pattern(root: str | os.PathLike | None) -> bool:
+    """Whether ``root`` is a shard URL pattern (a string holding ``{split}``) rather than a folder."""
+    return isinstance(root, str) and SPLIT_PLACEHOLDER in root
+
+
+def _is_local(url: str) -> bool:
+    """Whether webdataset's ``gopen`` opens ``url`` as a local file (no scheme, or ``file:``)."""
+    from urllib.parse import urlparse
+
+    return urlparse(url).scheme in ("", "file")
+
+
+def _local_path(url: str) -> Path:
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    parsed = urlparse(url)
+    return Path(url2pathname(parsed.path)) if parsed.scheme == "file" else Path(url)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitSource:
+    """The shards of one split and what is known of their sizes.
+
+    Attributes:
+        urls: the shards in file order, each opened with webdataset's ``gopen`` (a local path, or a
+            ``file:``, ``pipe:``, ``http(s):`` ... URL).
+        where: the folder or URL pattern they come from, for messages.
+        num_clips: clips of the split (manifest or ``data.num_clips``); ``None`` when unknown.
+        expected: shard URL -> clips its manifest says it holds (may cover no shard at all).
+    """
+
+    urls: tuple[str, ...]
+    where: str
+    num_clips: int | None = None
+    expected: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def shard_clips(self) -> tuple[int, ...] | None:
+        """Clips of each shard (aligned with ``urls``) when the manifest gives every one, else ``None``."""
+        if not self.urls or any(url not in self.expected for url in self.urls):
+            return None
+        return tuple(self.expected[url] for url in self.urls)
+
+    @classmethod
+    def from_paths(cls, paths: Sequence[str | os.PathLike], num_clips: int | None = None) -> SplitSource:
+        """Local shard files (checked against the manifest of ``{shard}/../..`` for their version and
+        per-shard clip counts); ``num_clips`` is the split's clip count when known."""
+        paths = [Path(p) for p in paths]
+        expected: dict[str, int] = {}
+        for root in dict.fromkeys(p.parent.parent for p in paths):
+            expected.update({str(path): n for path, n in shard_clip_counts(root).items()})
+        where = str(paths[0].parent) if paths else "?"
+        return cls(tuple(str(p) for p in paths), where, num_clips, expected)
+
+
+def split_source(root: str | os.PathLike, folder: str, num_clips: int | None = None) -> SplitSource:
+    """The shards of the split folder ``folder`` (e.g. ``"train"``) of ``root``.
+
+    ``root`` is either a folder (``{root}/{folder}/*.tar``, sizes from ``{root}/manifest.json``) or
+    a URL pattern holding ``{split}`` (:func:`is_url_pattern`), e.g.
+    ``"pipe:aws s3 cp s3://bucket/avsynth/{split}/{000000..000099}.tar -"``: ``{split}`` is replaced
+    by ``folder`` and the rest expanded by webdataset's own ``expand_urls`` (brace ranges and lists,
+    ``::`` between patterns, ``${VAR}`` from ``WDS_VAR``); there is no manifest, so the split's size
+    is ``num_clips`` (``None``: unknown).
+
+    Raises:
+        UserError: the pattern does not expand, or a local shard it names does not exist (names it).
+        FileNotFoundError, UserError: the folder form as :func:`list_shards` says.
+    """
+    if not is_url_pattern(root):
+        folder_path = Path(root) / folder
+        paths = list_shards(folder_path)
+        counted = split_clip_count(root, folder)
+        return SplitSource.from_paths(paths, num_clips if num_clips is not None else counted)
+    from braceexpand import UnbalancedBracesError
+    from webdataset.shardlists import expand_urls
+
+    pattern = str(root).replace(SPLIT_PLACEHOLDER, folder)
+    try:
+        urls = expand_urls(pattern)
+    except (AssertionError, UnbalancedBracesError) as exn:  # webdataset asserts on a missing WDS_ variable
+        raise UserError(f"data.root: cannot expand the shard URL pattern {pattern!r}: {exn}") from None
+    missing = [url for url in urls if _is_local(url) and not _local_path(url).is_file()]
+    if missing:
+        raise UserError(
+            f"data.root: {len(missing)} shard(s) of the {folder} split named by {pattern!r} do not exist, e.g. "
+            f"{missing[0]!r}: fix the pattern's brace range, or write the shards there"
+        )
+    return SplitSource(tuple(urls), pattern, num_clips)
+
+
+def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
+    """The order readers open the shards in during ``epoch``: a permutation of ``range(num_shards)``
+    drawn from ``(seed, epoch)`` alone, so every DDP rank and DataLoader worker draws the same one;
+    file order when ``shuffle`` is false."""
+    order = list(range(num_shards))
+    if shuffle:
+        random.Random(zlib.crc32(f"shards:{seed}:{epoch}".encode())).shuffle(order)
+    return order
+
+
+def by_shard(source: SplitSource, readers: int) -> bool:
+    """Whether ``readers`` readers split ``source`` by shard (each opens only its own shards:
+    reader ``i`` of ``n`` owns shards ``i, i + n, ...`` of the file order) rather than by sample
+    position (each reads every shard and keeps the samples at its positions).
+
+    By shard when there are at least as many shards as readers and the readers' shares stay
+    countable: the manifest gives every shard's size, or the split's size is unknown anyway."""
+    return len(source.urls) >= readers and (source.shard_clips is not None or source.num_clips is None)
+
+
+def reader_clip_count(
+    root_or_sources: str | os.PathLike | SplitSource | dict[str, SplitSource],
+    split: str,
+    part: tuple[int, int],
+    num_clips: int | None = None,
+) -> int | None:
+    """Clips that reader ``part = (index, count)`` of a split's stream yields in one epoch when every
+    clip is usable (:func:`iter_clips`), whatever the epoch's shard order; ``None`` when unknown.
+
+    Args:
+        root_or_sources: ``data.root`` (folder or URL pattern), a :class:`SplitSource`, or split
+            folder -> :class:`SplitSource`.
+        split: the split's folder name (e.g. ``"train"``).
+        part: ``(index, count)`` of the reader among the stream's readers (DDP ranks x workers).
+        num_clips: the split's clip count for a URL pattern (``data.num_clips``).
+    """
+    if isinstance(root_or_sources, SplitSource):
+        source = root_or_sources
+    elif isinstance(root_or_sources, dict):
+        source = root_or_sources[split]
+    else:
+        source = split_source(root_or_sources, split, num_clips)
+    index, count = _check_part(part)
+    if by_shard(source, count):
+        sizes = source.shard_clips
+        return None if sizes is None else sum(sizes[index::count])
+    return None if source.num_clips is None else len(range(index, source.num_clips, count))
+
+
+def _check_part(part: tuple[int, int]) -> tuple[int, int]:
+    index, count = part
+    if not (0 <= index < count):
+        raise ValueError(f"part must be (index, count) with 0 <= index < count, got {part!r}")
+    return int(index), int(count)
+
+
+def _as_source(shard_paths: str | os.PathLike | Sequence[str | os.PathLike] | SplitSource) -> SplitSource:
+    if isinstance(shard_paths, SplitSource):
+        source = shard_paths
+    elif isinstance(shard_paths, (str, os.PathLike)):
         path = Path(shard_paths)
-        return [path] if path.suffix == ".tar" else list_shards(path)
-    paths = [Path(p) for p in shard_paths]
-    if not paths:
-        raise ValueError("iter_clips: no shard paths given")
-    return paths
+        source = SplitSource.from_paths([path] if path.suffix == ".tar" else list_shards(path))
+    else:
+        if not shard_paths:
+            raise ValueError("iter_clips: no shard paths given")
+        source = SplitSource.from_paths(shard_paths)
+    local = [_local_path(url) for url in source.urls if _is_local(url)]
+    missing = [str(p) for p in local if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"shard file(s) not found: {missing[:5]}{' ...' if len(missing) > 5 else ''}. "
+            f"Make the AVSynth shards with: {SYNTH_COMMAND.format(root=Path(missing[0]).parent.parent)}"
+        )
+    for root in dict.fromkeys(p.parent.parent for p in local):
+        check_shard_version(root)
+    return source
+
+
+def unsafe_member(name: str) -> bool:
+    """Whether a tar member name is an absolute path (``/x``, ``C:x``) or has a ``..`` component
+    (``/`` or ``\\`` separated)."""
+    parts = name.replace("\\", "/").split("/")
+    return name.startswith(("/", "\\")) or ".." in parts or (len(name) > 1 and name[1] == ":")
 
 
 def iter_clips(
-    shard_paths: str | os.PathLike | Sequence[str | os.PathLike],
+    shard_paths: str | os.PathLike | Sequence[str | os.PathLike] | SplitSource,
     counter: CorruptSampleCounter | None = None,
     *,
     split_by_node: bool = False,
     split_by_worker: bool = False,
     part: tuple[int, int] | None = None,
+    order: Sequence[int] | None = None,
 ) -> Iterator[Clip]:
-    """Clips of the shards, in order, read with stock ``webdataset``.
+    """Clips of the shards, read with stock ``webdataset`` (opened with its ``gopen``).
 
-    Several readers share one stream by sample position: reader ``index`` of ``count`` decodes
-    the samples at positions ``index, index + count, ...`` of the whole stream and passes over the
-    others undecoded, so any number of readers works with any number of shards (even one) and
-    every sample goes to exactly one of them.  Each reader reads every shard's bytes.
+    Readers share the stream in one of two ways (:func:`by_shard`):
+
+    - by shard, when there are at least as many shards as readers (and the shares stay
+      countable): reader ``index`` of ``count`` opens only the shards ``index, index + count, ...``
+      of the file order and yields all their samples;
+    - by sample position otherwise: every reader reads every shard's bytes and decodes the samples
+      at positions ``index, index + count, ...`` of the whole stream (any number of readers works
+      with any number of shards, even one).
+
+    Either way every sample goes to exactly one reader per pass; :func:`reader_clip_count` says
+    how many.
 
     Args:
-        shard_paths: a list of ``.tar`` paths, one ``.tar`` path, or a folder of shards.
+        shard_paths: a :class:`SplitSource`, a list of ``.tar`` paths, one ``.tar`` path, or a
+            folder of shards.
         counter: receives skipped samples (a fresh one when ``None``).
         split_by_node: keep only this rank's share of the samples (see :func:`stream_part`).
         split_by_worker: keep only this DataLoader worker's share (see :func:`stream_part`).
         part: ``(index, count)`` of this reader, given outright (overrides the two flags).
+        order: the order to open the shards in, a permutation of their indices that every reader
+            must be given alike (:func:`shard_order`); file order when ``None``.
 
-    After the pass, reader 0 compares the samples found in each shard with the count the
-    manifest gives (:func:`shard_clip_counts`): a shard holding fewer is reported with a
-    :class:`CorruptSampleWarning` naming it with both counts, and its missing clips are counted
-    in ``counter`` (reason ``"missing from shard"``).
+    Each shard's problems are counted once over all readers: an unreadable tar (a missing file, a
+    failing ``pipe:`` command, a broken tar) by the reader that owns it, or reader 0 when sharing
+    by position; a shard holding fewer samples than its manifest says is warned about (naming it
+    with both counts) and its missing clips counted (reason ``"missing from shard"``) the same way.
 
     Yields:
         :class:`~avmt.data.sample.Clip` s (see :func:`decode_sample`): ``key``, ``frames`` uint8
         ``[T*F, 3, H, W]``, ``audio`` float32 ``[S]``, ``scene`` dict, ``masks`` uint8
         ``[T*F, H, W]``.  A corrupt sample (bad PNG/FLAC/JSON, missing member, wrong shape, old
-        schema, unreadable tar) is skipped with a :class:`CorruptSampleWarning` naming its key and
-        counted in ``counter``; members other than ``MEMBERS`` are never decoded (warned once
-        per suffix).
+        schema, a member with an absolute path or a ``..`` component) is skipped with a
+        :class:`CorruptSampleWarning` naming its key (or member) and counted in ``counter``;
+        members other than ``READ_MEMBERS`` are never decoded (warned once per suffix).
 
     Raises:
-        FileNotFoundError: a shard or the folder is missing (before iteration starts).
-        ValueError: the manifest next to the shards (``{shard}/../../manifest.json``) says they
-            are of another version, e.g. AVSynth v1 (:func:`check_shard_version`).
+        FileNotFoundError: a local shard or the folder is missing (before iteration starts).
+        UserError: the manifest next to local shards (``{shard}/../../manifest.json``) says they are
+            of another version, e.g. AVSynth v1 (:func:`check_shard_version`).
     """
-    paths = _as_shard_list(shard_paths)
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"shard file(s) not found: {missing[:5]}{' ...' if len(missing) > 5 else ''}. "
-            f"Make the AVSynth shards with: {SYNTH_COMMAND.format(root=paths[0].parent.parent)}"
-        )
-    for root in dict.fromkeys(p.parent.parent for p in paths):
-        check_shard_version(root)
-    if part is not None and not (0 <= part[0] < part[1]):
-        raise ValueError(f"iter_clips: part must be (index, count) with 0 <= index < count, got {part!r}")
+    source = _as_source(shard_paths)
+    if part is not None:
+        _check_part(part)
+    if order is not None and sorted(order) != list(range(len(source.urls))):
+        raise ValueError(f"iter_clips: order must be a permutation of range({len(source.urls)}), got {order!r}")
     counter = counter if counter is not None else CorruptSampleCounter()
-    expected: dict[str, int] = {}
-    for root in dict.fromkeys(p.parent.parent for p in paths):
-        expected.update({str(path): n for path, n in shard_clip_counts(root).items()})
-    return _iter_clips([str(p) for p in paths], counter, part, (split_by_node, split_by_worker), expected)
+    return _iter_clips(source, counter, part, (split_by_node, split_by_worker), order)
 
 
 def _iter_clips(
-    urls: list[str],
+    source: SplitSource,
     counter: CorruptSampleCounter,
     part: tuple[int, int] | None,
     split_by: tuple[bool, bool],
-    expected: dict[str, int],
+    order: Sequence[int] | None,
 ) -> Iterator[Clip]:
     """webdataset's own tar iteration and grouping (``tar_file_expander`` + ``group_by_keys``, the
-    stages ``wds.WebDataset`` is built from) over shard files this generator opens and closes;
-    this reader's share (``part``, else :func:`stream_part` of ``split_by``, worked out when the
-    iteration starts, i.e. in the worker) decoded, the samples found per shard checked against
-    ``expected`` (shard path -> manifest count)."""
+    stages ``wds.WebDataset`` is built from) over the shards this generator opens (``gopen``) and
+    closes; this reader's share (``part``, else :func:`stream_part` of ``split_by``, worked out
+    when the iteration starts, i.e. in the worker) decoded, the samples found per owned shard
+    checked against ``source.expected``."""
+    from webdataset.gopen import gopen
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
     index, count = part if part is not None else stream_part(*split_by)
+    shard_mode = by_shard(source, count)
+    order = list(order) if order is not None else list(range(len(source.urls)))
+    urls = [source.urls[i] for i in order if not shard_mode or i % count == index]
+    reports = shard_mode or index == 0  # the reader that counts the shards' own problems
 
     current = {"url": "?"}
     reported: set[str] = set()
 
     def tar_error(exn: Exception) -> bool:
         url = current["url"]
-        if url not in reported:  # one count per unreadable shard, however many errors it raises
+        if reports and url not in reported:  # one count per unreadable shard, however many errors it raises
             reported.add(url)
             counter.add(url, "unreadable tar")
             message = exn.args[0] if exn.args else exn
@@ -871,12 +1073,23 @@ def _iter_clips(
         for url in selected:
             current["url"] = url
             try:
-                fh = open(url, "rb")
-            except OSError as exn:
+                fh = gopen(url, "rb")
+            except Exception as exn:  # noqa: BLE001 - OSError for a file, anything from a scheme handler
                 tar_error(exn)
                 continue
-            with fh:
+            try:
                 yield {"url": url, "stream": fh}
+            except GeneratorExit:  # the pass was abandoned: close quietly
+                with contextlib.suppress(Exception):
+                    fh.close()
+                raise
+            try:
+                if url not in reported:  # let a pipe's command write the tar's end padding and exit
+                    while fh.read(1 << 16):
+                        pass
+                fh.close()  # a pipe: reports its command's failure here (IOError naming the exit status)
+            except Exception as exn:  # noqa: BLE001
+                tar_error(exn)
 
     samples = group_by_keys(tar_file_expander(streams(urls), handler=tar_error), handler=tar_error)
     warned_suffixes: set[str] = set()
@@ -884,10 +1097,18 @@ def _iter_clips(
     for position, sample in enumerate(samples):
         url = str(sample.get("__url__", current["url"]))
         found[url] = found.get(url, 0) + 1
-        if position % count != index:
+        if not shard_mode and position % count != index:
             continue
         counter.add_read()
         key = str(sample.get("__key__", "?"))
+        if unsafe_member(key):  # the key is the members' path up to the first dot of the file name
+            members = sorted(f"{key}.{suffix}" for suffix in sample if not suffix.startswith("__"))
+            counter.add(members[0] if members else key, "unsafe member path")
+            warnings.warn(
+                f"AVSynth: skipping sample '{key}' in {url}: its member(s) {members} have an absolute path or a "
+                "'..' component; they are never used", CorruptSampleWarning, stacklevel=2,
+            )
+            continue
         for suffix in sample:
             if suffix.startswith("__") or suffix in READ_MEMBERS:
                 continue
@@ -903,13 +1124,13 @@ def _iter_clips(
         except CorruptSampleError as exn:
             counter.add(key, exn.reason)
             warnings.warn(
-                f"AVSynth: skipping corrupt sample '{key}' in {sample.get('__url__', '?')}: {exn}",
+                f"AVSynth: skipping corrupt sample '{key}' in {url}: {exn}",
                 CorruptSampleWarning, stacklevel=2,
             )
             continue
         yield clip
-    if index == 0:  # every reader finds the same counts: one of them reports
-        _report_short_shards(found, expected, counter)
+    if reports:  # in position mode every reader finds the same counts: one of them reports
+        _report_short_shards(found, source.expected, counter)
 
 
 def _report_short_shards(found: dict[str, int], expected: dict[str, int], counter: CorruptSampleCounter) -> None:
