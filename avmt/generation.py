@@ -92,6 +92,8 @@ class AnswerShapes:
         self.end_ids = frozenset(int(i) for i in end_ids)
         self.margin = float(margin)
         self.shapes: dict[str, AnswerShape] = {}
+        # task -> targets counted at the last merge, the same on every rank (what a rank adds since is its own)
+        self._merged_targets: dict[str, int] = {}
 
     def update(self, task: str, target: str, target_ids: Sequence[int]) -> None:
         """Record one training target.
@@ -146,8 +148,36 @@ class AnswerShapes:
         return {task: asdict(shape) for task, shape in self.shapes.items()}
 
     def load_state_dict(self, state: dict[str, dict]) -> None:
-        """Restore :meth:`state_dict`."""
+        """Restore :meth:`state_dict` (the same on every rank: a merged state)."""
         self.shapes = {task: AnswerShape(**values) for task, values in state.items()}
+        self._merged_targets = {task: shape.targets for task, shape in self.shapes.items()}
+
+    def rank_state(self) -> dict[str, dict]:
+        """What :meth:`merge` needs of this process: :meth:`state_dict` plus, per task, ``new_targets``,
+        the targets recorded here since the last merge."""
+        return {task: {**asdict(shape), "new_targets": shape.targets - self._merged_targets.get(task, 0)}
+                for task, shape in self.shapes.items()}
+
+    def merge(self, states: Sequence[dict[str, dict]]) -> None:
+        """Become the shapes of every process's targets: ``states`` holds each process's
+        :meth:`rank_state`, in rank order, so that every process that merges the same list ends with
+        the same shapes and the same generation budgets (under DDP/FSDP each rank records only its
+        own batches' targets). Longest lengths and sentence counts are maxima, lead tokens the union
+        in rank order, ``tagged`` holds when it holds everywhere, ``targets`` counts each target once
+        however often merge runs.
+        """
+        merged: dict[str, AnswerShape] = {}
+        for state in states:
+            for task, values in state.items():
+                shape = merged.setdefault(task, AnswerShape(targets=self._merged_targets.get(task, 0)))
+                shape.max_tokens = max(shape.max_tokens, values["max_tokens"])
+                shape.max_sentences = max(shape.max_sentences, values["max_sentences"])
+                shape.max_sentence_tokens = max(shape.max_sentence_tokens, values["max_sentence_tokens"])
+                shape.lead_ids += [i for i in values["lead_ids"] if i not in shape.lead_ids]
+                shape.tagged = shape.tagged and values["tagged"]
+                shape.targets += values["new_targets"]
+        self.shapes = merged
+        self._merged_targets = {task: shape.targets for task, shape in merged.items()}
 
 
 @dataclass

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 import warnings
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +69,19 @@ def gather_objects(values: list[Any]) -> list[Any]:
     gathered: list[list[Any] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, list(values))
     return [value for part in gathered for value in (part or [])]
+
+
+def sharding_units(llm: nn.Module) -> list[nn.Module]:
+    """The LLM's blocks, each one FSDP2 unit: the modules whose class a transformers model declares
+    in ``_no_split_modules`` (e.g. ``LlamaDecoderLayer``; once sharded, FSDP2's subclass of it),
+    outermost first, none inside another."""
+    names = {name for module in llm.modules() for name in (getattr(module, "_no_split_modules", None) or ())}
+    units: list[nn.Module] = []
+    for module in llm.modules():
+        declared = any(cls.__name__ in names for cls in type(module).__mro__)
+        if declared and not any(module in set(unit.modules()) for unit in units):
+            units.append(module)
+    return units
 
 
 def data_num_segments(datamodule: Any) -> tuple[int, str] | None:
@@ -191,6 +206,12 @@ class AVModule(L.LightningModule):
             raise UserError(f"model.nonfinite must be one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}")
         if not 0.0 <= max_nonfinite_fraction <= 1.0:
             raise UserError(f"model.max_nonfinite_fraction must be within [0, 1], got {max_nonfinite_fraction!r}")
+        if not learning_rate > 0:
+            raise UserError(f"model.learning_rate must be > 0, got {learning_rate!r}")
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise UserError(f"model.warmup_ratio must be within [0, 1), got {warmup_ratio!r}")
+        if num_segments < 1:
+            raise UserError(f"model.num_segments must be >= 1, got {num_segments!r}")
         self.model = AVModel(
             llm, vision_encoder, audio_encoder, vision_connector, audio_connector, adapter,
             num_segments=num_segments, segment_embedding=segment_embedding,
@@ -419,6 +440,7 @@ class AVModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         self._require_data("train", "train")
         self._stage_batches["train"] = 0
+        self._merge_answer_shapes()  # before ModelCheckpoint writes this epoch's checkpoint
 
     def on_predict_epoch_end(self) -> None:
         self._require_data("predict", "predict")
@@ -630,10 +652,11 @@ class AVModule(L.LightningModule):
             budget = shapes.processor(sub.tasks) if self.answer_budget else None
             if budget is not None:
                 kwargs["logits_processor"] = LogitsProcessorList([budget])
-            generated = self.model.generate(
-                sub, shapes.max_new_tokens(name, self.max_new_tokens) if self.answer_budget else self.max_new_tokens,
-                return_dense=task is not None and bool(task.outputs), **kwargs,
-            )
+            with self._unsharded_root():
+                generated = self.model.generate(
+                    sub, shapes.max_new_tokens(name, self.max_new_tokens) if self.answer_budget else self.max_new_tokens,
+                    return_dense=task is not None and bool(task.outputs), **kwargs,
+                )
             for i, (row, text) in enumerate(zip(task_rows, generated.texts, strict=True)):
                 if task is None:
                     results[row] = (text, None)
@@ -731,6 +754,16 @@ class AVModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self.examples.clear()
+        if self.trainer.state.fn == "fit":
+            self._merge_answer_shapes()
+
+    def _merge_answer_shapes(self) -> None:
+        """Give every rank the answer shapes of all ranks' training targets (each rank records only its
+        own batches'), so that every rank generates with the same budgets and any rank's checkpoint
+        holds them all. A collective: every rank calls it at the same points (each validation and each
+        training epoch's end during fit)."""
+        shapes = self._answer_budget()
+        shapes.merge(gather_objects([shapes.rank_state()]))
 
     def on_test_epoch_start(self) -> None:
         self.examples.clear()
@@ -746,10 +779,20 @@ class AVModule(L.LightningModule):
         all adapted layers (``router/{task}/head{k}``) and the mean router entropy
         (``router/{task}/entropy``); one task × head heatmap (``router/heatmap``); the per-layer
         detail as one layer × head image per task (``router/{task}/layers``), not as scalars."""
-        sums, batches = self._router_sums, self._router_batches
+        own_sums, own_batches = self._router_sums, self._router_batches
         self._router_sums, self._router_batches = defaultdict(dict), defaultdict(int)
+        if self.trainer.sanity_checking or not self._routed():  # the same on every rank
+            return
+        sums: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # every rank's batches (a collective)
+        batches: dict[str, int] = defaultdict(int)
+        for rank_sums, rank_batches in gather_objects([(dict(own_sums), dict(own_batches))]):
+            for task, values in rank_sums.items():
+                for key, value in values.items():
+                    sums[task][key] = sums[task].get(key, 0) + value
+            for task, count in rank_batches.items():
+                batches[task] += count
         logger = self.logger
-        if not sums or logger is None or not hasattr(logger.experiment, "add_scalar") or self.trainer.sanity_checking:
+        if not sums or logger is None or not hasattr(logger.experiment, "add_scalar"):
             return
         if not self.trainer.is_global_zero:
             return
@@ -819,16 +862,79 @@ class AVModule(L.LightningModule):
         lines = ["trainable parameters:"] + [f"  {name:52s} {count:>12,d}" for name, count in self.parameter_report().items()]
         rank_zero_info("\n".join(lines))
 
+    # ---------------------------------------------------------- sharding
+    def configure_model(self) -> None:
+        """FSDP2 under Lightning's ``ModelParallelStrategy`` (``experiments/scale/fsdp2.yaml``): every
+        LLM block (:func:`sharding_units`) is its own ``fully_shard`` unit and the rest of the model
+        (encoders, connectors, heads, embeddings, output head) is the root unit ``self.model``.
+
+        Runs only when the strategy gave the module a device mesh (``self.device_mesh``); DDP and one
+        process leave the model alone. Sharding is per parameter (DTensor ``Shard(0)`` over the
+        ``data_parallel`` mesh dimension), so frozen base weights and trainable adapter weights of one
+        layer share a unit and keep their ``requires_grad``; the optimizer, built afterwards, sees the
+        trainable shards only. Called again (``validate`` after ``fit``) it does nothing.
+
+        Raises:
+            UserError: a mesh with a tensor-parallel dimension larger than 1 (avmt has no
+                tensor-parallel plan), naming the strategy key; an LLM with ``base_dtype`` set.
+        """
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if isinstance(self.model, FSDPModule):
+            return
+        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+            raise UserError(
+                f"trainer.strategy.init_args.tensor_parallel_size is {mesh['tensor_parallel'].size()}, but avmt "
+                "shards with FSDP2 only and has no tensor-parallel plan: set tensor_parallel_size: 1 and "
+                "data_parallel_size to trainer.devices x trainer.num_nodes"
+            )
+        if getattr(self.model.llm, "base_dtype", None) is not None:
+            raise UserError(
+                f"model.llm.init_args.base_dtype is {self.model.llm.base_dtype}, which FSDP2 cannot shard: it keeps a "
+                "reduced-precision frozen base and float32 trained weights in one layer and casts them during the "
+                "forward, while FSDP2 owns every weight's storage; set base_dtype: null under ModelParallelStrategy"
+            )
+        data_parallel = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        # a checkpoint of a run without a mesh leaves out the frozen pretrained weights; on_load_checkpoint
+        # checks the keys instead of the strategy's loader
+        self.strict_loading = False
+        for unit in sharding_units(self.model.llm):
+            fully_shard(unit, mesh=data_parallel)
+        fully_shard(self.model, mesh=data_parallel)
+
+    @contextlib.contextmanager
+    def _unsharded_root(self) -> Iterator[None]:
+        """Generation calls the model's methods, not its ``forward``, so FSDP2's hooks never gather the
+        root unit's weights (embeddings, connectors, encoders, heads): gather them for the duration.
+        The LLM blocks are called as modules and gather themselves. A no-op without FSDP2."""
+        from torch.distributed.fsdp import FSDPModule
+
+        root = self.model
+        if not isinstance(root, FSDPModule):
+            yield
+            return
+        root.unshard()
+        try:
+            yield
+        finally:
+            root.reshard()
+
     # ---------------------------------------------------------- optimizer
     def configure_optimizers(self):
         parameters = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=self.learning_rate, weight_decay=self.weight_decay)
         total = self.trainer.estimated_stepping_batches
+        if self.trainer.max_steps == 0:
+            raise UserError("trainer.max_steps is 0: set it to at least 1 (or -1 to train for trainer.max_epochs)")
         if not math.isfinite(total) or total <= 0:
             raise UserError(
                 f"the learning-rate schedule needs the number of training steps, and Lightning estimates {total}: "
-                "the training stream has no known length (no clip count in the data's manifest) and "
-                "trainer.max_steps is not set; set trainer.max_steps"
+                "the training stream has no known length (no clip count in the data's manifest, and for a URL "
+                "data.root no data.num_clips.train) and trainer.max_steps is not set; set trainer.max_steps "
+                "or data.num_clips"
             )
         scheduler = get_cosine_schedule_with_warmup(optimizer, int(self.warmup_ratio * total), int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -842,15 +948,19 @@ class AVModule(L.LightningModule):
         }
         return [prefix for prefix, part in parts.items() if getattr(part, "pretrained", False)]
 
-    def _saved_keys(self) -> set[str]:
-        """State-dict keys a checkpoint stores: everything except frozen weights loaded from a pretrained checkpoint."""
+    def _frozen_pretrained_keys(self) -> set[str]:
+        """State-dict keys of the frozen weights loaded from a pretrained checkpoint (they need not be saved)."""
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         prefixes = self._pretrained_prefixes()
-        return {
-            key
-            for key in self.state_dict()
-            if key in trainable or not any(key.startswith(prefix) for prefix in prefixes)
-        }
+        return {key for key in self.state_dict()
+                if key not in trainable and any(key.startswith(prefix) for prefix in prefixes)}
+
+    def _saved_keys(self) -> set[str]:
+        """State-dict keys a checkpoint stores: everything except frozen weights loaded from a pretrained
+        checkpoint; under FSDP2 (a device mesh) everything, since a sharded checkpoint is read back into
+        the whole sharded model by ``torch.distributed.checkpoint``, which needs every key."""
+        keys = set(self.state_dict())
+        return keys if self.device_mesh is not None else keys - self._frozen_pretrained_keys()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self._saved_keys()
@@ -861,9 +971,18 @@ class AVModule(L.LightningModule):
             "saved_keys": sorted(keep),
             "task_ids": dict(self.task_ids),
             "answer_shapes": self._answer_budget().state_dict(),
-            "train_answers": {name: dict(counts) for name, counts in self._train_answers.items()},
+            "train_answers": self._all_train_answers(),
             "training_health": {"optimizer_steps": self.optimizer_steps, "nonfinite_skipped": self.nonfinite_skipped},
         }
+
+    def _all_train_answers(self) -> dict[str, dict[str, int]]:
+        """Every rank's training-answer counts summed (task -> JSON answer -> count); a collective,
+        called on every rank by ``on_save_checkpoint`` (Lightning dumps a checkpoint on every rank)."""
+        total: dict[str, Counter[str]] = defaultdict(Counter)
+        for rank_counts in gather_objects([{name: dict(counts) for name, counts in self._train_answers.items()}]):
+            for name, counts in rank_counts.items():
+                total[name].update(counts)
+        return {name: dict(counts) for name, counts in sorted(total.items())}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("avmt")
@@ -877,8 +996,10 @@ class AVModule(L.LightningModule):
                 "to the checkpoint, with the avmt version that wrote it"
             )
         self._answer_budget().load_state_dict(meta.get("answer_shapes", {}))
-        self._train_answers = defaultdict(Counter, {name: Counter(counts) for name, counts
-                                                    in meta.get("train_answers", {}).items()})
+        # the saved counts are every rank's (_all_train_answers); _baseline sums the ranks' counts, so
+        # only rank 0 takes them back
+        saved_answers = meta.get("train_answers", {}) if self.global_rank == 0 else {}
+        self._train_answers = defaultdict(Counter, {name: Counter(counts) for name, counts in saved_answers.items()})
         health = meta.get("training_health", {})
         self.optimizer_steps = int(health.get("optimizer_steps", 0))
         self.nonfinite_skipped = int(health.get("nonfinite_skipped", 0))
@@ -891,24 +1012,36 @@ class AVModule(L.LightningModule):
                 + ", ".join(f"{name}: {a} -> {b}" for name, (a, b) in sorted(moved.items()))
                 + "; task-gated adapters and router telemetry index by these ids, so a task must keep its task_id"
             )
-        expected = self._saved_keys()
+        optional = self._frozen_pretrained_keys()
+        required = set(self.state_dict()) - optional
+        if "state_dict" not in checkpoint:
+            # ModelParallelStrategy (FSDP2) loaded the weights into the sharded model itself, before this
+            # hook and not strictly (configure_model), so the keys are checked against what the checkpoint lists
+            self._check_checkpoint_keys(required, optional, set(meta.get("saved_keys", [])))
+            return
         found = set(checkpoint["state_dict"])
-        missing, unexpected = sorted(expected - found), sorted(found - expected)
+        self._check_checkpoint_keys(required, optional, found)
+        current = self.state_dict()
+        mismatched = [
+            f"{key}: checkpoint {tuple(checkpoint['state_dict'][key].shape)}, model {tuple(current[key].shape)}"
+            for key in sorted(found)
+            if tuple(checkpoint["state_dict"][key].shape) != tuple(current[key].shape)
+        ]
+        if mismatched:
+            raise UserError(f"checkpoint shapes do not match the model: {'; '.join(mismatched[:8])}")
+        for key in set(current) - found:  # frozen pretrained weights: already loaded from their checkpoint
+            checkpoint["state_dict"][key] = current[key]
+
+    @staticmethod
+    def _check_checkpoint_keys(required: set[str], optional: set[str], found: set[str]) -> None:
+        """Raise :class:`UserError` unless ``found`` holds every ``required`` key and nothing beyond
+        ``required | optional`` (optional: frozen pretrained weights, which FSDP2 checkpoints also hold)."""
+        missing, unexpected = sorted(required - found), sorted(found - required - optional)
         if missing or unexpected:
             raise UserError(
                 "checkpoint does not match the model: "
                 f"missing {len(missing)} key(s) {missing[:8]}, unexpected {len(unexpected)} key(s) {unexpected[:8]}"
             )
-        current = self.state_dict()
-        mismatched = [
-            f"{key}: checkpoint {tuple(checkpoint['state_dict'][key].shape)}, model {tuple(current[key].shape)}"
-            for key in sorted(expected)
-            if tuple(checkpoint["state_dict"][key].shape) != tuple(current[key].shape)
-        ]
-        if mismatched:
-            raise UserError(f"checkpoint shapes do not match the model: {'; '.join(mismatched[:8])}")
-        for key in set(current) - expected:  # frozen pretrained weights: already loaded from their checkpoint
-            checkpoint["state_dict"][key] = current[key]
 
 
 def router_heatmap(weights: torch.Tensor, rows: list[str], title: str = "mean routing weight per task"):
