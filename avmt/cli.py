@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from jsonargparse import ArgumentParser, Namespace
+from jsonargparse import ArgumentError, ArgumentParser, Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -31,39 +31,79 @@ USER_ERRORS = (UserError, MisconfigurationException, FileNotFoundError)
 _CHECKPOINT_KEYWORDS = ("last", "best", "hpc", "registry")
 
 
-def check_checkpoint_file(ckpt_path: str | None) -> None:
-    """Raise :class:`UserError` naming ``ckpt_path`` when it is a missing, non-checkpoint or truncated
-    file, or one whose pickle names globals outside torch's weights-only allow-list (code that
-    loading would run).
+def read_checkpoint(path: str | Path, key: str, require: tuple[str, ...] = (), lazy: bool = False) -> Any:
+    """The content of the torch checkpoint ``path``, loaded with ``torch.load(weights_only=True)``.
 
-    A torch checkpoint is a zip archive whose directory sits at its end, so a truncated file is not
-    a readable zip; the check reads only that directory and the pickle's opcodes, not the tensors.
-    Lightning's keywords (``last``, ``best``, ...) and remote URLs are left to Lightning.
+    Every way the file can be unusable is a :class:`UserError` naming ``key`` (the option that gave
+    the file: ``ckpt_path``, ``--weights``, ...) and ``path``: missing, not a torch file,
+    truncated (a torch checkpoint is a zip archive whose directory sits at its end), pickled
+    globals outside torch's weights-only allow-list (code that loading would run; the pickle's
+    opcodes are read, nothing runs), or not a dict holding the ``require`` keys. An avmt
+    checkpoint is required with ``require`` holding ``"avmt"`` (its metadata format is checked).
+
+    Args:
+        lazy: memory-map the tensors of a zip checkpoint instead of reading them (a check).
     """
+    import pickle
+    import re
     import zipfile
 
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{key}: no such checkpoint file: {path}")
+    is_zip = zipfile.is_zipfile(path)
+    if is_zip:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    else:
+        with path.open("rb") as handle:
+            head = handle.read(2)
+        if head == b"PK":
+            raise UserError(f"{key}: {path} is truncated or damaged (an incomplete torch checkpoint)")
+        if head[:1] != b"\x80":  # torch's legacy (pre-zip) format is a pickle stream
+            raise UserError(f"{key}: {path} is not a torch checkpoint (.ckpt/.pt/.bin) file")
+        unsafe = []
+    try:
+        if not unsafe:
+            content = torch.load(path, map_location="cpu", weights_only=True, mmap=lazy and is_zip)
+    except pickle.UnpicklingError as error:  # a legacy file's unsafe globals are found while loading
+        unsafe = re.findall(r"Unsupported global: GLOBAL (\S+)", str(error)) or ["unknown"]
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as error:
+        raise UserError(f"{key}: {path} could not be read as a torch checkpoint ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else 'damaged'})") from error
+    if unsafe:
+        raise UserError(
+            f"{key}: {path} holds pickled objects that are not plain weights ({', '.join(unsafe[:5])}); avmt "
+            "loads checkpoints with torch.load(weights_only=True) and never unpickles them"
+        )
+    missing = [name for name in require if not isinstance(content, dict) or name not in content]
+    if missing:
+        what = "an avmt checkpoint" if "avmt" in require else "a Lightning checkpoint"
+        raise UserError(f"{key}: {path} is not {what} (it lacks {', '.join(repr(m) for m in missing)})")
+    if "avmt" in require:
+        from avmt.module import CHECKPOINT_FORMAT
+
+        meta = content["avmt"]
+        found = meta.get("format") if isinstance(meta, dict) else None
+        if found != CHECKPOINT_FORMAT:
+            raise UserError(f"{key}: {path} holds avmt metadata of format {found!r}; this avmt reads {CHECKPOINT_FORMAT!r}")
+    return content
+
+
+#: what ``--ckpt_path`` must hold: Lightning reads the first two, :class:`~avmt.module.AVModule` the last.
+CHECKPOINT_KEYS = ("state_dict", "pytorch-lightning_version", "avmt")
+
+
+def check_checkpoint_file(ckpt_path: str | None) -> None:
+    """Raise :class:`UserError` naming ``ckpt_path`` when it is not an avmt checkpoint Lightning can
+    load (:func:`read_checkpoint`, tensors memory-mapped, not read).
+
+    Lightning's keywords (``last``, ``best``, ...) and remote URLs are left to Lightning.
+    """
     if not ckpt_path or ckpt_path.split(":")[0] in _CHECKPOINT_KEYWORDS or "://" in ckpt_path:
         return
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise UserError(f"ckpt_path: no such checkpoint file: {path}")
-    if zipfile.is_zipfile(path):
-        import torch
-
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)  # reads the pickle, runs nothing
-        if unsafe:
-            raise UserError(
-                f"ckpt_path: {path} holds pickled objects that are not plain weights ({', '.join(unsafe[:5])}); avmt "
-                "loads checkpoints with torch.load(weights_only=True) and never unpickles them"
-            )
-        return
-    with path.open("rb") as handle:
-        head = handle.read(2)
-    if head[:1] == b"\x80":  # torch's legacy (pre-zip) format is a pickle stream
-        return
-    if head == b"PK":
-        raise UserError(f"ckpt_path: {path} is truncated or damaged (an incomplete torch checkpoint)")
-    raise UserError(f"ckpt_path: {path} is not a torch checkpoint (.ckpt) file")
+    read_checkpoint(ckpt_path, "ckpt_path", require=CHECKPOINT_KEYS, lazy=True)
 
 
 class AVCLI(LightningCLI):
@@ -73,9 +113,21 @@ class AVCLI(LightningCLI):
     and each rank expands the ``config:`` bases again (see :func:`expand_config_bases`).
     """
 
+    def init_parser(self, **kwargs: Any) -> Any:
+        """Lightning's parser (and each subcommand's), raising on a bad argument instead of printing its usage."""
+        kwargs.setdefault("exit_on_error", False)
+        return super().init_parser(**kwargs)
+
     def parse_arguments(self, parser: Any, args: Any) -> None:
-        """Parse ``args`` into ``self.config`` and fail with a :class:`UserError` on a bad ``ckpt_path``."""
-        self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
+        """Parse ``args`` into ``self.config``; an unknown key, a value of the wrong type or a bad
+        ``ckpt_path`` is a :class:`UserError` of one line."""
+        try:
+            self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
+        except ArgumentError as error:
+            command = next((arg for arg in args if arg in self.subcommands()), None) if isinstance(args, list) else None
+            raise UserError(
+                f"{' '.join(str(error).split())} (every option: python -m avmt {command or 'fit'} --help)"
+            ) from error
         subcommand = self.config.get("subcommand")
         if subcommand:
             check_checkpoint_file(self.config[subcommand].get("ckpt_path"))
@@ -153,7 +205,10 @@ def expand_config_bases(argv: list[str]) -> list[str]:
         if path in seen:
             raise UserError(f"config files include each other: {' -> '.join(str(p) for p in (*seen, path))}")
         loaded = load_config_file(path) or {}
-        if not isinstance(loaded, dict) or "config" not in loaded:
+        if not isinstance(loaded, dict):
+            raise UserError(f"config file {path} holds a YAML {type(loaded).__name__}, not a mapping of sections "
+                            "(trainer:, model:, data:)")
+        if "config" not in loaded:
             return [str(path)]
         bases = loaded.pop("config")
         expanded: list[str] = []
@@ -175,6 +230,51 @@ def expand_config_bases(argv: list[str]) -> list[str]:
             out.append(arg)
         index += 1
     return out
+
+
+#: trainer.strategy (class path, or registry name prefix) -> the package it needs beyond avmt's own
+STRATEGY_PACKAGES = {
+    "lightning.pytorch.strategies.DeepSpeedStrategy": "deepspeed",
+    "deepspeed": "deepspeed",
+}
+
+
+def _config_strategies(argv: list[str]) -> list[str]:
+    """Every ``trainer.strategy`` the command line sets (a name or a class path), in ``-c`` files
+    (already expanded by :func:`expand_config_bases`) and ``--trainer.strategy[.class_path]`` flags."""
+    found: list[str] = []
+
+    def add(value: Any) -> None:
+        value = value.get("class_path") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            found.append(value)
+
+    for index, arg in enumerate(argv):
+        following = argv[index + 1] if index + 1 < len(argv) else ""
+        if arg in ("-c", "--config") or arg.startswith("--config="):
+            value = arg.split("=", 1)[1] if "=" in arg else following
+            loaded = (yaml.safe_load(value) if "\n" in value else load_config_file(Path(value))) or {}
+            trainer = loaded.get("trainer") if isinstance(loaded, dict) else None
+            if isinstance(trainer, dict):
+                add(trainer.get("strategy"))
+        elif arg.split("=", 1)[0] in ("--trainer.strategy", "--trainer.strategy.class_path"):
+            add(arg.split("=", 1)[1] if "=" in arg else following)
+    return found
+
+
+def check_strategy_packages(argv: list[str]) -> None:
+    """Fail early, naming the package to install, when ``trainer.strategy`` needs one that is missing
+    (Lightning's own error reaches the user only as a nested ValueError after the config is parsed).
+    ``--print_config`` only parses, so it is let through."""
+    import importlib.util
+
+    if any(arg.split("=", 1)[0] == "--print_config" for arg in argv):
+        return
+    for strategy in _config_strategies(argv):
+        for prefix, package in STRATEGY_PACKAGES.items():
+            if strategy.startswith(prefix) and importlib.util.find_spec(package) is None:
+                raise UserError(f"trainer.strategy {strategy} needs the {package} package, which is not installed: "
+                                f"pip install {package}")
 
 
 def check_plugins(argv: list[str]) -> None:
@@ -202,6 +302,8 @@ def synth_run(args: Any) -> None:
     from avmt.data.shards import synthesize
     from avmt.data.synth import SynthConfig
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out '{args.out}' is a file; the shards go into a folder")
     held_out = max(1, args.clips // 10)
     clips = {
         "train": args.clips,
@@ -244,20 +346,25 @@ def data_main(argv: list[str]) -> None:
     _resolve(DATA_COMMANDS[cfg.command][1])(cfg[cfg.command])
 
 
-def load_tensors(path: Path) -> dict:
-    """Tensors of a ``.safetensors`` file or a torch checkpoint (``weights_only``; a nested ``state_dict`` is unwrapped)."""
-    import torch
-
+def load_tensors(path: Path, key: str = "--weights") -> dict:
+    """Tensors of a ``.safetensors`` file or a torch checkpoint (:func:`read_checkpoint`; a nested
+    ``state_dict`` is unwrapped); a :class:`UserError` naming ``key`` and the file when it is unusable."""
     if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
+        raise UserError(f"{key}: weights file not found: {path}")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "module"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
+        try:
+            return load_file(str(path))
+        except SafetensorError as error:
+            raise UserError(f"{key}: {path} is not a readable .safetensors file ({error})") from error
+    state = read_checkpoint(path, key)
+    for name in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(name), dict):
+            state = state[name]
+    if not isinstance(state, dict):
+        raise UserError(f"{key}: {path} holds a {type(state).__name__}, not a dict of named tensors")
     return state
 
 
@@ -267,8 +374,7 @@ def convert_main(argv: list[str]) -> None:
     import torch
 
     from avmt.adapters import ILoRA, convert_crab_state_dict
-    from avmt.data.datamodule import AVDataModule
-    from avmt.module import AVModule
+    from avmt.export import build_module
 
     parser = ArgumentParser(prog="python -m avmt convert", description="Weight converters.")
     commands = parser.add_subcommands(dest="command")
@@ -280,17 +386,14 @@ def convert_main(argv: list[str]) -> None:
     commands.add_subcommand("crab-lora", crab, help="convert Crab / Crab+ I-LoRA weights")
     cfg = parser.parse_args(argv)
     args = cfg["crab-lora"]
-    config_args = [item for path in args.config for item in ("-c", path)]
-    cli = LightningCLI(
-        AVModule, AVDataModule, run=False, save_config_callback=None, args=expand_config_bases(config_args)
-    )
-    module = cli.model
+    weights = load_tensors(Path(args.weights))
+    module = build_module(args.config)
     adapter = module.model.adapter
     if not isinstance(adapter, ILoRA):
         raise UserError(
             f"convert crab-lora needs model.adapter to be avmt.adapters.ILoRA, the config has {type(adapter).__name__}"
         )
-    state = convert_crab_state_dict(load_tensors(Path(args.weights)), adapter, ignore_other_keys=args.ignore_other_keys)
+    state = convert_crab_state_dict(weights, adapter, ignore_other_keys=args.ignore_other_keys)
     adapter.load_adapter_state_dict(state)
     checkpoint = {"state_dict": module.state_dict(), "pytorch-lightning_version": lightning.__version__}
     module.on_save_checkpoint(checkpoint)
@@ -344,6 +447,7 @@ def main(argv: list[str] | None = None) -> None:
             # sys.argv is left as typed: DDP's launcher re-runs it for the other ranks, which expand it alike
             argv = expand_config_bases(argv)
             check_plugins(argv)
+            check_strategy_packages(argv)
             AVCLI(
                 AVModule,
                 AVDataModule,

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import pickle
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -104,19 +103,15 @@ def build_module(configs: Sequence[str | Path]):
 def load_trained_module(ckpt: Path, configs: Sequence[str | Path], adapter_check: Callable[[Any], None] | None = None):
     """Build the module from ``configs`` and load the checkpoint into it (strictly, as ``--ckpt_path`` does).
 
-    ``adapter_check(module)`` runs before the checkpoint is read (refuse early).
+    The checkpoint is read first (:func:`avmt.cli.read_checkpoint`: a bad file is a
+    :class:`UserError` naming it); ``adapter_check(module)`` runs before its weights are loaded.
     """
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {ckpt}")
+    from avmt.cli import read_checkpoint
+
+    checkpoint = read_checkpoint(ckpt, "--ckpt", require=("state_dict", "avmt"))
     module = build_module(configs)
     if adapter_check is not None:
         adapter_check(module)
-    try:
-        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-        raise UserError(f"{ckpt} could not be read as a checkpoint ({type(error).__name__}: {error})") from error
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise UserError(f"{ckpt} is not a Lightning checkpoint (no state_dict)")
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"])
     module.eval()
@@ -452,8 +447,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """``python -m avmt export peft --ckpt CKPT --out DIR``; returns the ``avmt_export.json`` content."""
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     ckpt: Path = args.ckpt
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {ckpt}")
+    if not ckpt.is_file():  # before looking for its run's config.yaml
+        raise UserError(f"--ckpt: no such checkpoint file: {ckpt}")
     configs = args.config or [str(find_run_config(ckpt))]
     module, checkpoint = load_trained_module(ckpt, configs, adapter_check=check_exportable)
     side = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("model.llm.")}

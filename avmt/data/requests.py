@@ -81,11 +81,22 @@ def _question(task_name: str, entry: dict, where: str) -> str:
     return prompt.format(**{name: entry[name] for name in slots})
 
 
+def _seconds(entry: dict, key: str, where: str) -> float | None:
+    """The request's ``start``/``end`` in seconds (``None`` when absent); a :class:`UserError` naming
+    the request and the key unless it is a number >= 0."""
+    value = entry.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise UserError(f"{where}: '{key}' must be a number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
 def load_requests(path: str | Path) -> list[Request]:
     """Read and check a request file; relative media paths are relative to the file.
 
     Raises:
-        ValueError: a malformed entry (names the file, the entry and the key).
+        UserError: a malformed entry (names the file, the entry and the key).
         FileNotFoundError: the file or a media file it names does not exist.
     """
     path = Path(path)
@@ -101,6 +112,8 @@ def load_requests(path: str | Path) -> list[Request]:
         media = {}
         for key in ("video", "audio"):
             if entry.get(key) is not None:
+                if not isinstance(entry[key], str):
+                    raise UserError(f"{where}: {key} must be a file path (a string), got {entry[key]!r}")
                 file = Path(entry[key]) if Path(entry[key]).is_absolute() else path.parent / entry[key]
                 if not file.is_file():
                     raise FileNotFoundError(f"{where}: {key} file {file} does not exist")
@@ -114,9 +127,12 @@ def load_requests(path: str | Path) -> list[Request]:
             question = _question(name, entry, where)
         else:
             name, question = INSTRUCTION, str(entry["instruction"])
+        start, end = _seconds(entry, "start", where), _seconds(entry, "end", where)
+        if end is not None and end <= (start or 0.0):
+            raise UserError(f"{where}: 'end' ({end:g} s) must be after 'start' ({start or 0.0:g} s)")
         requests.append(Request(
             id=str(entry.get("id", index)), task=name, question=question, video=media.get("video"),
-            audio=media.get("audio"), start=entry.get("start"), end=entry.get("end"),
+            audio=media.get("audio"), start=start, end=end,
             fields={k: v for k, v in entry.items() if k not in _KEYS},
         ))
     if not requests:

@@ -57,6 +57,8 @@ __all__ = [
 CONVERTED_FORMAT = "avmt-converted"
 #: Version of the converted layout (members, manifest); the annotation has its own version.
 CONVERTED_FORMAT_VERSION = 1
+#: ``--frames_format`` choices: how the frames are stored in the shards
+FRAMES_FORMATS = ("jpg", "png")
 MANIFEST = "manifest.json"
 STATE = ".convert-state.json"
 _KEY_RE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -404,6 +406,14 @@ def convert(
         raise ConvertError(f"--src '{src}' is not a folder (the {converter.name} dataset's root is expected)")
     if clips_per_shard < 1:
         raise UserError(f"clips_per_shard must be >= 1, got {clips_per_shard}")
+    if frames_format not in FRAMES_FORMATS:
+        raise UserError(f"--frames_format must be one of {', '.join(FRAMES_FORMATS)}, got {frames_format!r}")
+    if workers < 0:
+        raise UserError(f"--workers must be >= 0 (0: decode in this process), got {workers}")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be >= 1 clips per split (or left out: every clip), got {limit}")
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"--out '{out}' is a file; the output must be a folder")
     entries = list(converter.items(src, media))
     items = [e for e in entries if isinstance(e, SourceClip)]
     listing_skips = [e for e in entries if isinstance(e, Skip)]

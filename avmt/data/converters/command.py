@@ -8,6 +8,7 @@ from typing import Any
 
 from jsonargparse import ArgumentParser
 
+from avmt.data.converters.base import FRAMES_FORMATS
 from avmt.data.media import MediaConfig
 
 _MEDIA_HELP = {
@@ -33,7 +34,7 @@ def convert_parser() -> ArgumentParser:
     parser.add_argument("--out", type=str, required=True, help="output folder (resumed when a run was interrupted)")
     parser.add_argument("--clips_per_shard", type=int, default=64, help="clips per tar")
     parser.add_argument("--workers", type=int, default=0, help="decoding processes (0: this process)")
-    parser.add_argument("--frames_format", type=str, default="jpg", help="jpg | png")
+    parser.add_argument("--frames_format", type=str, default="jpg", help=" | ".join(FRAMES_FORMATS))
     parser.add_argument("--limit", type=int | None, default=None, help="only the first N clips of each split")
     for item in dataclasses.fields(MediaConfig):
         kind = item.type if isinstance(item.type, type) else None
