@@ -967,6 +967,9 @@ def run_llm(args: argparse.Namespace, argv: Sequence[str]) -> dict:
             rows.append(json.loads(out.read_text()))
             print(f"  {variant}: {rows[-1]['seconds_per_step']:.2f} s/step, loaded in {rows[-1]['load_seconds']:.0f} s",
                   flush=True)
+    if rows and all("error" in row for row in rows):  # nothing was measured: not a result
+        raise SystemExit("bench llm: every variant failed, nothing was measured: "
+                         + "; ".join(f"{row['variant']}: {row['error']}" for row in rows))
     methods = sorted({row["peak_method"] for row in rows if "peak_method" in row})
     result = {
         "benchmark": "llm",

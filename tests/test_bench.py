@@ -213,6 +213,21 @@ def test_llm_bench_times_every_variant_in_its_own_process(llm_bench, capsys):
     assert recommended["variant"] in frozen and recommended["batch"] >= 1
 
 
+def test_llm_bench_fails_when_every_variant_failed(monkeypatch, tmp_path, capsys):
+    import sys
+
+    import avmt.bench
+
+    # a child that dies as one loading a missing model would, without loading anything
+    monkeypatch.setattr(avmt.bench, "_child_command",
+                        lambda args, variant, out: [sys.executable, "-c", "raise SystemExit('no such model: x')"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["bench", "llm", "--model", "tiny", "--json", str(tmp_path / "llm.json")])
+    message = str(exit_info.value.code)
+    assert "every variant failed" in message and "no such model" in message
+    assert not (tmp_path / "llm.json").exists()
+
+
 def test_llm_bench_rejects_bad_sizes(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["bench", "llm", "--model", "tiny", "--batch", "0"])
