@@ -186,7 +186,9 @@ class PredictionWriter(BasePredictionWriter):
         folder = self._folder(trainer)
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / "predictions.jsonl"
-        self.path.write_text("")
+        if trainer.is_global_zero:  # every rank appends its own lines; one empties the file, before any writes
+            self.path.write_text("")
+        trainer.strategy.barrier("PredictionWriter.on_predict_start")
         self.count = 0
 
     def _jsonable(self, value: Any, stem: str, folder: Path) -> Any:
@@ -221,6 +223,7 @@ class PredictionWriter(BasePredictionWriter):
                 self.count += 1
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        total = int(trainer.strategy.reduce(torch.tensor(float(self.count)), reduce_op="sum"))  # every rank's lines
         if trainer.is_global_zero and self.path is not None:
-            rank_zero_info(f"predict: wrote {self.count} predictions to {self.path}"
+            rank_zero_info(f"predict: wrote {total} predictions to {self.path}"
                            + (f" (masks in {self.path.parent / 'masks'})" if (self.path.parent / "masks").exists() else ""))
