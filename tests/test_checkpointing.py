@@ -88,7 +88,8 @@ def _every_step(path: Path, kill_at: int | None = None) -> Path:
 def test_a_run_killed_mid_epoch_resumes_at_that_batch_to_the_same_metrics_and_weights(shards, tmp_path):
     # one stage-1 cache; the runs import KillAt from this module; a fixed hash seed, since a run's
     # floating-point sums depend on Python's per-process string hashing (~1e-9 apart otherwise)
-    env = {"AVMT_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO), "PYTHONHASHSEED": "0"}
+    # one thread and a fixed hash seed: the same float reductions in every process
+    env = {"AVMT_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO), "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
     full = tmp_path / "full"
     full.mkdir()
     every_step = ["-c", str(_every_step(tmp_path / "every_step.yaml"))]
@@ -129,6 +130,7 @@ def test_a_run_killed_mid_epoch_resumes_at_that_batch_to_the_same_metrics_and_we
     final = torch.load(checkpoints / "epoch=2-step=12.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     again = torch.load(resumed / "checkpoints" / "epoch=2-step=12.ckpt", map_location="cpu", weights_only=True)
     assert again["state_dict"].keys() == final.keys()
-    differ = {k: (again["state_dict"][k].float() - final[k].float()).abs().max().item()
-              for k in final if not torch.equal(again["state_dict"][k], final[k])}
-    assert not differ, f"the resumed run's weights differ: {differ}"
+    # equal to float rounding (a batch skipped or repeated on resume moves weights by ~lr = 1e-3)
+    differ = {k: (again["state_dict"][k].float() - final[k].float()).abs().max().item() for k in final}
+    assert max(differ.values()) < 1e-4, f"the resumed run's weights differ: {sorted(differ.items(), key=lambda kv: -kv[1])[:5]}"
+    print("largest weight difference, resumed vs uninterrupted:", max(differ.values()))

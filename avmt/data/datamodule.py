@@ -28,7 +28,7 @@ import lightning as L
 from torch.utils.data import DataLoader, IterableDataset
 
 from avmt.data.features import FeatureReader
-from avmt.data.resume import TURN, ResumableLoader, collate_turns, rank_quotas, worker_positions
+from avmt.data.resume import TURN, ResumableLoader, batch_sizes, collate_turns, rank_quotas, worker_positions
 from avmt.data.sample import Clip, ClipGroup, SampleError, TaskSample, collate
 from avmt.data.shards import (
     CorruptSampleCounter,
@@ -313,10 +313,10 @@ class BatchedStream(IterableDataset):
         rank, world_size: this process's DDP rank and the number of ranks.
         equal_steps: every rank makes the same number of batches (training under DDP, where a rank
             with one batch more would wait forever in the gradient all-reduce): each worker makes
-            its quota (:func:`~avmt.data.resume.rank_quotas`; a rank over the fewest drops its
-            smallest trailing batches: one clip per reader at most when the clips are shared by
-            position), and under DDP a worker that runs short (corrupt clips skipped) repeats its
-            last batch up to it, with a warning. Evaluation keeps every clip once (``False``).
+            its quota (:func:`~avmt.data.resume.rank_quotas`; a rank with fewer clips splits some
+            of its batches, :func:`~avmt.data.resume.batch_sizes`, so every clip is still taken
+            once), and under DDP a worker that runs short (corrupt clips skipped) repeats its last
+            batch up to it, with a warning. Evaluation keeps every clip once (``False``).
 
     ``resume_batches``: batches of this rank that the next pass leaves out, as the first of the
     epoch's (a resumed run's, set by :class:`~avmt.data.resume.ResumableLoader`); each worker
@@ -353,26 +353,26 @@ class BatchedStream(IterableDataset):
         (:func:`reader_batches`; with ``equal_steps``, its quota)."""
         clips, workers = self.reader_clips(), max(1, self.num_workers)
         if self.equal_steps:
-            return rank_quotas(clips, self.batch_size, self.world_size)[0][self.rank]
+            return rank_quotas(clips, self.batch_size, self.world_size)[self.rank]
         return [math.ceil(count / self.batch_size) for count in clips[self.rank * workers:(self.rank + 1) * workers]]
-
-    def dropped_clips(self) -> int:
-        """Clips of this rank's share left out of each epoch so that every rank steps equally."""
-        return rank_quotas(self.reader_clips(), self.batch_size, self.world_size)[1][self.rank] if self.equal_steps else 0
 
     def __len__(self) -> int:
         return sum(self.worker_batches())
 
-    def _chunks(self) -> Iterator[list[ClipGroup]]:
-        """The stream in batches, each handed over once the next is made (or the stream has ended)."""
+    def _chunks(self, sizes: Sequence[int] | None = None) -> Iterator[list[ClipGroup]]:
+        """The stream in batches (of ``sizes`` in turn when given, then of ``batch_size``), each
+        handed over once the next is made (or the stream has ended)."""
         pending: list[ClipGroup] | None = None
         batch: list[ClipGroup] = []
+        planned = iter(sizes or ())
+        size = next(planned, self.batch_size)
         for group in self.stream:
             batch.append(group)
-            if len(batch) == self.batch_size:
+            if len(batch) == size:
                 if pending is not None:
                     yield pending
                 pending, batch = batch, []
+                size = next(planned, self.batch_size)
         if pending is not None:
             yield pending
         if batch:
@@ -385,6 +385,10 @@ class BatchedStream(IterableDataset):
         except TypeError:  # no clip count: no quota, and nothing to resume from
             per_worker = None
         quota = per_worker[worker] if self.equal_steps and per_worker is not None else None
+        sizes = None
+        if quota is not None:
+            clips = self.reader_clips()[self.rank * max(1, self.num_workers) + worker]
+            sizes = batch_sizes(clips, quota, self.batch_size)
         skip = 0
         if self.resume_batches and per_worker:
             taken, next_worker = worker_positions(self.resume_batches, per_worker)
@@ -392,10 +396,8 @@ class BatchedStream(IterableDataset):
             if next_worker is not None and worker < next_worker:
                 yield TURN
         made, last = 0, None
-        for batch in self._chunks():
+        for batch in self._chunks(sizes):
             made += 1
-            if quota is not None and made > quota:
-                continue  # a trailing clip this rank leaves out (rank_quotas); read to the end all the same
             last = batch
             if made > skip:
                 yield batch
@@ -407,8 +409,9 @@ class BatchedStream(IterableDataset):
                     "shards or use fewer devices / data.num_workers")
             warnings.warn(
                 f"DDP rank {self.rank}, worker {worker}: {quota - made} {self.stream.split} batch(es) short (corrupt "
-                f"clips skipped: {dict(self.stream.counter.reasons)}); repeating its last batch so that every rank "
-                "takes the same number of steps", CorruptSampleWarning, stacklevel=2)
+                f"clips skipped: {dict(self.stream.counter.reasons)}, or fewer clips in its shards than another rank "
+                "has batches); repeating its last batch so that every rank takes the same number of steps",
+                CorruptSampleWarning, stacklevel=2)
             for index in range(made, quota):
                 if index >= skip:
                     yield last
@@ -691,20 +694,16 @@ class AVDataModule(L.LightningDataModule):
         if pending is not None:  # a checkpoint restored before the loader was made
             resumable.load_state_dict(pending)
         try:
-            steps, dropped = len(batches), batches.dropped_clips()
+            steps, clips = len(batches), batches.reader_clips()
         except TypeError:  # no clip count (no manifest): Lightning runs the stream to its end
             return resumable
-        if steps == 0 and dataset.num_clips:
+        readers = max(1, self.num_workers)
+        rank_clips = [sum(clips[r * readers:(r + 1) * readers]) for r in range(world_size)]
+        if (steps == 0 or min(rank_clips) == 0) and dataset.num_clips:
             raise UserError(
                 f"the train split's {dataset.num_clips} clip(s) leave DDP rank(s) without a batch: they are shared by "
                 f"{world_size} rank(s) x {max(1, self.num_workers)} reader(s) each (trainer.devices, data.num_workers); "
                 "use fewer devices or workers, or more clips")
-        if dropped > max(1, self.num_workers):  # more than one clip per reader: shards of unequal sizes
-            warnings.warn(f"DDP rank {rank} leaves {dropped} training clip(s) out of every epoch so that every rank "
-                          f"takes {steps} steps: its shards hold more clips than another rank's", stacklevel=2)
-        elif dropped:
-            log.debug("rank %d: %d training batches per epoch, like every rank; %d trailing clip(s) of its share "
-                      "(the last of each epoch's order) are left out of every epoch", rank, steps, dropped)
         return resumable
 
     def state_dict(self) -> dict:

@@ -12,6 +12,8 @@ DataLoader worker passes over the batches of its share that the count covers
 
 The same helpers give every DDP rank one batch count per epoch (:func:`rank_quotas`): ranks that
 stepped different numbers of times would wait for each other forever in the gradient all-reduce.
+A rank with fewer clips splits some of its batches (:func:`batch_sizes`) rather than leaving clips
+out, so every training clip is seen exactly once per epoch across ranks and workers.
 """
 
 from __future__ import annotations
@@ -28,35 +30,43 @@ from torch.utils.data import DataLoader
 from avmt.errors import UserError
 
 
-def rank_quotas(reader_clips: Sequence[int], batch_size: int, world_size: int) -> tuple[list[list[int]], list[int]]:
+def rank_quotas(reader_clips: Sequence[int], batch_size: int, world_size: int) -> list[list[int]]:
     """Training batches per rank and worker when every rank must take the same number of steps.
 
     Reader ``rank * workers + worker`` (``workers = len(reader_clips) // world_size``) batches its
-    own ``reader_clips[reader]`` clips; a rank steps once per batch of any of its workers. A rank
-    above the fewest steps gives up trailing batches, each time the smallest last batch of its
-    readers. Shared by clip position, readers differ by at most one clip, so only one-clip batches
-    go: at most one clip per reader per epoch (the last of the reader's order, shuffled anew each
-    epoch). Shared by shard, as many as the shards' sizes differ.
+    own ``reader_clips[reader]`` clips; a rank steps once per batch of any of its workers. Every
+    rank takes as many steps as the rank with the most batches: a rank with fewer makes more,
+    smaller batches (:func:`batch_sizes`; each time the reader with the most clips per batch
+    splits one more), so every clip is still trained exactly once per epoch. A rank with fewer
+    clips than those steps (shards of very unequal sizes) gets batches beyond its clips, which
+    :class:`~avmt.data.datamodule.BatchedStream` fills by repeating its last batch, with a warning.
 
     Returns:
-        ``(quotas, dropped)``: ``quotas[rank][worker]`` batches, ``dropped[rank]`` clips left out
-        each epoch. Every ``sum(quotas[rank])`` is equal.
+        ``quotas[rank][worker]`` batches; every ``sum(quotas[rank])`` is equal.
     """
     workers = len(reader_clips) // world_size
-    quotas, dropped = [], []
-    for rank in range(world_size):
-        quotas.append([math.ceil(c / batch_size) for c in reader_clips[rank * workers:(rank + 1) * workers]])
-    steps = min(sum(counts) for counts in quotas)
+    quotas = [[math.ceil(c / batch_size) for c in reader_clips[rank * workers:(rank + 1) * workers]]
+              for rank in range(world_size)]
+    steps = max(sum(counts) for counts in quotas)
     for rank, counts in enumerate(quotas):
-        kept = list(reader_clips[rank * workers:(rank + 1) * workers])
-        while sum(counts) > steps:
-            # the reader whose last batch is smallest (the latest such reader on ties) gives it up
-            worker = min((w for w in range(workers) if counts[w]),
-                         key=lambda w: (kept[w] - (counts[w] - 1) * batch_size, -w))
-            counts[worker] -= 1
-            kept[worker] = min(kept[worker], counts[worker] * batch_size)
-        dropped.append(sum(reader_clips[rank * workers:(rank + 1) * workers]) - sum(kept))
-    return quotas, dropped
+        clips = reader_clips[rank * workers:(rank + 1) * workers]
+        while sum(counts) < steps:
+            # the reader with the most clips per batch (the first on ties) makes one batch more
+            worker = max(range(workers), key=lambda w: (clips[w] / max(counts[w], 1), -w))
+            counts[worker] += 1
+    return quotas
+
+
+def batch_sizes(clips: int, batches: int, batch_size: int) -> list[int]:
+    """Sizes of ``batches`` batches of ``clips`` clips, full (``batch_size``) first, then smaller
+    so that each later batch keeps at least one clip: ``batch_sizes(5, 4, 2) == [2, 1, 1, 1]``.
+    With ``batches`` below ``ceil(clips / batch_size)`` the trailing clips are in no batch."""
+    sizes, left = [], clips
+    for index in range(batches):
+        size = max(1, min(batch_size, left - (batches - index - 1)))
+        sizes.append(size)
+        left -= size
+    return sizes
 
 
 def worker_positions(batches: int, per_worker: Sequence[int]) -> tuple[list[int], int | None]:

@@ -3,7 +3,6 @@ DDP ranks, on the stream with simulated ranks and real DataLoader workers."""
 
 from __future__ import annotations
 
-import tarfile
 import warnings
 from types import SimpleNamespace
 
@@ -11,10 +10,11 @@ import pytest
 import torch
 
 from avmt.data.datamodule import AVDataModule
-from avmt.data.resume import rank_quotas, worker_positions
+from avmt.data.resume import batch_sizes, rank_quotas, worker_positions
 from avmt.data.shards import CorruptSampleWarning, ensure_shards, write_tar
 from avmt.data.synth import SynthConfig
 from avmt.errors import UserError
+from tests.data.test_shard_sources import read_tar
 
 # small and fast: 4 segments x 2 frames of 32x32, 0.5 s segments at 8 kHz
 CFG = SynthConfig(num_segments=4, frames_per_segment=2, frame_size=32, sample_rate=8000, segment_seconds=0.5)
@@ -40,11 +40,13 @@ def _keys(batches) -> list[list[str]]:
     return [list(batch.clip_keys) for batch in batches]
 
 
-def test_rank_quotas_drop_one_clip_batches_and_workers_take_turns():
-    assert rank_quotas([5, 4], 2, 2) == ([[2], [2]], [1, 0])  # 9 clips, 2 ranks: rank 0's fifth clip waits
-    assert rank_quotas([3, 2, 2, 2], 2, 2) == ([[1, 1], [1, 1]], [1, 0])  # 2 workers: the 1-clip batch goes
-    assert rank_quotas([4, 4], 2, 2) == ([[2], [2]], [0, 0])
-    assert rank_quotas([3, 3, 3, 2], 3, 2) == ([[1, 1], [1, 1]], [0, 0])
+def test_rank_quotas_split_batches_of_the_shorter_ranks_and_workers_take_turns():
+    assert rank_quotas([5, 4], 2, 2) == [[3], [3]]  # 9 clips, 2 ranks: rank 1 splits a batch to step 3 times
+    assert batch_sizes(5, 3, 2) == [2, 2, 1] and batch_sizes(4, 3, 2) == [2, 1, 1] and batch_sizes(5, 4, 2) == [2, 1, 1, 1]
+    assert rank_quotas([3, 2, 2, 2], 2, 2) == [[2, 1], [2, 1]]  # 2 workers: rank 1's first worker splits
+    assert rank_quotas([4, 4], 2, 2) == [[2], [2]]
+    assert rank_quotas([3, 3, 3, 2], 3, 2) == [[1, 1], [1, 1]]
+    assert rank_quotas([12, 2], 4, 2) == [[3], [3]]  # fewer clips than steps: the stream repeats its last batch
     assert worker_positions(1, [3, 2]) == ([1, 0], 1) and worker_positions(2, [3, 1]) == ([1, 1], 0)
     assert worker_positions(3, [3, 1]) == ([2, 1], 0) and worker_positions(4, [2, 2]) == ([2, 2], None)
     with pytest.raises(ValueError):
@@ -54,21 +56,21 @@ def test_rank_quotas_drop_one_clip_batches_and_workers_take_turns():
 @pytest.mark.parametrize("workers", [0, 2])
 def test_uneven_ranks_take_equal_steps_and_evaluation_scores_every_clip_once(nine, workers):
     """9 clips on 2 ranks with batches of 2 made 3 steps on rank 0 and 2 on rank 1 (a DDP hang in
-    the gradient all-reduce): now both take 2, rank 0 leaving exactly one clip out; validation
-    (5 clips) still reads every clip once, unpadded."""
+    the gradient all-reduce): now both take 3, rank 1 in batches of 2, 1 and 1, and every clip is
+    trained once; validation (5 clips) still reads every clip once, unpadded."""
     train, val = {}, {}
     for rank in (0, 1):
         data = _data(nine, rank, 2, epoch=1, clips_per_batch=2, num_workers=workers)
         loader = data.train_dataloader()
         train[rank] = _keys(loader)
-        assert len(train[rank]) == len(loader) == 2, (rank, train[rank])
-        assert loader.dataset.dropped_clips() == (1 if rank == 0 else 0)
+        assert len(train[rank]) == len(loader) == 3, (rank, train[rank])
+        assert sorted(len(batch) for batch in train[rank]) == ([1, 2, 2] if rank == 0 else [1, 1, 2])
         val[rank] = [key for keys in _keys(data.val_dataloader()) for key in keys]
     trained = [key for rank in (0, 1) for keys in train[rank] for key in keys]
-    assert len(trained) == len(set(trained)) == 9 - 1
+    assert len(trained) == len(set(trained)) == 9
     alone = _data(nine, epoch=1, clips_per_batch=2)
     every = {key for keys in _keys(alone.train_dataloader()) for key in keys}
-    assert set(trained) < every and len(every) == 9
+    assert set(trained) == every and len(every) == 9
     scored = val[0] + val[1]
     assert len(scored) == len(set(scored)) == 5
 
@@ -118,18 +120,14 @@ def test_a_rank_short_of_clips_repeats_its_last_batch_to_keep_in_step(nine, tmp_
 
     shutil.copytree(nine, tmp_path / "data")
     shard = next((tmp_path / "data" / "train").glob("*.tar"))
-    with tarfile.open(shard) as tar:
-        samples: dict[str, dict[str, bytes]] = {}
-        for member in tar.getmembers():
-            key, suffix = member.name.split(".", 1)
-            samples.setdefault(key, {})[suffix] = tar.extractfile(member).read()
-    items = list(samples.items())
+    items = read_tar(shard)
     items[1][1]["frames.png"] = b"\x89PNG not really"  # position 1: rank 1's first clip
     write_tar(shard, items)
     data = _data(tmp_path / "data", 1, 2, clips_per_batch=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CorruptSampleWarning)
         expected_steps = len(_data(nine, 0, 2, clips_per_batch=1).train_dataloader())
-    with pytest.warns(CorruptSampleWarning, match="DDP rank 1, worker 0: 1 train batch"):
+    # rank 0 takes 5 steps of one clip, rank 1 made 3 of its 4 clips: it repeats its last batch twice
+    with pytest.warns(CorruptSampleWarning, match="DDP rank 1, worker 0: 2 train batch"):
         got = _keys(data.train_dataloader())
-    assert len(got) == expected_steps == 4 and got[-1] == got[-2]
+    assert len(got) == expected_steps == 5 and got[-1] == got[-2] == got[-3]
