@@ -288,18 +288,6 @@ class ClipTaskStream(IterableDataset):
         self._check_pass(groups, read_before, corrupt_before, part)
 
 
-def reader_batches(num_clips: int, batch_size: int, num_readers: int, first_reader: int = 0, readers: int = 1) -> int:
-    """Batches that readers ``first_reader .. first_reader + readers - 1`` of ``num_readers`` make
-    from a stream of ``num_clips`` clips shared by position (reader ``i`` gets clips ``i, i +
-    num_readers, ...``), each reader batching its own clips by ``batch_size`` (the last batch of
-    a reader may be short). E.g. one DDP rank's DataLoader workers."""
-    total = 0
-    for reader in range(first_reader, first_reader + readers):
-        clips = len(range(reader, num_clips, num_readers))
-        total += math.ceil(clips / batch_size)
-    return total
-
-
 class BatchedStream(IterableDataset):
     """Batches of a :class:`ClipTaskStream` with a length: lists of ``batch_size`` clip groups,
     made in each DataLoader worker from its own share (as the DataLoader's own batching does),
@@ -338,20 +326,17 @@ class BatchedStream(IterableDataset):
 
     def reader_clips(self) -> list[int]:
         """Clips of every reader (DDP rank x worker, rank-major) in an epoch when all are usable."""
-        workers = max(1, self.num_workers)
-        readers = self.world_size * workers
-        share = getattr(self.stream, "reader_clips", None)
-        counts = [share((reader, readers)) if share is not None
-                  else (None if self.stream.num_clips is None else len(range(reader, self.stream.num_clips, readers)))
-                  for reader in range(readers)]
+        readers = self.world_size * max(1, self.num_workers)
+        counts = [self.stream.reader_clips((reader, readers)) for reader in range(readers)]
         if any(count is None for count in counts):
             raise TypeError(f"length unknown: the {self.stream.split} split's clip count is not in its manifest")
         return counts
 
-    def worker_batches(self) -> list[int]:
+    def worker_batches(self, clips: Sequence[int] | None = None) -> list[int]:
         """``[max(1, num_workers)]`` batches each DataLoader worker of this rank makes in an epoch
-        (:func:`reader_batches`; with ``equal_steps``, its quota)."""
-        clips, workers = self.reader_clips(), max(1, self.num_workers)
+        from its clips (``ceil(clips / batch_size)``; with ``equal_steps``, its quota).
+        ``clips``: :meth:`reader_clips`, when the caller has it already."""
+        clips, workers = clips if clips is not None else self.reader_clips(), max(1, self.num_workers)
         if self.equal_steps:
             return rank_quotas(clips, self.batch_size, self.world_size)[self.rank]
         return [math.ceil(count / self.batch_size) for count in clips[self.rank * workers:(self.rank + 1) * workers]]
@@ -381,14 +366,14 @@ class BatchedStream(IterableDataset):
     def __iter__(self) -> Iterator[list[ClipGroup]]:
         worker, _ = stream_part(split_by_node=False, split_by_worker=True)
         try:
-            per_worker: list[int] | None = self.worker_batches()
+            clips: list[int] | None = self.reader_clips()
         except TypeError:  # no clip count: no quota, and nothing to resume from
-            per_worker = None
+            clips = None
+        per_worker = self.worker_batches(clips) if clips is not None else None
         quota = per_worker[worker] if self.equal_steps and per_worker is not None else None
         sizes = None
         if quota is not None:
-            clips = self.reader_clips()[self.rank * max(1, self.num_workers) + worker]
-            sizes = batch_sizes(clips, quota, self.batch_size)
+            sizes = batch_sizes(clips[self.rank * max(1, self.num_workers) + worker], quota, self.batch_size)
         skip = 0
         if self.resume_batches and per_worker:
             taken, next_worker = worker_positions(self.resume_batches, per_worker)
@@ -694,12 +679,11 @@ class AVDataModule(L.LightningDataModule):
         if pending is not None:  # a checkpoint restored before the loader was made
             resumable.load_state_dict(pending)
         try:
-            steps, clips = len(batches), batches.reader_clips()
+            clips = batches.reader_clips()
         except TypeError:  # no clip count (no manifest): Lightning runs the stream to its end
             return resumable
         readers = max(1, self.num_workers)
-        rank_clips = [sum(clips[r * readers:(r + 1) * readers]) for r in range(world_size)]
-        if (steps == 0 or min(rank_clips) == 0) and dataset.num_clips:
+        if min(sum(clips[r * readers:(r + 1) * readers]) for r in range(world_size)) == 0 and dataset.num_clips:
             raise UserError(
                 f"the train split's {dataset.num_clips} clip(s) leave DDP rank(s) without a batch: they are shared by "
                 f"{world_size} rank(s) x {max(1, self.num_workers)} reader(s) each (trainer.devices, data.num_workers); "

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from avmt.data.datamodule import AVDataModule, BatchedStream, reader_batches
+from avmt.data.datamodule import AVDataModule, BatchedStream
 from avmt.data.shards import ensure_shards
 from avmt.data.synth import SynthConfig
 
@@ -59,7 +59,7 @@ def test_the_train_loader_has_the_length_of_the_manifest(tmp_path):
     data = _data(tmp_path, clips_per_batch=2)
     ranks = [len(BatchedStream(data.datasets["train"], 2, 0, rank, 2)) for rank in (0, 1)]
     assert ranks == [math.ceil(4 / 2), math.ceil(3 / 2)]  # DDP rank 0 gets clips 0,2,4,6, rank 1 the rest
-    assert reader_batches(7, 2, 4, first_reader=2, readers=2) == 1 + 1  # rank 1 of 2, two workers: 2 + 1 clips
+    assert len(BatchedStream(data.datasets["train"], 2, 2, 1, 2)) == 1 + 1  # rank 1 of 2, two workers: 2 + 1 clips
 
 
 def test_two_ranks_with_two_workers_each_share_one_shard_without_overlap(tmp_path):
