@@ -39,3 +39,15 @@ def make_batch():
         return batch
 
     return build
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: its tiny models gain nothing from more, and two OpenMP
+    threads crawl when the cores are shared."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

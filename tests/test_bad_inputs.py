@@ -886,15 +886,6 @@ def shards(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread for the case: its tiny models gain nothing from more, and lose much on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _params():
     return [pytest.param(c, id=f"{c.area}-{c.name}",
                          marks=[pytest.mark.xfail(strict=True, reason=c.xfail)] if c.xfail else [])

@@ -236,15 +236,6 @@ def _squares(
     return queries, media, masks[:, 0].view(n, T, SIZE, SIZE).float()
 
 
-@pytest.fixture
-def one_thread():
-    """Run on one thread: the ops are small, and two OpenMP threads crawl when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_learns_to_segment_the_named_square(one_thread):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
