@@ -818,6 +818,11 @@ def _local_path(url: str) -> Path:
     return Path(url2pathname(parsed.path)) if parsed.scheme == "file" else Path(url)
 
 
+def _missing_local(urls: Sequence[str]) -> list[Path]:
+    """The local files among ``urls`` (no scheme, or ``file:``) that do not exist."""
+    return [path for path in (_local_path(url) for url in urls if _is_local(url)) if not path.is_file()]
+
+
 @dataclasses.dataclass(frozen=True)
 class SplitSource:
     """The shards of one split and what is known of their sizes.
@@ -881,11 +886,11 @@ def split_source(root: str | os.PathLike, folder: str, num_clips: int | None = N
         urls = expand_urls(pattern)
     except (AssertionError, UnbalancedBracesError) as exn:  # webdataset asserts on a missing WDS_ variable
         raise UserError(f"data.root: cannot expand the shard URL pattern {pattern!r}: {exn}") from None
-    missing = [url for url in urls if _is_local(url) and not _local_path(url).is_file()]
+    missing = _missing_local(urls)
     if missing:
         raise UserError(
             f"data.root: {len(missing)} shard(s) of the {folder} split named by {pattern!r} do not exist, e.g. "
-            f"{missing[0]!r}: fix the pattern's brace range, or write the shards there"
+            f"{str(missing[0])!r}: fix the pattern's brace range, or write the shards there"
         )
     return SplitSource(tuple(urls), pattern, num_clips)
 
@@ -956,14 +961,13 @@ def _as_source(shard_paths: str | os.PathLike | Sequence[str | os.PathLike] | Sp
         if not shard_paths:
             raise ValueError("iter_clips: no shard paths given")
         source = SplitSource.from_paths(shard_paths)
-    local = [_local_path(url) for url in source.urls if _is_local(url)]
-    missing = [str(p) for p in local if not p.is_file()]
+    missing = [str(p) for p in _missing_local(source.urls)]
     if missing:
         raise FileNotFoundError(
             f"shard file(s) not found: {missing[:5]}{' ...' if len(missing) > 5 else ''}. "
             f"Make the AVSynth shards with: {SYNTH_COMMAND.format(root=Path(missing[0]).parent.parent)}"
         )
-    for root in dict.fromkeys(p.parent.parent for p in local):
+    for root in dict.fromkeys(_local_path(url).parent.parent for url in source.urls if _is_local(url)):
         check_shard_version(root)
     return source
 
