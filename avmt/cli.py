@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,24 @@ def load_config_file(path: Path) -> Any:
         raise UserError(f"config file {path} is not valid YAML: {' '.join(str(error).split())}") from error
 
 
+def _argv_settings(argv: list[str]) -> Iterator[tuple[str | None, Any]]:
+    """What a command line sets, in order: ``(None, loaded dict)`` for each ``-c``/``--config``
+    file (or inline YAML), ``(key, value)`` for each ``--key=value`` or ``--key value`` flag
+    (``key`` without its dashes; the value is the next argument when there is no ``=``)."""
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg in ("-c", "--config") and index + 1 < len(argv) or arg.startswith("--config="):
+            value = arg.split("=", 1)[1] if "=" in arg else argv[index + 1]
+            index += 0 if "=" in arg else 1
+            loaded = (yaml.safe_load(value) if "\n" in value else load_config_file(Path(value))) or {}
+            yield None, loaded if isinstance(loaded, dict) else {}
+        elif arg.startswith("--"):
+            key, equals, value = arg[2:].partition("=")
+            yield key, value if equals else (argv[index + 1] if index + 1 < len(argv) else "")
+        index += 1
+
+
 def _config_class_paths(argv: list[str]) -> list[tuple[str, str]]:
     """``(model argument, class_path)`` pairs named by the ``-c`` files and ``--model.X.class_path`` flags."""
     found: list[tuple[str, str]] = []
@@ -168,27 +187,14 @@ def _config_class_paths(argv: list[str]) -> list[tuple[str, str]]:
                 elif isinstance(item, str) and "." in item:
                     found.append((argument, item))
 
-    index = 0
-    while index < len(argv):
-        arg = argv[index]
-        value = None
-        if arg in ("-c", "--config") and index + 1 < len(argv):
-            value, index = argv[index + 1], index + 1
-        elif arg.startswith("--config="):
-            value = arg.split("=", 1)[1]
-        if value is not None:
-            loaded = (yaml.safe_load(value) if "\n" in value else load_config_file(Path(value))) or {}
-            if isinstance(loaded, dict):
-                from_model_section(loaded.get("model"))
-        elif arg.startswith("--model."):
-            key, _, flag_value = arg[2:].partition("=")
-            if not flag_value and index + 1 < len(argv):
-                flag_value = argv[index + 1]
+    for key, value in _argv_settings(argv):
+        if key is None:
+            from_model_section(value.get("model"))
+        elif key.startswith("model."):
             parts = key.split(".")
             if len(parts) >= 2 and parts[1] in MODULE_ARGUMENTS and (len(parts) == 2 or parts[2] == "class_path"):
-                if "." in flag_value:
-                    found.append((parts[1], flag_value))
-        index += 1
+                if "." in value:
+                    found.append((parts[1], value))
     return found
 
 
@@ -249,16 +255,11 @@ def _config_strategies(argv: list[str]) -> list[str]:
         if isinstance(value, str):
             found.append(value)
 
-    for index, arg in enumerate(argv):
-        following = argv[index + 1] if index + 1 < len(argv) else ""
-        if arg in ("-c", "--config") or arg.startswith("--config="):
-            value = arg.split("=", 1)[1] if "=" in arg else following
-            loaded = (yaml.safe_load(value) if "\n" in value else load_config_file(Path(value))) or {}
-            trainer = loaded.get("trainer") if isinstance(loaded, dict) else None
-            if isinstance(trainer, dict):
-                add(trainer.get("strategy"))
-        elif arg.split("=", 1)[0] in ("--trainer.strategy", "--trainer.strategy.class_path"):
-            add(arg.split("=", 1)[1] if "=" in arg else following)
+    for key, value in _argv_settings(argv):
+        if key is None and isinstance(value.get("trainer"), dict):
+            add(value["trainer"].get("strategy"))
+        elif key in ("trainer.strategy", "trainer.strategy.class_path"):
+            add(value)
     return found
 
 
