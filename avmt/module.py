@@ -77,10 +77,11 @@ def sharding_units(llm: nn.Module) -> list[nn.Module]:
     outermost first, none inside another."""
     names = {name for module in llm.modules() for name in (getattr(module, "_no_split_modules", None) or ())}
     units: list[nn.Module] = []
+    inside: set[int] = set()  # modules of the units found so far (modules() visits a unit before its children)
     for module in llm.modules():
-        declared = any(cls.__name__ in names for cls in type(module).__mro__)
-        if declared and not any(module in set(unit.modules()) for unit in units):
+        if id(module) not in inside and any(cls.__name__ in names for cls in type(module).__mro__):
             units.append(module)
+            inside.update(id(child) for child in module.modules())
     return units
 
 

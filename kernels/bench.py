@@ -245,7 +245,7 @@ def format_model(gpu_name: str, tokens: int, dtype_name: str, models: list[str],
     """The roofline table of every layer of ``models`` on ``GPUS[gpu_name]``; with ``measured`` (a
     ``--profile`` report at the same tokens and dtype) also the measured µs and measured / roofline."""
     gpu = GPUS[gpu_name]
-    elem = torch.empty((), dtype=_DTYPES[dtype_name]).element_size()
+    elem = _DTYPES[dtype_name].itemsize
     lines = [f"Roofline of the fused I-LoRA fwd+bwd on {gpu.name}: {gpu.tensor_flops / 1e12:.0f} TFLOP/s dense "
              f"16-bit tensor cores, {gpu.hbm_bytes_per_s / 1e12:.3g} TB/s HBM ({gpu.source}); {dtype_name}, "
              f"{tokens} tokens",

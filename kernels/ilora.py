@@ -262,7 +262,7 @@ _BLOCK_DIM = {"BLOCK_M": "N", "BLOCK_K": "D_IN", "BLOCK_N": "D_OUT", "BLOCK_O": 
 
 
 def _dtype_bytes(dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else int(dtype)
+    return dtype.itemsize if isinstance(dtype, torch.dtype) else int(dtype)
 
 
 def prune_configs(name: str, configs: list, *, max_shared_mem: int, dtype: torch.dtype, dims: dict,
