@@ -76,10 +76,14 @@ class AVModel(nn.Module):
         self.image_connector = image_connector
         self.heads = nn.ModuleList(heads)
         self.num_segments = num_segments
-        vision_connector.build(vision_encoder.output_dim, llm.hidden_size)
-        audio_connector.build(audio_encoder.output_dim, llm.hidden_size)
-        if image_connector is not None:
-            image_connector.build(vision_encoder.output_dim, llm.hidden_size)
+        widths = {"vision": vision_encoder.output_dim, "audio": audio_encoder.output_dim}
+        for connector, modality in ((vision_connector, "vision"), (audio_connector, "audio"), (image_connector, "vision")):
+            if connector is None:
+                continue
+            if connector.context_modality is not None and connector.context_modality not in widths:
+                raise UserError(f"{type(connector).__name__}.context_modality must be one of {sorted(widths)}, "
+                                f"got {connector.context_modality!r}")
+            connector.build(widths[modality], llm.hidden_size, widths.get(connector.context_modality))
         outputs = [head.output for head in heads]
         if len(set(outputs)) != len(outputs):
             raise UserError(f"model.heads: two heads produce the same output ({outputs}); each output needs one head")
@@ -217,15 +221,21 @@ class AVModel(nn.Module):
 
         Returns:
             EncodedMedia: segment frames ``[C, T, 3, H, W]``, vision ``[C, T, P, D_v]`` with its
-            grid, audio ``[C, T, Q, D_a]``.
+            grid, audio ``[C, T, Q, D_a]``, and the encoder's ``feature_layers`` as ``levels``.
 
         Raises:
             ValueError: cached features whose shape is not what this model's encoders produce.
         """
         frames = frames[:, segment_frames(frames.shape[1], self.num_segments)]
         clips, t = frames.shape[0], self.num_segments
+        levels: tuple[torch.Tensor, ...] = ()
         if vision_features is None:
-            vision = self.vision_encoder(frames)
+            vision, levels = self.vision_encoder.forward_levels(frames)
+        elif self.vision_encoder.feature_layers:
+            raise UserError(
+                f"vision_encoder.feature_layers {list(self.vision_encoder.feature_layers)}: the heads read these "
+                "layers, which a feature cache (data.features) does not hold; run without data.features"
+            )
         else:
             expected = (clips, t, self.vision_encoder.num_patches, self.vision_encoder.output_dim)
             vision = _cached_features("vision", vision_features, expected, self.vision_encoder.dtype)
@@ -234,7 +244,8 @@ class AVModel(nn.Module):
         else:
             expected = (clips, t, self.audio_encoder.tokens_per_segment, self.audio_encoder.output_dim)
             encoded_audio = _cached_features("audio", audio_features, expected, self.audio_encoder.dtype)
-        return EncodedMedia(frames=frames, vision=vision, grid=self.vision_encoder.grid, audio=encoded_audio)
+        return EncodedMedia(frames=frames, vision=vision, grid=self.vision_encoder.grid, audio=encoded_audio,
+                            levels=levels)
 
     def media_tokens(self, media: EncodedMedia, refs_by_kind: dict[str, list],
                      instructions: Instruction | None = None) -> dict[str, torch.Tensor]:
@@ -245,7 +256,9 @@ class AVModel(nn.Module):
             refs_by_kind: placeholder -> ``[(row, MediaRef), ...]`` (:func:`~avmt.data.sample.iter_refs`).
             instructions: each sample's prompt text (``[B, L, D_llm]``, :meth:`instructions`), for
                 the connectors that read it (``Connector.reads_instruction``); they run once per
-                reference, the others once per clip.
+                reference, the others once per clip. A cross-modal connector
+                (``Connector.context_modality``) also gets the same clips' (and segments') features
+                of that modality.
         Returns:
             placeholder -> ``[n_refs, N, D_llm]`` (``<video>``/``<audio>`` with their time codes,
             ``<image>`` with its segment's time code).
@@ -257,25 +270,33 @@ class AVModel(nn.Module):
             device = media.vision.device
             clips = torch.tensor([ref.clip for _, ref in refs], dtype=torch.long, device=device)
             segments = None
+            connector = self.image_connector or self.vision_connector
+            if name == "<audio>":
+                connector = self.audio_connector
+            elif name == "<video>":
+                connector = self.vision_connector
+            by_modality = {"vision": media.vision, "audio": media.audio}
+            features = by_modality["audio" if name == "<audio>" else "vision"]
+            context = by_modality.get(connector.context_modality)
             if name == "<image>":
-                connector = self.image_connector or self.vision_connector
                 segments = torch.tensor([ref.segment for _, ref in refs], dtype=torch.long, device=device)
-                features = media.vision[clips, segments].unsqueeze(1)  # [n, 1, P, D_v]
-            else:
-                connector = self.vision_connector if name == "<video>" else self.audio_connector
-                features = media.vision if name == "<video>" else media.audio
+                features = features[clips, segments].unsqueeze(1)  # [n, 1, P, D_v]
+                context = None if context is None else context[clips, segments].unsqueeze(1)
+            extra = () if context is None else (context,)
             if connector.reads_instruction:
                 if instructions is None:
                     raise ValueError(f"{type(connector).__name__} reads the prompt but no instructions were given")
                 rows = torch.tensor([row for row, _ in refs], dtype=torch.long, device=device)
-                per_ref = features if name == "<image>" else features[clips]
-                tokens = connector(per_ref, Instruction(instructions.embeds[rows], instructions.mask[rows]))
-                out[name] = self._add_time_codes(tokens, segments)
+                if name != "<image>":
+                    features, extra = features[clips], tuple(c[clips] for c in extra)
+                instruction = Instruction(instructions.embeds[rows], instructions.mask[rows])
+                out[name] = self._add_time_codes(connector(features, *extra, instruction), segments)
             elif name == "<image>":
-                out[name] = self._add_time_codes(connector(features), segments)
+                out[name] = self._add_time_codes(connector(features, *extra), segments)
             else:
                 unique, inverse = torch.unique(clips, return_inverse=True)
-                out[name] = self._add_time_codes(connector(features[unique]))[inverse]
+                tokens = connector(features[unique], *(c[unique] for c in extra))
+                out[name] = self._add_time_codes(tokens)[inverse]
         return out
 
     def instructions(self, input_ids: torch.Tensor, embeds: torch.Tensor, prompt_mask: torch.Tensor) -> Instruction:

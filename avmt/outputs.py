@@ -25,12 +25,15 @@ class EncodedMedia:
             ``p % w`` of the grid.
         grid: ``(h, w)``, ``P = h * w``.
         audio: ``[C, T, Q, D_a]`` audio features, window t aligned with segment t.
+        levels: more vision feature levels for the heads (the encoder's ``feature_layers``), each
+            ``[C, T, P, D_v]`` on the same grid; empty when the encoder has none.
     """
 
     frames: Tensor
     vision: Tensor
     grid: tuple[int, int]
     audio: Tensor
+    levels: tuple[Tensor, ...] = ()
 
     def take(self, index: Tensor) -> "EncodedMedia":
         """The clips ``index`` (``long [M]``, repeats allowed), in that order."""
@@ -39,6 +42,7 @@ class EncodedMedia:
             self.vision.index_select(0, index.to(self.vision.device)),
             self.grid,
             self.audio.index_select(0, index.to(self.audio.device)),
+            tuple(level.index_select(0, index.to(level.device)) for level in self.levels),
         )
 
 

@@ -10,6 +10,7 @@ from avmt.connectors import MLPConnector, QFormerConnector
 from avmt.encoders import ViTVisionEncoder, Wav2Vec2AudioEncoder
 from avmt.llm import CausalLM
 from avmt.data.sample import MediaRef, iter_refs
+from avmt.errors import UserError
 from avmt.model import IGNORE_INDEX, AVModel
 
 T = 4  # segments
@@ -234,3 +235,76 @@ def test_a_connector_that_reads_the_prompt_sees_its_question_and_never_its_answe
     torch.testing.assert_close(trained[0], trained[1])  # same question, different answers: same media tokens
     assert (trained[0] - trained[2]).abs().max() > 1e-4  # another question: other tokens
     torch.testing.assert_close(trained, generated)  # teacher forcing reads what generation reads
+
+
+class _AudioGuided(MLPConnector):
+    """A test connector that reads the audio: its tokens are the MLP's plus a projection of the
+    mean audio feature of their segment (so each segment's tokens depend on that segment's sound)."""
+
+    context_modality = "audio"
+
+    def _build(self, in_dim: int, out_dim: int) -> None:
+        super()._build(in_dim, out_dim)
+        self.from_audio = torch.nn.Linear(self.context_dim, out_dim)
+
+    def forward(self, features: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        tokens = super().forward(features)  # [n, T*k, D]
+        sound = self.from_audio(context.mean(dim=2))  # [n, T, D]
+        return tokens + sound.repeat_interleave(tokens.shape[1] // features.shape[1], dim=1)
+
+
+@pytest.fixture(scope="module")
+def cross_modal_model() -> AVModel:
+    torch.manual_seed(0)
+    return AVModel(
+        CausalLM(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
+        ViTVisionEncoder(image_size=32, patch_size=16, hidden_size=32, num_layers=2, num_heads=2,
+                         feature_layers=[1, 2]),
+        Wav2Vec2AudioEncoder(hidden_size=24, num_layers=1, num_heads=2, tokens_per_segment=2),
+        _AudioGuided(tokens_per_segment=2, hidden_size=32),
+        MLPConnector(tokens_per_segment=3, hidden_size=32),
+        num_segments=T,
+    ).eval()
+
+
+def test_a_cross_modal_connector_gets_the_same_clips_and_segments_of_the_other_modality(cross_modal_model, make_batch):
+    model = cross_modal_model
+    assert model.vision_connector.context_dim == 24  # built with the audio encoder's width
+    frames, audio = media(2)
+    prompts = ["<video> <audio> Why?", "<image> <audio> Where?"]
+    batch = make_batch(prompts, frames, audio, [1, 0])
+    batch.media[1] = (MediaRef("<image>", 0, segment=2), MediaRef("<audio>", 0))
+    tokens = model.tokenize(prompts)
+    with torch.no_grad():
+        encoded = model.encode_media(frames, audio)
+        embeds = model.embed(tokens.input_ids, encoded, batch.media)
+        video = model.vision_connector(encoded.vision[1:2], encoded.audio[1:2]) + model.segment_embedding.weight.repeat_interleave(2, 0)
+        image = model.vision_connector(encoded.vision[0:1, 2:3], encoded.audio[0:1, 2:3]) + model.segment_embedding.weight[2]
+        silent = model.vision_connector(encoded.vision[1:2], torch.zeros_like(encoded.audio[1:2]))
+    torch.testing.assert_close(embeds[0, tokens.input_ids[0] == model.placeholder_ids["<video>"]], video[0])
+    torch.testing.assert_close(embeds[1, tokens.input_ids[1] == model.placeholder_ids["<image>"]], image[0])
+    assert not torch.allclose(video[0] - model.segment_embedding.weight.repeat_interleave(2, 0), silent[0])
+
+
+def test_feature_layers_reach_the_heads_as_levels_of_the_same_pass(cross_modal_model):
+    model = cross_modal_model
+    frames, audio = media(2)
+    with torch.no_grad():
+        encoded = model.encode_media(frames, audio)
+        pixels = model.vision_encoder.preprocess(encoded.frames.flatten(0, 1))
+        hidden = model.vision_encoder.backbone(pixel_values=pixels, output_hidden_states=True).hidden_states
+    assert len(encoded.levels) == 2
+    for level, layer in zip(encoded.levels, (1, 2)):
+        assert level.shape == encoded.vision.shape
+        torch.testing.assert_close(level.flatten(0, 1), hidden[layer][:, 1:])  # CLS dropped
+    assert not torch.allclose(encoded.levels[0], encoded.levels[1])
+    taken = encoded.take(torch.tensor([1, 1, 0]))
+    torch.testing.assert_close(taken.levels[1][2], encoded.levels[1][0])
+    with pytest.raises(UserError, match="feature_layers"):
+        model.encode_media(frames, audio, vision_features=encoded.vision, audio_features=encoded.audio)
+
+
+def test_feature_layers_deeper_than_the_selected_layer_are_refused():
+    with pytest.raises(UserError, match="deeper than select_layer"):
+        ViTVisionEncoder(image_size=32, patch_size=16, hidden_size=32, num_layers=3, num_heads=2,
+                         select_layer=-2, feature_layers=[3])

@@ -8,7 +8,7 @@ modality with T segments expands to, before any forward pass.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -33,35 +33,53 @@ class Connector(nn.Module):
     A connector whose ``reads_instruction`` is true takes ``forward(features, instruction)`` and
     is run once per media reference with that sample's prompt (:class:`Instruction`); the others
     take ``forward(features)`` and are run once per clip.
+
+    A cross-modal connector names the other modality it also reads in ``context_modality``
+    (``"audio"``: a vision connector guided by the clip's sound; ``"vision"``: an audio connector
+    that looks at the frames). It is built with that modality's width (``context_dim``) and takes
+    ``forward(features [n, T, P, D_enc], context [n, T, Q, D_ctx])``, segment t of the context
+    aligned with segment t of the features (for ``<image>``, T = 1: the audio of that segment);
+    one that also reads the prompt takes ``forward(features, context, instruction)``.
     """
 
     reads_instruction = False
+    context_modality: ClassVar[str | None] = None
 
     def __init__(self) -> None:
         super().__init__()
         self.in_dim: int | None = None
         self.out_dim: int | None = None
+        self.context_dim: int | None = None
 
     @property
     def built(self) -> bool:
         """Whether :meth:`build` has created the layers."""
         return self.in_dim is not None
 
-    def build(self, in_dim: int, out_dim: int) -> None:
+    def build(self, in_dim: int, out_dim: int, context_dim: int | None = None) -> None:
         """Create the layers for encoder width ``in_dim`` (D_enc) and LLM width ``out_dim`` (D_llm).
 
+        ``context_dim`` (D_ctx): the width of the ``context_modality`` features, for a cross-modal
+        connector (set as ``self.context_dim`` before ``_build`` runs); ignored by the others.
         Calling it again with the same widths is a no-op; with other widths it is an error.
         """
         in_dim, out_dim = int(in_dim), int(out_dim)
+        if self.context_modality is None:
+            context_dim = None
+        elif context_dim is None or int(context_dim) < 1:
+            raise RuntimeError(f"{type(self).__name__} reads {self.context_modality} features: build it with their width")
+        else:
+            context_dim = int(context_dim)
         if self.built:
-            if (in_dim, out_dim) != (self.in_dim, self.out_dim):
+            if (in_dim, out_dim, context_dim) != (self.in_dim, self.out_dim, self.context_dim):
                 raise RuntimeError(
-                    f"{type(self).__name__} already built for ({self.in_dim} -> {self.out_dim}), "
-                    f"cannot rebuild for ({in_dim} -> {out_dim})"
+                    f"{type(self).__name__} already built for ({self.in_dim} -> {self.out_dim}, context "
+                    f"{self.context_dim}), cannot rebuild for ({in_dim} -> {out_dim}, context {context_dim})"
                 )
             return
         if in_dim < 1 or out_dim < 1:
             raise UserError(f"widths must be positive, got in_dim={in_dim}, out_dim={out_dim}")
+        self.context_dim = context_dim
         self._build(in_dim, out_dim)
         self.in_dim, self.out_dim = in_dim, out_dim
 

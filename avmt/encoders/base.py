@@ -72,8 +72,21 @@ class Encoder(nn.Module):
 class VisionEncoder(Encoder):
     """Base class of video encoders: ``forward(video [B, T, 3, H, W]) -> [B, T, P, D]``.
 
-    Subclasses expose ``output_dim`` (D) and ``num_patches`` (P).
+    Subclasses expose ``output_dim`` (D) and ``num_patches`` (P). An encoder that also gives the
+    heads more feature levels (e.g. Crab's mask decoder reads two intermediate CLIP layers) sets
+    ``feature_layers`` and overrides :meth:`forward_levels`.
     """
+
+    #: hidden layers returned besides the main output, for the heads (empty: none)
+    feature_layers: tuple[int, ...] = ()
+
+    def forward_levels(self, video: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The main features and the ``feature_layers`` levels of ``video [B, T, 3, H, W]``.
+
+        Returns:
+            ``([B, T, P, D], (level [B, T, P, D], ...))``, one level per ``feature_layers`` entry.
+        """
+        return self(video), ()
 
     @property
     def num_patches(self) -> int:

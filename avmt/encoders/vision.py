@@ -95,6 +95,9 @@ class ViTVisionEncoder(VisionEncoder):
         image_mean, image_std: per-channel pixel normalization; ``None`` = the checkpoint's
             image processor (when one can be read) or the family default (0.5 / 0.5 for ViT).
         dtype: dtype of a loaded checkpoint ("float32", "bfloat16", "float16").
+        feature_layers: hidden states (indexed like ``select_layer``, none deeper than it) that
+            the heads also read, as ``EncodedMedia.levels`` (Crab: layers 14 and 22 of CLIP
+            ViT-L/14 for the mask decoder, 23 for the LLM); ``[]`` = none.
     """
 
     def __init__(
@@ -110,6 +113,7 @@ class ViTVisionEncoder(VisionEncoder):
         image_mean: list[float] | None = None,
         image_std: list[float] | None = None,
         dtype: str = "float32",
+        feature_layers: list[int] = [],  # noqa: B006
     ) -> None:
         super().__init__()
         self.model_name = model
@@ -148,6 +152,7 @@ class ViTVisionEncoder(VisionEncoder):
                 f"({layers + 1} hidden states: use -1 .. -{layers + 1} or 0 .. {layers})"
             )
         self._hidden_index = None if self.select_layer == -1 else self.select_layer  # of the tower's hidden_states
+        self.feature_layers = _feature_layers(feature_layers, self.select_layer, layers)
         if not freeze:
             self._hidden_index = _drop_unused(self.backbone, self.select_layer)
         self.image_size = _as_int(cfg.image_size)
@@ -194,20 +199,57 @@ class ViTVisionEncoder(VisionEncoder):
         Returns:
             ``[B, T, P, D]`` patch features, ``P = num_patches``, ``D = output_dim``.
         """
+        return self.forward_levels(video)[0]
+
+    def forward_levels(self, video: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """:meth:`forward` and the ``feature_layers`` hidden states, from one pass of the tower.
+
+        Args:
+            video: ``[B, T, 3, H, W]`` as in :meth:`forward`.
+        Returns:
+            ``([B, T, P, D], (level [B, T, P, D], ...))``, one level per ``feature_layers`` entry.
+        """
         if video.dim() != 5 or video.shape[2] != 3:
             raise ValueError(f"video must be [B, T, 3, H, W], got shape {tuple(video.shape)}")
         b, t = video.shape[:2]
         pixels = self.preprocess(video.flatten(0, 1)).to(self.dtype)
-        if self._hidden_index is None:
-            hidden = self.backbone(pixel_values=pixels).last_hidden_state
+        if self._hidden_index is None and not self.feature_layers:
+            states = [self.backbone(pixel_values=pixels).last_hidden_state]
         else:
             out = self.backbone(pixel_values=pixels, output_hidden_states=True)
-            hidden = out.hidden_states[self._hidden_index]
+            main = out.last_hidden_state if self._hidden_index is None else out.hidden_states[self._hidden_index]
+            states = [main, *(out.hidden_states[k] for k in self.feature_layers)]
         p = self.num_patches
-        if hidden.shape[1] < p:
-            raise RuntimeError(f"backbone returned {hidden.shape[1]} tokens, fewer than {p} patches")
-        hidden = hidden[:, hidden.shape[1] - p :]  # drop CLS / register prefix tokens
-        return hidden.reshape(b, t, p, hidden.shape[-1])
+        if states[0].shape[1] < p:
+            raise RuntimeError(f"backbone returned {states[0].shape[1]} tokens, fewer than {p} patches")
+        # drop CLS / register prefix tokens
+        main, *levels = (h[:, h.shape[1] - p :].reshape(b, t, p, h.shape[-1]) for h in states)
+        return main, tuple(levels)
+
+
+def _feature_layers(feature_layers: list[int], select_layer: int, num_layers: int | None) -> tuple[int, ...]:
+    """``feature_layers`` as non-negative indices of the tower's ``hidden_states``.
+
+    Raises:
+        UserError: an index out of range, or deeper than ``select_layer`` (a trainable tower keeps
+            no layer after the selected one).
+    """
+    if not feature_layers:
+        return ()
+    if num_layers is None:
+        raise UserError("vision_encoder.feature_layers: this backbone's config does not say its number of layers")
+    selected = select_layer % (num_layers + 1)
+    out = []
+    for layer in feature_layers:
+        if not -num_layers - 1 <= int(layer) <= num_layers:
+            raise UserError(f"vision_encoder.feature_layers: {layer} is out of range for a backbone with "
+                            f"{num_layers} layers (use -{num_layers + 1} .. {num_layers})")
+        index = int(layer) % (num_layers + 1)
+        if index > selected:
+            raise UserError(f"vision_encoder.feature_layers: layer {layer} is deeper than select_layer "
+                            f"({select_layer}); the heads can read only layers up to the selected one")
+        out.append(index)
+    return tuple(out)
 
 
 def _load_vision_tower(model: str, dtype: str) -> nn.Module:
