@@ -25,6 +25,8 @@ product of the axes and seeds is run one run after the other, each in its own su
   ``OUT/features/seed-<seed>/``) and every run reads them (``--data.features``) instead of running
   its encoders at every step; for grids whose axes leave the encoders (and their stage 1) alone:
   a run whose encoders differ from the cache's is refused by the cache check, naming what differs.
+* With a ``compare`` section, ``comparison.md`` / ``comparison.csv`` (:func:`avmt.report.write_comparison_report`):
+  each run's main score per task next to its baseline, and each ablation's deltas against the run it ablates.
 * ``--dry-run`` lists the runs and their command lines; ``--print-commands`` prints one shell line
   per run (for a SLURM array); invoking the grid afterwards collects the results without rerunning.
 """
@@ -66,9 +68,15 @@ GRID_KEYS = {
     "name": "grid name (default: the grid file's stem); the default output is runs/grids/<name>",
     "transfer": "{axis: AXIS, multi: VARIANT}: AXIS holds the task sets, its variant VARIANT is the multi-task "
                 "run and every other variant the single-task run of the task it is named after (transfer report)",
+    "compare": "{axis: AXIS, ablations: {VARIANT: REFERENCE}}: a comparison report (comparison.md/.csv): every "
+               "run's main scores next to their baselines, and per ablation VARIANT of AXIS its main scores minus "
+               "those of the REFERENCE variant it ablates",
     "features": "{splits: [train, val]}: compute the frozen encoders' features once per seed (python -m avmt data "
                 "features with the base configs and fixed overrides) and give every run --data.features",
 }
+#: keys of the compare section
+COMPARE_KEYS = {"axis": "the axis whose variants are compared",
+                "ablations": "ablation variant -> the variant of the same axis it ablates (may be empty)"}
 #: keys of the features section
 FEATURES_KEYS = {"splits": "the splits to encode (those the commands read: train and val for fit, test for test)"}
 #: keys of the transfer section
@@ -112,6 +120,7 @@ class Grid:
     base_configs: list[str] = field(default_factory=list)  # the base -c files
     fixed: list[str] = field(default_factory=list)  # the fixed --key=value overrides of every run
     feature_splits: list[str] | None = None  # the features section's splits (None: no feature cache)
+    compare: dict[str, Any] | None = None  # {"axis": ..., "ablations": {variant: reference}} of the comparison report
 
 
 def format_value(value: Any) -> str:
@@ -239,7 +248,39 @@ def load_grid(path: Path) -> Grid:
     transfer = check_transfer(loaded.get("transfer"), axis_points, path)
     name = str(loaded.get("name") or path.stem)
     feature_splits = check_features(loaded.get("features"), path) if "features" in loaded else None
-    return Grid(name, path, runs, commands, names, dict(main_metrics), transfer, base_configs, fixed, feature_splits)
+    compare = check_compare(loaded.get("compare"), axis_points, path)
+    return Grid(name, path, runs, commands, names, dict(main_metrics), transfer, base_configs, fixed, feature_splits,
+                compare)
+
+
+def check_compare(section: Any, axis_points: dict[str, list[tuple]], path: Path) -> dict[str, Any] | None:
+    """The grid file's ``compare`` section, checked against its axes.
+
+    Returns:
+        ``{"axis": AXIS, "ablations": {VARIANT: REFERENCE}}`` with the variants as ``format_value``
+        prints them, or ``None`` when the key is absent.
+    """
+    if section is None:
+        return None
+    if not isinstance(section, dict) or not set(section) <= set(COMPARE_KEYS) or "axis" not in section:
+        raise UserError(f"{path}: key 'compare' must be a mapping with the key axis (and optionally ablations): "
+                         f"{GRID_KEYS['compare']}")
+    axis = section["axis"]
+    if axis not in axis_points:
+        raise UserError(f"{path}: key 'compare': axis {axis!r} is not an axis of the grid "
+                         f"(axes: {', '.join(axis_points) or 'none'})")
+    variants = [format_value(point[0]) for point in axis_points[axis]]
+    ablations = section.get("ablations") or {}
+    if not isinstance(ablations, dict):
+        raise UserError(f"{path}: key 'compare.ablations' must map ablation variants to the variants they ablate")
+    checked = {}
+    for variant, reference in ablations.items():
+        for name in (variant, reference):
+            if format_value(name) not in variants:
+                raise UserError(f"{path}: key 'compare.ablations': {name!r} is not a variant of axis {axis!r} "
+                                 f"(variants: {', '.join(variants)})")
+        checked[format_value(variant)] = format_value(reference)
+    return {"axis": str(axis), "ablations": checked}
 
 
 def check_features(section: Any, path: Path) -> list[str]:
@@ -356,7 +397,7 @@ def write_grid_json(grid: Grid, out: Path) -> Path:
         out: the grid folder.
     Returns:
         The path written. Content: ``name``, ``path`` (the grid file), ``axes`` (names), ``commands``,
-        ``main_metrics``, ``transfer`` (or null) and ``runs``: a list of ``{name, values: {axis:
+        ``main_metrics``, ``transfer`` and ``compare`` (or null) and ``runs``: a list of ``{name, values: {axis:
         value as format_value prints it}, seed}`` (seed as printed, or null).
     """
     description = {
@@ -366,6 +407,7 @@ def write_grid_json(grid: Grid, out: Path) -> Path:
         "commands": grid.commands,
         "main_metrics": grid.main_metrics,
         "transfer": grid.transfer,
+        "compare": grid.compare,
         "runs": [{"name": run.name, "values": {axis: format_value(value) for axis, value in run.values.items()},
                   "seed": None if run.seed is None else format_value(run.seed)} for run in grid.runs],
     }
@@ -657,6 +699,10 @@ def main(argv: list[str]) -> None:
             print(write_transfer_report(out), flush=True)
         except ValueError as error:  # no finished multi/single pair yet: the grid's other outputs stand
             print(f"[grid] no transfer report: {error}", file=sys.stderr)
+    if grid.compare is not None:
+        from avmt.report import write_comparison_report
+
+        print(write_comparison_report(out), flush=True)
     if failed:
         print(f"[grid] {len(failed)} of {len(grid.runs)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
         raise SystemExit(1)

@@ -9,6 +9,9 @@ reports are the entries of :data:`REPORTS`:
   combination of the other axes ("cell") and per task: multi-task score, single-task score, their
   difference, its noise and a verdict; per cell the share of tasks with positive transfer. Written
   as ``transfer.md``, ``transfer.csv`` and ``plots/transfer_deltas.png`` into the grid folder.
+* ``comparison``: for a grid with a ``compare`` section (e.g. ``experiments/grids/seeds.yaml``), each
+  variant's main score per task next to its trivial baseline and each ablation's deltas against the
+  variant it ablates: ``comparison.md`` and ``comparison.csv``.
 """
 
 from __future__ import annotations
@@ -399,10 +402,151 @@ def transfer_main(args: argparse.Namespace) -> None:
           f"{Path(args.run_dir) / 'plots' / 'transfer_deltas.png'}")
 
 
+@dataclass
+class ComparedScore:
+    """A variant's main score on one task (mean over its seeds), for the comparison report.
+
+    Attributes:
+        cell: the other axes' values shared by the compared runs; variant: the compared axis' value.
+        task, metric: the task and its main metric; stage: the results stage (``"test"``, else ``"val"``).
+        score, baseline: mean over seeds (baseline ``None`` when the results have none).
+        noise: standard error of ``score`` from the seeds' bootstrap std (``None`` without it).
+        seeds: number of seeds averaged.
+    """
+
+    cell: dict[str, str]
+    variant: str
+    task: str
+    metric: str
+    stage: str
+    score: float
+    baseline: float | None
+    noise: float | None
+    seeds: int
+
+
+def compared_scores(run_dir: Path, description: dict[str, Any], axis: str) -> list[ComparedScore]:
+    """Every variant's main score per task, in run order (tasks sorted), averaged over seeds.
+
+    Args:
+        run_dir: the grid folder; description: its ``grid.json``; axis: the compared axis.
+    """
+    commands = description.get("commands") or list(STAGES)
+    main_metrics = description.get("main_metrics") or {}
+    other_axes = [name for name in description["axes"] if name != axis]
+    groups: dict[tuple, list[dict]] = {}
+    for run in description["runs"]:
+        results = run_results(run_dir, run, commands)
+        stage = next((s for s in STAGE_PREFERENCE if s in results), None)
+        if stage is None:
+            continue
+        key = (tuple(run["values"][name] for name in other_axes), run["values"][axis], stage)
+        groups.setdefault(key, []).append(results[stage])
+    out = []
+    for (cell_key, variant, stage), seed_results in groups.items():
+        for task in sorted({task for results in seed_results for task in results}):
+            scored = [main_score(results[task], main_metrics.get(task)) for results in seed_results if task in results]
+            scored = [entry for entry in scored if entry is not None]
+            if not scored:
+                continue
+            metric = scored[0][0]
+            stds = [results[task].get("bootstrap_std", {}).get(metric) for results in seed_results if task in results]
+            baselines = [b for _, _, b in scored if b is not None]
+            noise = (math.sqrt(sum(std ** 2 for std in stds)) / len(stds)
+                     if stds and all(std is not None for std in stds) else None)
+            out.append(ComparedScore(dict(zip(other_axes, cell_key)), variant, task, metric, stage,
+                                     statistics.fmean(value for _, value, _ in scored),
+                                     statistics.fmean(baselines) if baselines else None, noise, len(scored)))
+    return out
+
+
+def write_comparison_report(run_dir: Path, axis: str | None = None, ablations: dict[str, str] | None = None) -> str:
+    """``comparison.md`` and ``comparison.csv`` in the grid folder: each variant's main score per task next
+    to its trivial baseline, and per ablation (variant -> the variant it ablates) the delta of every task
+    they share, ``ablated − reference`` with its noise and a verdict (``gain`` / ``loss`` for the ablated
+    run beyond 2 noise levels, the sign flipped for lower-is-better metrics).
+
+    Args:
+        run_dir: the grid folder; axis, ablations: default to the grid's ``compare`` section.
+    Returns:
+        The markdown written.
+    """
+    description = load_grid_description(run_dir)
+    section = description.get("compare") or {}
+    axis = axis or section.get("axis")
+    ablations = section.get("ablations", {}) if ablations is None else ablations
+    if axis is None:
+        raise UserError(f"{run_dir}: the grid has no compare section; name the compared axis (--axis)")
+    if axis not in description["axes"]:
+        raise UserError(f"{run_dir}: {axis!r} is not an axis of the grid (axes: {', '.join(description['axes'])})")
+    scores = compared_scores(run_dir, description, axis)
+    lines = [f"# Comparison: {description.get('name', run_dir.name)}", "",
+             f"Main score per task of each `{axis}` variant (mean over seeds; `test` results, else `val`), "
+             "next to its trivial baseline.", "",
+             f"| {axis} | cell | task | metric | stage | score | baseline | score − baseline | seeds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    rows = []
+    for entry in scores:
+        margin = None if entry.baseline is None else entry.score - entry.baseline
+        lines.append(f"| {entry.variant} | {cell_label(entry.cell)} | {entry.task} | {entry.metric} | {entry.stage} | "
+                     f"{_number(entry.score)} | {_number(entry.baseline)} | {_number(margin, signed=True)} | "
+                     f"{entry.seeds} |")
+        rows.append({"table": "scores", axis: entry.variant, "cell": cell_label(entry.cell), "task": entry.task,
+                     "metric": entry.metric, "stage": entry.stage, "score": entry.score, "baseline": entry.baseline,
+                     "noise": entry.noise})
+    if ablations:
+        lines += ["", f"## Ablations: ablated − reference (`{axis}` variants; verdict for the ablated run beyond "
+                  f"{SIGNIFICANCE:g} noise levels, noise from the bootstrap std)", "",
+                  "| ablation | reference | cell | task | metric | reference score | ablated score | delta | noise | verdict |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        by_key = {(cell_label(e.cell), e.variant, e.task): e for e in scores}
+        for ablation, reference in ablations.items():
+            for entry in scores:
+                if entry.variant != ablation:
+                    continue
+                base = by_key.get((cell_label(entry.cell), reference, entry.task))
+                if base is None or base.metric != entry.metric:
+                    continue
+                delta = entry.score - base.score
+                noise = (math.sqrt(entry.noise ** 2 + base.noise ** 2)
+                         if entry.noise is not None and base.noise is not None else None)
+                sign = -1.0 if _lower_is_better(entry.task, entry.metric) else 1.0
+                lines.append(f"| {ablation} | {reference} | {cell_label(entry.cell)} | {entry.task} | {entry.metric} | "
+                             f"{_number(base.score)} | {_number(entry.score)} | {_number(delta, signed=True)} | "
+                             f"{_number(noise)} | {verdict(sign * delta, noise)} |")
+                rows.append({"table": "ablations", axis: ablation, "reference": reference,
+                             "cell": cell_label(entry.cell), "task": entry.task, "metric": entry.metric,
+                             "stage": entry.stage, "score": entry.score, "reference_score": base.score,
+                             "delta": delta, "noise": noise})
+    markdown = "\n".join(lines) + "\n"
+    (run_dir / "comparison.md").write_text(markdown)
+    fields = ["table", axis, "reference", "cell", "task", "metric", "stage", "score", "baseline", "reference_score",
+              "delta", "noise"]
+    with (run_dir / "comparison.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    return markdown
+
+
+def comparison_arguments(arguments: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``python -m avmt report comparison`` to ``arguments``."""
+    arguments.add_argument("run_dir", help="grid folder (runs/grids/NAME) with grid.json")
+    arguments.add_argument("--axis", default=None, help="compared axis (default: the grid's compare.axis)")
+
+
+def comparison_main(args: argparse.Namespace) -> None:
+    """Run ``python -m avmt report comparison``: print the markdown report."""
+    print(write_comparison_report(Path(args.run_dir), args.axis), end="")
+    print(f"written: {Path(args.run_dir) / 'comparison.md'}, {Path(args.run_dir) / 'comparison.csv'}")
+
+
 #: ``python -m avmt report NAME``: NAME -> (function adding its arguments, function running it, help).
 REPORTS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None], str]] = {
     "transfer": (transfer_arguments, transfer_main,
                  "multi-task vs single-task score per task and cell of a grid with a transfer section"),
+    "comparison": (comparison_arguments, comparison_main,
+                   "each variant's main scores next to their baselines, and each ablation's deltas"),
 }
 
 

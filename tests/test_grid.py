@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -269,3 +270,51 @@ def test_a_features_section_encodes_once_and_every_run_reads_the_cache(grid, tmp
     bad.write_text(yaml.safe_dump({**spec, "features": {"splits": ["dev"]}}))
     wrong = avmt("grid", "-c", str(bad), cwd=tmp_path, check=False)
     assert wrong.returncode == 2 and "features.splits" in wrong.stderr
+
+
+def test_a_compare_section_writes_each_variants_scores_and_the_ablation_deltas(tmp_path, monkeypatch):
+    """The runs are faked (each writes its results file): two seeds of a full model and of its ablation."""
+    import avmt.grid
+
+    grid_file = tmp_path / "seeds.yaml"
+    grid_file.write_text(yaml.safe_dump({
+        "base": [str(EXPERIMENTS / "base.yaml")],
+        "axes": {"seed_model": {"variants": {"full": {"overrides": {"model.learning_rate": 0.001}},
+                                             "no_part": {"overrides": {"model.learning_rate": 0.002}}}}},
+        "seeds": [0, 1],
+        "commands": ["test"],
+        "main_metrics": {"ave": "segment_accuracy"},
+        "compare": {"axis": "seed_model", "ablations": {"no_part": "full"}},
+    }, sort_keys=False))
+    scores = {("full", 0): 0.60, ("full", 1): 0.70, ("no_part", 0): 0.40, ("no_part", 1): 0.50}
+
+    def fake_execute(run, grid, out_dir, env=None):
+        value = scores[(run.values["seed_model"], run.seed)]
+        results = {"ave": {"scores": {"parse_failure_rate": 0.0, "segment_accuracy": value},
+                           "baseline": {"segment_accuracy": 0.3}, "bootstrap_std": {"segment_accuracy": 0.03}},
+                   "parse_failure_rate_only": {"scores": {"parse_failure_rate": 0.5}}}
+        path = avmt.grid.results_path(run, "test", out_dir)
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(results))
+        run.status = "done"
+
+    monkeypatch.setattr(avmt.grid, "execute", fake_execute)
+    out = tmp_path / "out"
+    avmt.grid.main(["-c", str(grid_file), "--out", str(out)])
+    rows = list(csv.DictReader((out / "comparison.csv").read_text().splitlines()))
+    by = {(row["table"], row["seed_model"], row["task"]): row for row in rows}
+    assert float(by["scores", "full", "ave"]["score"]) == pytest.approx(0.65)  # mean of the two seeds
+    assert float(by["scores", "full", "ave"]["baseline"]) == pytest.approx(0.3)
+    assert ("scores", "full", "parse_failure_rate_only") not in by  # no main score besides the failure rate
+    ablation = by["ablations", "no_part", "ave"]
+    assert float(ablation["delta"]) == pytest.approx(-0.20) and ablation["reference"] == "full"
+    noise = float(ablation["noise"])  # each mean: sqrt(2 * 0.03²) / 2; the delta: both in quadrature
+    assert noise == pytest.approx(math.sqrt(2 * (math.sqrt(2 * 0.03 ** 2) / 2) ** 2))
+    markdown = (out / "comparison.md").read_text()
+    assert "| no_part | full | all runs | ave | segment_accuracy | 0.6500 | 0.4500 | -0.2000 |" in markdown
+    assert markdown.rstrip().endswith("| loss |")
+    with pytest.raises(avmt.grid.UserError, match="compare.ablations.*'gone' is not a variant"):
+        bad = yaml.safe_load(grid_file.read_text())
+        bad["compare"]["ablations"] = {"gone": "full"}
+        grid_file.write_text(yaml.safe_dump(bad))
+        avmt.grid.load_grid(grid_file)
