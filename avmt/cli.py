@@ -4,6 +4,7 @@
 * ``python -m avmt data synth --out DIR --clips N --seed S`` — write AVSynth shards.
 * ``python -m avmt data convert FORMAT --src DIR --out DIR`` — convert a real dataset into shards.
 * ``python -m avmt plugins`` — list the plugins of every kind and the tasks.
+* ``python -m avmt inspect -c CONFIG`` — build the model on the meta device and count its parameters per part.
 """
 
 from __future__ import annotations
@@ -427,6 +428,7 @@ COMMANDS: dict[str, str] = {
     "data": "avmt.cli:data_main",
     "convert": "avmt.cli:convert_main",
     "plugins": "avmt.cli:plugins_main",
+    "inspect": "avmt.inspect:main",
     "bench": "avmt.bench:main",
     "grid": "avmt.grid:main",
     "report": "avmt.report:main",

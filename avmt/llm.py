@@ -7,6 +7,11 @@ Two sources:
   tasks declare (:func:`avmt.tasks.all_words`), so nothing is downloaded.
 * ``model="<hub id or local path>"``: ``AutoModelForCausalLM`` / ``AutoTokenizer``
   ``.from_pretrained`` (optionally from a GGUF file).
+* ``config={model_type: ..., sizes}``: the checkpoint's architecture. With ``model=None`` it builds a
+  random model of that architecture with the offline tokenizer; under ``python -m avmt inspect``
+  (:mod:`avmt.inspect`) a named checkpoint is built from it on the meta device, with the offline
+  tokenizer standing in for the checkpoint's; when the checkpoint is loaded, every key written
+  in it must equal the checkpoint's (:func:`avmt.inspect.check_written_config`).
 
 The special tokens (``<video>``, ``<audio>``, ``<image>``, ``<seg>`` ...) are added to the
 tokenizer with ids ``V .. V+n-1`` (V = the base tokenizer's size) and get NEW rows kept in small
@@ -371,6 +376,11 @@ class CausalLM(nn.Module):
         system_prompt: system message put before every prompt when the tokenizer has a chat
             template; ``None`` = the template's own default (e.g. SmolLM2's or Qwen2's built-in
             system message, none for Llama-3). Ignored without a chat template.
+        config: the checkpoint's architecture, ``model_type`` plus the sizes that differ from that
+            transformers config class's defaults (nested dicts for sub-configs). With ``model``: checked
+            against the checkpoint when it is loaded, and what ``python -m avmt inspect`` builds
+            instead of loading it. With ``model=None``: a randomly initialized model of that
+            architecture with the offline tokenizer (its ``vocab_size`` becomes the tokenizer's size).
         base_dtype: keep the FROZEN base weights in this dtype (``"bfloat16"`` / ``"float16"``)
             while every trained parameter (new token rows, ``train_modules``, adapter parameters
             injected later) stays float32; the LLM then runs under ``torch.autocast`` to
@@ -379,7 +389,8 @@ class CausalLM(nn.Module):
 
     Attributes:
         model: the transformers ``...ForCausalLM``; tokenizer: its tokenizer; pretrained: whether
-        the weights came from a checkpoint; new_token_ids: ids with new rows;
+        the weights came from a checkpoint; stand_in_tokenizer: whether the offline tokenizer stands in
+        for a named checkpoint's (inspect builds); new_token_ids: ids with new rows;
         end_of_turn_id: the id that closes an assistant turn in the chat template (the tokenizer's
         eos without a template): training targets end with it; stop_token_ids: ids that end
         generation (end of turn, then eos when it differs).
@@ -404,8 +415,11 @@ class CausalLM(nn.Module):
         gradient_checkpointing: bool = False,
         system_prompt: str | None = None,
         base_dtype: str | None = None,
+        config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        from avmt.inspect import building_without_weights
+
         if base_dtype is not None:
             if base_dtype not in _DTYPES or base_dtype == "float32":
                 raise UserError(
@@ -424,14 +438,17 @@ class CausalLM(nn.Module):
         self.model_name = model
         self.gguf_file = gguf_file
         self.special_tokens = special_tokens
-        if model is None:
+        offline = model is None or building_without_weights()
+        self.stand_in_tokenizer = model is not None and offline
+        if offline:
+            vocabulary = [*(_task_words() if words is None else words), *dataset_words(words_from)]
+            tokenizer = build_word_tokenizer(vocabulary, exclude=special_tokens)
+        if model is None and config is None:
             if architecture not in _ARCHITECTURES:
                 raise UserError(
                     f"unknown architecture {architecture!r}; choose one of {', '.join(_ARCHITECTURES)}"
                 )
             _check_dtype(torch_dtype)
-            vocabulary = [*(_task_words() if words is None else words), *dataset_words(words_from)]
-            tokenizer = build_word_tokenizer(vocabulary, exclude=special_tokens)
             self.model = _tiny_model(
                 architecture,
                 vocab_size=len(tokenizer),
@@ -447,11 +464,14 @@ class CausalLM(nn.Module):
                 self.model.to(_DTYPES[torch_dtype])
             self.pretrained = False
         else:
-            tokenizer, self.model = self.load_checkpoint(model, gguf_file, torch_dtype)
+            random_vocab = len(tokenizer) if model is None else None
+            loaded, self.model = self.load_checkpoint(model, gguf_file, torch_dtype, config, random_vocab)
+            if not offline:
+                tokenizer = loaded
             # from_pretrained returns the model in eval mode and Lightning keeps submodule modes, so
             # without this the adapter's dropout (and the base's own) would never be active in fit.
             self.model.train()
-            self.pretrained = True
+            self.pretrained = model is not None
         self.tokenizer = tokenizer
         if gradient_checkpointing:
             enable = getattr(self.model, "activation_checkpointing_enable", None)  # transformers >= 5.x
@@ -554,13 +574,21 @@ class CausalLM(nn.Module):
             )
         return int(tid)
 
-    def load_checkpoint(self, model: str, gguf_file: str | None, torch_dtype: str):
-        """``(tokenizer, transformers model)`` of the checkpoint ``model`` (hub id or local path).
+    def load_checkpoint(
+        self, model: str | None, gguf_file: str | None, torch_dtype: str, config: dict[str, Any] | None = None,
+        random_vocab: int | None = None,
+    ):
+        """``(tokenizer, transformers model)`` of the checkpoint ``model`` (hub id or local path), or
+        ``(None, model built from config)`` (``model=None``, or an inspect build).
 
-        Called once by ``__init__`` when ``model`` is given; a plugin for another model family
-        overrides it (e.g. :class:`avmt.omni.QwenOmniLM` takes Qwen2.5-Omni's thinker).
+        Called once by ``__init__`` when ``model`` or ``config`` is given; a plugin for another model
+        family overrides it (e.g. :class:`avmt.omni.QwenOmniLM` takes Qwen2.5-Omni's thinker).
+
+        Args:
+            config: the ``config`` init arg (the architecture).
+            random_vocab: with ``model=None``: the offline tokenizer's size, the random model's ``vocab_size``.
         """
-        return _load_pretrained(model, gguf_file, torch_dtype)
+        return _load_pretrained(model, gguf_file, torch_dtype, config, random_vocab)
 
     def position_ids(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, media_layout: Mapping[str, MediaSpan]
@@ -812,12 +840,42 @@ def _check_dtype(torch_dtype: str) -> None:
         raise UserError(f"unknown torch_dtype {torch_dtype!r}; use one of {sorted(_DTYPES)} or 'auto'")
 
 
-def _load_pretrained(model: str, gguf_file: str | None, torch_dtype: str):
-    """``AutoTokenizer`` + ``AutoModelForCausalLM`` from a hub id / local path (optionally a GGUF file)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+#: the YAML key of the LLM's architecture (named in errors)
+CONFIG_KEY = "model.llm.init_args.config"
+
+
+def built_from_config(config: dict[str, Any] | None, model: str | None, random_vocab: int | None):
+    """The transformers config a model is built from instead of loaded (:meth:`CausalLM.load_checkpoint`).
+
+    Args:
+        config: the ``config`` init arg; an inspect build of a named checkpoint requires it.
+        model: the named checkpoint, or None (random weights).
+        random_vocab: the ``vocab_size`` of the text config when not None.
+    """
+    from avmt.inspect import config_from_dict
+
+    built = config_from_dict(config, CONFIG_KEY, model)
+    if random_vocab is not None:
+        built.get_text_config().vocab_size = int(random_vocab)
+    return built
+
+
+def _load_pretrained(
+    model: str | None, gguf_file: str | None, torch_dtype: str, config: dict[str, Any] | None = None,
+    random_vocab: int | None = None,
+):
+    """``AutoTokenizer`` + ``AutoModelForCausalLM`` from a hub id / local path (optionally a GGUF file),
+    the written ``config`` checked against the checkpoint's; or ``(None, AutoModelForCausalLM.from_config)``
+    of ``config`` for ``model=None`` (random weights) and inspect builds (on the meta device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from avmt.inspect import building_without_weights, check_written_config
 
     _check_dtype(torch_dtype)
     dtype = torch_dtype if torch_dtype == "auto" else _DTYPES[torch_dtype]
+    if model is None or building_without_weights():
+        built = built_from_config(config, model, random_vocab)
+        return None, AutoModelForCausalLM.from_config(built, dtype=torch.float32 if dtype == "auto" else dtype)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     expected = ("a hub id or a local directory with a transformers checkpoint is expected; "
                 "set it to null for the tiny offline LLM")
@@ -828,9 +886,11 @@ def _load_pretrained(model: str, gguf_file: str | None, torch_dtype: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model, **kwargs)
         lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, **kwargs)
+        checkpoint_config = AutoConfig.from_pretrained(model, **kwargs) if config is not None else None
     except OSError as e:
         reason = " ".join(str(e).split())
         raise UserError(f"model.llm.init_args.model: could not load the LLM {model!r} ({expected}): {reason}") from e
+    check_written_config(config, checkpoint_config, CONFIG_KEY, model)
     return tokenizer, lm
 
 

@@ -19,7 +19,18 @@ each part can also be combined with avmt's other plugins:
 detached, ``"vision"``, ``"audio"``) and each plugin takes its own part; loads are keyed by
 (checkpoint, dtype), so give the three plugins the same dtype. The split parts are held by the
 plugins that took them (and any part not taken yet by the plugins of that load), not by a global
-cache: nothing outlives the model. Why not read only each plugin's tensors from the safetensors
+cache: nothing outlives the model.
+
+**Built from an architecture.** Each plugin takes an optional ``config``: the thinker's
+architecture (``model_type: qwen2_5_omni_thinker`` plus the sizes that differ from
+``Qwen2_5OmniThinkerConfig``'s defaults, sub-configs as nested dicts; write it once with a YAML
+anchor and alias it in the other two plugins). When the checkpoint is loaded, every key written
+must equal the checkpoint's. ``python -m avmt inspect`` builds the thinker from it on the meta
+device instead of loading it, and ``model: null`` builds a randomly initialized thinker of that
+architecture (a tiny one trains on a CPU, ``experiments/seeds/crab_plus_tiny.yaml``) with avmt's
+offline tokenizer, whose size becomes the text model's ``vocab_size``. A thinker built from a
+config is built by each plugin for itself (random weights are not shared; on the meta device
+there is nothing to share). Why not read only each plugin's tensors from the safetensors
 shards: the released checkpoint stores ``thinker.model.*`` / ``thinker.visual.*`` /
 ``thinker.audio_tower.*`` next to the talker's weights, and transformers maps these names onto
 its current module tree with a conversion table that changes between versions, skips the talker
@@ -115,44 +126,103 @@ def _dtype_key(dtype: str, argument: str) -> str:
         raise ValueError(f"{argument}: {e} (or 'auto')") from e
 
 
-def _require_checkpoint(model: Any, plugin: str) -> str:
+#: the YAML key of each part's plugin's ``config`` (named in errors)
+_CONFIG_KEYS = {
+    "llm": "model.llm.init_args.config",
+    "vision": "model.vision_encoder.init_args.config",
+    "audio": "model.audio_encoder.init_args.config",
+}
+
+
+def _require_checkpoint(model: Any, plugin: str, config: dict[str, Any] | None = None) -> str | None:
+    """``model``, checked: a checkpoint's name, or ``None`` when ``config`` gives the architecture."""
+    if model is None and config is not None:
+        return None
     if not isinstance(model, str) or not model.strip():
         raise ValueError(
             f"{plugin}: model must name a Qwen2.5-Omni checkpoint (hub id such as Qwen/Qwen2.5-Omni-7B or a "
-            f"local folder), got {model!r}"
+            f"local folder), or be null with a config (the architecture of a randomly initialized thinker), "
+            f"got {model!r}"
         )
     return model
 
 
-def claim_thinker_part(model: str, dtype: str, part: str) -> tuple[nn.Module, _ThinkerShare]:
+def claim_thinker_part(
+    model: str | None, dtype: str, part: str, config: dict[str, Any] | None = None, random_vocab: int | None = None
+) -> tuple[nn.Module, _ThinkerShare | None]:
     """Take one part of the Qwen2.5-Omni thinker in ``model``, loading the thinker if needed.
 
     The thinker is loaded once per (checkpoint, dtype) and split into :data:`THINKER_PARTS`;
     each part is handed out once. A part asked for again (a second model from the same
-    checkpoint) triggers a new load.
+    checkpoint) triggers a new load. A thinker built from ``config`` (``model=None``, or an
+    inspect build) is built for this call alone.
 
     Args:
-        model: hub id or local folder of a Qwen2.5-Omni (or thinker-only) checkpoint.
+        model: hub id or local folder of a Qwen2.5-Omni (or thinker-only) checkpoint; ``None``:
+            random weights of the ``config`` architecture.
         dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` (or fp32/bf16/fp16) or ``"auto"``.
         part: ``"llm"`` (the thinker with its towers detached), ``"vision"`` or ``"audio"``.
+        config: the plugin's ``config`` (the thinker's architecture; checked against a loaded
+            checkpoint).
+        random_vocab: the text model's ``vocab_size`` of a thinker built from ``config`` (the
+            offline tokenizer's size; the LLM plugin passes it).
     Returns:
         ``(module, share)``: the part, and the share the caller keeps a reference to so that the
-        parts of this load not taken yet stay available to the other plugins.
+        parts of this load not taken yet stay available to the other plugins (``None`` for a
+        thinker built from ``config``).
     """
+    from avmt.inspect import building_without_weights
+
     if part not in THINKER_PARTS:
         raise ValueError(f"part must be one of {THINKER_PARTS}, got {part!r}")
     dtype_name = _dtype_key(dtype, "torch_dtype" if part == "llm" else "dtype")
+    if model is None or building_without_weights():
+        return _split_thinker(_build_thinker(config, model, dtype_name, part, random_vocab))[part], None
     key = (os.path.realpath(model) if os.path.isdir(model) else model, dtype_name)  # one key per local folder
     share = _SHARES.get(key)
     if share is None or part not in share.parts:
-        share = _ThinkerShare(_split_thinker(_load_thinker(model, dtype_name)))
+        share = _ThinkerShare(_split_thinker(_load_thinker(model, dtype_name, config, _CONFIG_KEYS[part])))
         _SHARES[key] = share
+    elif config is not None:
+        _check_thinker_config(config, model, _CONFIG_KEYS[part])
     return share.parts.pop(part), share
 
 
-def _load_thinker(model: str, dtype_name: str) -> nn.Module:
-    """``Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained`` with a strict key check."""
+def _build_thinker(
+    config: dict[str, Any] | None, model: str | None, dtype_name: str, part: str, random_vocab: int | None
+) -> nn.Module:
+    """A thinker of the written architecture, randomly initialized (on the meta device under inspect)."""
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    from avmt.inspect import config_from_dict
+
+    key = _CONFIG_KEYS[part]
+    built = config_from_dict(config, key, model)
+    built = getattr(built, "thinker_config", built)  # a whole Qwen2.5-Omni config: its thinker
+    if built.model_type not in _MODEL_TYPES:
+        raise ValueError(f"{key}: model_type {built.model_type!r} is not a Qwen2.5-Omni architecture "
+                         f"({' or '.join(_MODEL_TYPES)})")
+    if random_vocab is not None:
+        built.get_text_config().vocab_size = int(random_vocab)
+    dtype = torch.float32 if dtype_name == "auto" else getattr(torch, dtype_name)
+    return Qwen2_5OmniThinkerForConditionalGeneration._from_config(built, dtype=dtype)
+
+
+def _check_thinker_config(config: dict[str, Any], model: str, key: str) -> None:
+    """The written architecture must be the checkpoint's (:func:`avmt.inspect.check_written_config`)."""
+    from transformers import AutoConfig
+
+    from avmt.inspect import check_written_config
+
+    check_written_config(config, AutoConfig.from_pretrained(model), key, model)
+
+
+def _load_thinker(model: str, dtype_name: str, written: dict[str, Any] | None = None, key: str = "") -> nn.Module:
+    """``Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained`` with a strict key check; the
+    ``written`` architecture (the plugin's ``config``, YAML key ``key``) checked against the checkpoint's."""
     from transformers import AutoConfig, Qwen2_5OmniThinkerForConditionalGeneration
+
+    from avmt.inspect import check_written_config
 
     try:
         config = AutoConfig.from_pretrained(model)
@@ -166,6 +236,7 @@ def _load_thinker(model: str, dtype_name: str) -> nn.Module:
             f"{model!r} holds a {config.model_type!r} model; the avmt.omni plugins load Qwen2.5-Omni checkpoints "
             f"(model_type {' or '.join(_MODEL_TYPES)})"
         )
+    check_written_config(written, config, key, model)
     dtype = "auto" if dtype_name == "auto" else getattr(torch, dtype_name)
     try:
         thinker, info = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
@@ -341,18 +412,19 @@ class QwenOmniLM(CausalLM):
             sound track; ``False`` numbers each block after the previous one.
         options: further :class:`~avmt.llm.CausalLM` options (``torch_dtype`` -- use the encoders'
             ``dtype`` so the three plugins share one load --, ``train_modules``,
-            ``gradient_checkpointing``, ``system_prompt``, ...); the tiny-config ones are unused.
+            ``gradient_checkpointing``, ``system_prompt``, ``config`` -- the thinker's architecture, see
+            the module docstring --, ...); the tiny-config ones are unused.
     """
 
     def __init__(
         self,
-        model: str,
+        model: str | None,
         special_tokens: list[str] = DEFAULT_SPECIAL_TOKENS,
         seconds_per_segment: float = 1.0,
         audio_in_video: bool = True,
         **options: Any,
     ) -> None:
-        _require_checkpoint(model, "QwenOmniLM")
+        _require_checkpoint(model, "QwenOmniLM", options.get("config"))
         if not seconds_per_segment > 0:
             raise ValueError(f"QwenOmniLM: seconds_per_segment must be > 0, got {seconds_per_segment!r}")
         super().__init__(model=model, special_tokens=special_tokens, **options)
@@ -360,15 +432,23 @@ class QwenOmniLM(CausalLM):
         self.audio_in_video = bool(audio_in_video)
         self.position_id_per_seconds = int(self.model.config.position_id_per_seconds)
 
-    def load_checkpoint(self, model: str, gguf_file: str | None, torch_dtype: str):
-        """Qwen's tokenizer and the thinker's ``"llm"`` part (shared load, see the module docstring)."""
+    def load_checkpoint(
+        self, model: str | None, gguf_file: str | None, torch_dtype: str, config: dict[str, Any] | None = None,
+        random_vocab: int | None = None,
+    ):
+        """Qwen's tokenizer and the thinker's ``"llm"`` part (shared load, see the module docstring); a
+        thinker built from ``config`` comes with no tokenizer (``None``: the offline one is used)."""
         from transformers import AutoTokenizer
+
+        from avmt.inspect import building_without_weights
 
         if gguf_file is not None:
             raise ValueError(
                 f"QwenOmniLM: gguf_file is not supported (got {gguf_file!r}); name a transformers checkpoint"
             )
-        thinker, self._thinker_share = claim_thinker_part(model, torch_dtype, "llm")
+        thinker, self._thinker_share = claim_thinker_part(model, torch_dtype, "llm", config, random_vocab)
+        if model is None or building_without_weights():
+            return None, thinker
         try:
             tokenizer = AutoTokenizer.from_pretrained(model)
         except (OSError, ValueError) as e:
@@ -422,6 +502,7 @@ class QwenOmniVisionEncoder(VisionEncoder):
         freeze: turn off the tower's gradients and keep it in eval mode (adapters injected with
             scope ``vision`` still train).
         dtype: dtype of the loaded weights (the same as the other plugins' to share one load).
+        config: the thinker's architecture (module docstring); with ``model=None`` a random tower of it.
 
     ``D`` is the tower's ``out_hidden_size`` (the LLM's width). Each segment's frame fills both
     slots of its temporal patch, so T' = T (module docstring).
@@ -429,18 +510,19 @@ class QwenOmniVisionEncoder(VisionEncoder):
 
     def __init__(
         self,
-        model: str,
+        model: str | None,
         image_size: int | list[int] = 224,
         freeze: bool = True,
         dtype: str = "float32",
+        config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-        self.model_name = _require_checkpoint(model, "QwenOmniVisionEncoder")
+        self.model_name = _require_checkpoint(model, "QwenOmniVisionEncoder", config)
         height, width = _image_size(image_size)
-        self.backbone, self._thinker_share = claim_thinker_part(model, dtype, "vision")
-        self.pretrained = True
+        self.backbone, self._thinker_share = claim_thinker_part(model, dtype, "vision", config)
+        self.pretrained = model is not None
         config = self.backbone.config
         self.patch_size = int(config.patch_size)
         self.temporal_patch_size = int(config.temporal_patch_size)
@@ -551,6 +633,7 @@ class QwenOmniAudioEncoder(AudioEncoder):
         freeze: turn off the tower's gradients and keep it in eval mode (adapters injected with
             scope ``audio`` still train).
         dtype: dtype of the loaded weights (the same as the other plugins' to share one load).
+        config: the thinker's architecture (module docstring); with ``model=None`` a random tower of it.
 
     ``D`` is the tower's ``output_dim`` (the LLM's width).
     """
@@ -558,17 +641,18 @@ class QwenOmniAudioEncoder(AudioEncoder):
     sample_rate = 16000
 
     def __init__(
-        self, model: str, tokens_per_segment: int = 25, freeze: bool = True, dtype: str = "float32"
+        self, model: str | None, tokens_per_segment: int = 25, freeze: bool = True, dtype: str = "float32",
+        config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.model_name = _require_checkpoint(model, "QwenOmniAudioEncoder")
+        self.model_name = _require_checkpoint(model, "QwenOmniAudioEncoder", config)
         if not isinstance(tokens_per_segment, int) or tokens_per_segment < 1:
             raise ValueError(
                 f"QwenOmniAudioEncoder: tokens_per_segment must be a positive int, got {tokens_per_segment!r}"
             )
         self.tokens_per_segment = int(tokens_per_segment)
-        self.backbone, self._thinker_share = claim_thinker_part(model, dtype, "audio")
-        self.pretrained = True
+        self.backbone, self._thinker_share = claim_thinker_part(model, dtype, "audio", config)
+        self.pretrained = model is not None
         mel_bins = int(self.backbone.config.num_mel_bins)
         self.log_mel = WhisperLogMel(num_mel_bins=mel_bins, sampling_rate=self.sample_rate)
         self._apply_freeze(freeze)

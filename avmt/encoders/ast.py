@@ -18,14 +18,14 @@ import contextlib
 import math
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-from avmt.encoders.base import check_heads, load_pretrained
+from avmt.encoders.base import check_heads, checkpoint_feature_extractor, load_pretrained
 from avmt.encoders.spectrogram import (
     frame_signal,
-    load_feature_extractor,
     mel_filters_tensor,
     tiny_feature_extractor,
 )
@@ -136,6 +136,9 @@ class ASTAudioEncoder(WindowedAudioEncoder):
         dtype: dtype of a loaded checkpoint.
         window_seconds: audio window per segment, centred on it (Crab: 1 s; MUSIC-AVQA: 2 s);
             ``None`` = the whole segment (the windows tile the clip).
+        config: the checkpoint's architecture (``model_type`` plus the sizes that differ from that
+            transformers config class's defaults): checked against the checkpoint when it is loaded,
+            and what ``python -m avmt inspect`` builds the backbone from (ignored when ``model`` is None).
     """
 
     def __init__(
@@ -151,6 +154,7 @@ class ASTAudioEncoder(WindowedAudioEncoder):
         freeze: bool = False,
         dtype: str = "float32",
         window_seconds: float | None = None,
+        config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(model, tokens_per_segment, window_seconds)
         from transformers import ASTConfig, ASTFeatureExtractor, ASTModel
@@ -178,10 +182,10 @@ class ASTAudioEncoder(WindowedAudioEncoder):
                     ASTFeatureExtractor, sample_rate, num_mel_bins=num_mel_bins, max_length=max_frames
                 )
         else:
-            self.backbone = _load_ast(model, dtype)
+            self.backbone = _load_ast(model, dtype, config)
             cfg = self.backbone.config
             with _quiet_empty_mel_filter():
-                extractor = load_feature_extractor(
+                extractor = checkpoint_feature_extractor(
                     model, ASTFeatureExtractor,
                     {"num_mel_bins": int(cfg.num_mel_bins), "max_length": int(cfg.max_length)},
                 )
@@ -226,9 +230,9 @@ class ASTAudioEncoder(WindowedAudioEncoder):
         return columns[:, :keep]
 
 
-def _load_ast(model: str, dtype: str) -> nn.Module:
-    """Load an AST checkpoint with ``AutoModel`` (an ``ASTModel``)."""
-    loaded = load_pretrained(model, dtype, "audio", "Audio Spectrogram Transformer")
+def _load_ast(model: str, dtype: str, config: dict[str, Any] | None = None) -> nn.Module:
+    """Load an AST checkpoint with ``AutoModel`` (an ``ASTModel``); ``config``: see :func:`load_pretrained`."""
+    loaded = load_pretrained(model, dtype, "audio", "Audio Spectrogram Transformer", config=config)
     if getattr(loaded.config, "model_type", None) != "audio-spectrogram-transformer":
         raise UserError(
             f"model: {model!r} ({type(loaded).__name__}) is not an Audio Spectrogram Transformer checkpoint"

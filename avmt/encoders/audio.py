@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import torch
 
 from avmt.encoders.base import check_heads, disable_training_noise, load_pretrained
 from avmt.encoders.windowed import WindowedAudioEncoder, sample_rate_mismatch
+from avmt.inspect import building_without_weights
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,9 @@ class Wav2Vec2AudioEncoder(WindowedAudioEncoder):
         dtype: dtype of a loaded checkpoint.
         window_seconds: audio window per segment, centred on it (Crab: 1 s; MUSIC-AVQA: 2 s);
             ``None`` = the whole segment (the windows tile the clip).
+        config: the checkpoint's architecture (``model_type`` plus the sizes that differ from that
+            transformers config class's defaults): checked against the checkpoint when it is loaded,
+            and what ``python -m avmt inspect`` builds the backbone from (ignored when ``model`` is None).
 
     SpecAugment-style masking and layer-drop are switched off: the backbone is a feature
     extractor here.
@@ -58,6 +63,7 @@ class Wav2Vec2AudioEncoder(WindowedAudioEncoder):
         normalize: bool = True,
         dtype: str = "float32",
         window_seconds: float | None = None,
+        config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(model, tokens_per_segment, window_seconds)
         self.sample_rate = int(sample_rate)
@@ -87,8 +93,9 @@ class Wav2Vec2AudioEncoder(WindowedAudioEncoder):
             )
             self.backbone = Wav2Vec2Model(config)
         else:
-            self.backbone = load_pretrained(model, dtype, "audio")
-            _warn_on_other_sample_rate(model, self.sample_rate)
+            self.backbone = load_pretrained(model, dtype, "audio", config=config)
+            if not building_without_weights():  # an inspect build reads nothing from the checkpoint
+                _warn_on_other_sample_rate(model, self.sample_rate)
         disable_training_noise(self.backbone)
         self._apply_freeze(freeze)
 

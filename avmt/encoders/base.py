@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -145,8 +146,11 @@ def load_pretrained(
     role: str,
     family: str = "",
     load: Callable[..., nn.Module] | None = None,
+    config: dict[str, Any] | None = None,
+    build: Callable[[Any], nn.Module] | None = None,
 ) -> nn.Module:
-    """A checkpoint loaded with ``load(model, dtype=...)`` (default ``AutoModel.from_pretrained``).
+    """A checkpoint loaded with ``load(model, dtype=...)`` (default ``AutoModel.from_pretrained``), or,
+    under ``python -m avmt inspect``, built from its written architecture ``config`` without weights.
 
     Args:
         model: hub id or local path of the checkpoint.
@@ -154,22 +158,55 @@ def load_pretrained(
         role: ``"audio"`` / ``"vision"``, the encoder named in the error.
         family: the kind of checkpoint expected (``"Whisper"``, ...), named in the error.
         load: the loader, called as ``load(model, dtype=torch.dtype)``.
+        config: the encoder's ``config`` init arg: the checkpoint's architecture (``model_type`` plus
+            the sizes that differ from that transformers config class's defaults). When the
+            checkpoint is loaded, every key written must equal the checkpoint's config; an inspect
+            build (:func:`avmt.inspect.without_weights`) builds ``build(transformers config)`` from it.
+        build: what ``load`` returns, built from a transformers config (default ``AutoModel.from_config``).
     Raises:
         OSError: the checkpoint cannot be read; the message names ``model`` and the config key
             (``init_args.model``) that selects it.
+        UserError: ``config`` differs from the checkpoint's, or is missing in an inspect build.
     """
+    from avmt.inspect import building_without_weights, check_written_config, config_from_dict
+
+    key = f"model.{role}_encoder.init_args.config"
+    if building_without_weights():
+        built = config_from_dict(config, key, model)
+        if build is None:
+            from transformers import AutoModel
+
+            build = AutoModel.from_config
+        module = build(built)
+        return module.to(torch_dtype(dtype))
     if load is None:
         from transformers import AutoModel
 
         load = AutoModel.from_pretrained
     checkpoint = f"transformers {family} checkpoint" if family else "transformers checkpoint"
     try:
-        return load(model, dtype=torch_dtype(dtype))
+        loaded = load(model, dtype=torch_dtype(dtype))
+        if config is not None:
+            from transformers import AutoConfig
+
+            check_written_config(config, AutoConfig.from_pretrained(model), key, model)
+        return loaded
     except OSError as e:
         raise OSError(
             f"could not load the {role} encoder {model!r} (a hub id or a local directory with a {checkpoint} "
             f"is expected; set the encoder's init_args.model: null for the tiny offline one): {e}"
         ) from e
+
+
+def checkpoint_feature_extractor(model: str, expected: type, defaults: dict[str, Any]):
+    """The checkpoint's feature extractor (:func:`avmt.encoders.spectrogram.load_feature_extractor`), or
+    ``expected(**defaults)`` in an inspect build, which reads nothing from the checkpoint."""
+    from avmt.encoders.spectrogram import load_feature_extractor
+    from avmt.inspect import building_without_weights
+
+    if building_without_weights():
+        return expected(**defaults)
+    return load_feature_extractor(model, expected, defaults)
 
 
 # SpecAugment-style masking and layer-drop, as the configs of transformers' audio backbones name them

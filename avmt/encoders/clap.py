@@ -26,14 +26,14 @@ to match.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
-from avmt.encoders.base import load_pretrained
+from avmt.encoders.base import checkpoint_feature_extractor, load_pretrained
 from avmt.encoders.spectrogram import (
     centered_power_spectrum,
-    load_feature_extractor,
     mel_filters_tensor,
     steps_covering,
     tiny_feature_extractor,
@@ -114,6 +114,10 @@ class CLAPAudioEncoder(WindowedAudioEncoder):
         dtype: dtype of a loaded checkpoint.
         window_seconds: audio window per segment, centred on it (Crab: 1 s; MUSIC-AVQA: 2 s);
             ``None`` = the whole segment (the windows tile the clip).
+        config: the checkpoint's architecture (``model_type`` ``clap`` or ``clap_audio_model`` plus the
+            sizes that differ from that transformers config class's defaults): checked against the
+            checkpoint when it is loaded, and what ``python -m avmt inspect`` builds the tower from
+            (ignored when ``model`` is None).
     """
 
     def __init__(
@@ -130,6 +134,7 @@ class CLAPAudioEncoder(WindowedAudioEncoder):
         freeze: bool = False,
         dtype: str = "float32",
         window_seconds: float | None = None,
+        config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(model, tokens_per_segment, window_seconds)
         from transformers import ClapAudioConfig, ClapAudioModel, ClapFeatureExtractor
@@ -161,8 +166,10 @@ class CLAPAudioEncoder(WindowedAudioEncoder):
                 ClapFeatureExtractor, sample_rate, feature_size=num_mel_bins, max_length_s=max_length_s
             )
         else:
-            self.backbone = load_pretrained(model, dtype, "audio", "CLAP", load=_clap_audio_tower)
-            extractor = load_feature_extractor(
+            self.backbone = load_pretrained(
+                model, dtype, "audio", "CLAP", load=_clap_audio_tower, config=config, build=_clap_tower_from_config
+            )
+            extractor = checkpoint_feature_extractor(
                 model, ClapFeatureExtractor, {"feature_size": int(self.backbone.config.num_mel_bins)}
             )
         self.sample_rate = check_sample_rate(sample_rate, extractor.sampling_rate, model)
@@ -236,6 +243,18 @@ class CLAPAudioEncoder(WindowedAudioEncoder):
         window_frames = math.ceil(windows.shape[1] / self.log_mel.hop_length)
         keep = steps_covering(window_frames, mel.shape[1], steps.shape[1])
         return steps[:, :keep]
+
+
+def _clap_tower_from_config(config) -> nn.Module:
+    """The audio tower of a CLAP model built from a ``ClapConfig`` or ``ClapAudioConfig`` (no weights read)."""
+    from transformers import ClapAudioModel, ClapModel
+
+    if config.model_type == "clap":
+        return ClapModel(config).audio_model
+    if config.model_type == "clap_audio_model":
+        return ClapAudioModel(config)
+    raise UserError(f"model.audio_encoder.init_args.config: model_type {config.model_type!r} is not a CLAP "
+                    "architecture (clap or clap_audio_model)")
 
 
 def _clap_audio_tower(model: str, dtype: torch.dtype) -> nn.Module:

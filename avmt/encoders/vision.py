@@ -95,6 +95,9 @@ class ViTVisionEncoder(VisionEncoder):
         image_mean, image_std: per-channel pixel normalization; ``None`` = the checkpoint's
             image processor (when one can be read) or the family default (0.5 / 0.5 for ViT).
         dtype: dtype of a loaded checkpoint ("float32", "bfloat16", "float16").
+        config: the checkpoint's architecture (``model_type`` plus the sizes that differ from that
+            transformers config class's defaults): checked against the checkpoint when it is loaded,
+            what ``python -m avmt inspect`` builds without weights; ignored when ``model`` is None.
         feature_layers: hidden states (indexed like ``select_layer``, none deeper than it) that
             the heads also read, as ``EncodedMedia.levels`` (Crab: layers 14 and 22 of CLIP
             ViT-L/14 for the mask decoder, 23 for the LLM); ``[]`` = none.
@@ -114,6 +117,7 @@ class ViTVisionEncoder(VisionEncoder):
         image_std: list[float] | None = None,
         dtype: str = "float32",
         feature_layers: list[int] = [],  # noqa: B006
+        config: dict | None = None,
     ) -> None:
         super().__init__()
         self.model_name = model
@@ -140,7 +144,7 @@ class ViTVisionEncoder(VisionEncoder):
             self.pretrained = False
             family = "vit"
         else:
-            self.backbone = _load_vision_tower(model, dtype)
+            self.backbone = _load_vision_tower(model, dtype, config)
             self.pretrained = True
             family = getattr(self.backbone.config, "model_type", "")
             mean, std = _processor_norm(model)
@@ -252,9 +256,13 @@ def _feature_layers(feature_layers: list[int], select_layer: int, num_layers: in
     return tuple(out)
 
 
-def _load_vision_tower(model: str, dtype: str) -> nn.Module:
-    """Load ``model`` with ``AutoModel`` and return its vision tower (the model itself for plain ViTs)."""
-    loaded = load_pretrained(model, dtype, "vision")
+def _load_vision_tower(model: str, dtype: str, config: dict | None = None) -> nn.Module:
+    """Load ``model`` with ``AutoModel`` and return its vision tower (the model itself for plain ViTs).
+
+    ``config`` is the encoder's written architecture (:func:`~avmt.encoders.base.load_pretrained`:
+    checked against the checkpoint, or what ``python -m avmt inspect`` builds the tower from).
+    """
+    loaded = load_pretrained(model, dtype, "vision", config=config)
     tower = getattr(loaded, "vision_model", None)
     if tower is None:
         tower = loaded
@@ -305,7 +313,12 @@ def _drop_unused(tower: nn.Module, select_layer: int) -> int | None:
 
 
 def _processor_norm(model: str) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
-    """image_mean/image_std from the checkpoint's image processor config, when one can be read."""
+    """image_mean/image_std from the checkpoint's image processor config, when one can be read (not in an
+    inspect build, which reads nothing from the checkpoint)."""
+    from avmt.inspect import building_without_weights
+
+    if building_without_weights():
+        return None, None
     try:
         from transformers import AutoImageProcessor
 

@@ -16,14 +16,14 @@ CPU while following the same path as a real checkpoint.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
-from avmt.encoders.base import check_heads, disable_training_noise, load_pretrained
+from avmt.encoders.base import check_heads, checkpoint_feature_extractor, disable_training_noise, load_pretrained
 from avmt.encoders.spectrogram import (
     centered_power_spectrum,
-    load_feature_extractor,
     mel_filters_tensor,
     steps_covering,
     tiny_feature_extractor,
@@ -139,6 +139,9 @@ class WhisperAudioEncoder(WindowedAudioEncoder):
         dtype: dtype of a loaded checkpoint.
         window_seconds: audio window per segment, centred on it (Crab: 1 s; MUSIC-AVQA: 2 s);
             ``None`` = the whole segment (the windows tile the clip).
+        config: the checkpoint's architecture (``model_type`` plus the sizes that differ from that
+            transformers config class's defaults): checked against the checkpoint when it is loaded,
+            and what ``python -m avmt inspect`` builds the backbone from (ignored when ``model`` is None).
 
     The sinusoidal position embeddings stay fixed (``requires_grad=False``) even when the
     encoder is trainable, as in transformers' Whisper. Layer-drop is switched off.
@@ -157,6 +160,7 @@ class WhisperAudioEncoder(WindowedAudioEncoder):
         freeze: bool = False,
         dtype: str = "float32",
         window_seconds: float | None = None,
+        config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(model, tokens_per_segment, window_seconds)
         from transformers import WhisperConfig, WhisperFeatureExtractor
@@ -188,8 +192,8 @@ class WhisperAudioEncoder(WindowedAudioEncoder):
             )
             self.backbone = WhisperEncoder(config)
         else:
-            self.backbone = _load_whisper_encoder(model, dtype)
-            extractor = load_feature_extractor(
+            self.backbone = _load_whisper_encoder(model, dtype, config)
+            extractor = checkpoint_feature_extractor(
                 model, WhisperFeatureExtractor, {"feature_size": int(self.backbone.config.num_mel_bins)}
             )
         self.sample_rate = check_sample_rate(sample_rate, extractor.sampling_rate, model)
@@ -227,9 +231,10 @@ class WhisperAudioEncoder(WindowedAudioEncoder):
         return hidden[:, :keep]
 
 
-def _load_whisper_encoder(model: str, dtype: str) -> nn.Module:
-    """Load a Whisper checkpoint with ``AutoModel`` and return its encoder (layer-drop switched off)."""
-    loaded = load_pretrained(model, dtype, "audio", "Whisper")
+def _load_whisper_encoder(model: str, dtype: str, config: dict[str, Any] | None = None) -> nn.Module:
+    """Load a Whisper checkpoint with ``AutoModel`` and return its encoder (layer-drop switched off);
+    ``config``: see :func:`load_pretrained`."""
+    loaded = load_pretrained(model, dtype, "audio", "Whisper", config=config)
     encoder = loaded.get_encoder() if hasattr(loaded, "get_encoder") else loaded
     config = getattr(encoder, "config", None)
     fields = ("max_source_positions", "num_mel_bins", "d_model")
