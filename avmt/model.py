@@ -10,7 +10,11 @@ Each placeholder of a prompt was expanded to its token count when the text was t
 features of the clips (and segments) the samples' :class:`~avmt.data.sample.MediaRef` s name
 into those positions with one ``masked_scatter``. Heads read the last-layer hidden states at
 the positions that predict their special token, together with the encoder features of the
-sample's clip, and return dense predictions (e.g. per-frame mask logits).
+sample's clip, and return dense predictions (e.g. per-frame mask logits). A head may hold a token
+group in place of its token (``Head.query_tokens``: written into training targets, forced in
+generation once its first token is out, decoded back to the head's token) and may feed its
+prediction back into the LLM (``Head.feedback``: added to the input embedding of the group's last
+token; a second teacher-forced pass, a greedy loop in generation).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from avmt.adapters import Adapter
 from avmt.connectors import Connector, Instruction
@@ -31,7 +36,7 @@ from avmt.heads import Head
 from avmt.llm import CausalLM, MediaSpan
 from avmt.outputs import EncodedMedia, GenerationOutput, ModelOutput
 
-__all__ = ["AVModel", "IGNORE_INDEX", "TokenizedBatch"]
+__all__ = ["AVModel", "IGNORE_INDEX", "TokenGroupForcing", "TokenizedBatch"]
 
 
 class AVModel(nn.Module):
@@ -90,7 +95,19 @@ class AVModel(nn.Module):
         for head in heads:
             head.build(llm.hidden_size, vision_encoder.output_dim, audio_encoder.output_dim)
         for head in heads:
-            llm.placeholder_id(head.token)  # a clear error when the LLM lacks the head's token
+            for token in (head.token, *head.query_tokens):
+                llm.placeholder_id(token)  # a clear error when the LLM lacks the head's token
+        for head in heads:  # a group replaces its head's token in answers: no other head can read either
+            if head.query_tokens == (head.token,):
+                continue
+            for other in heads:
+                shared = {head.token, *head.query_tokens} & {other.token, *other.query_tokens}
+                if other is not head and shared:
+                    raise UserError(f"model.heads: {type(head).__name__} (query_tokens {list(head.query_tokens)}) and "
+                                    f"{type(other).__name__} both read {sorted(shared)}; give them their own tokens")
+        # head token id -> the ids of its group, for the heads whose answers hold a group in its place
+        self.token_groups = {llm.placeholder_id(head.token): [llm.placeholder_id(t) for t in head.query_tokens]
+                             for head in heads if head.query_tokens != (head.token,)}
         llm.freeze_base()
         self.adapter = adapter
         if adapter is not None:
@@ -163,8 +180,11 @@ class AVModel(nn.Module):
 
     def _target_ids(self, target: str) -> list[int]:
         """The answer's ids followed by the id that ends an assistant turn (the chat template's end of
-        turn, e.g. ``<|im_end|>`` / ``<|eot_id|>``; the tokenizer's eos without a template)."""
+        turn, e.g. ``<|im_end|>`` / ``<|eot_id|>``; the tokenizer's eos without a template), with each
+        head token whose head holds a token group written as that group."""
         ids = self.tokenizer(target, add_special_tokens=False)["input_ids"]
+        if self.token_groups:
+            ids = [part for token_id in ids for part in self.token_groups.get(token_id, [token_id])]
         return [*ids, self.llm.end_of_turn_id]
 
     def tokenize(self, prompts: Sequence[str], targets: Sequence[str] | None = None) -> TokenizedBatch:
@@ -387,27 +407,58 @@ class AVModel(nn.Module):
         """Each head on the states at its token.
 
         Args:
-            states: special token -> states ``[M, D_llm]`` with their sample rows (every head's token).
+            states: special token -> states with their sample rows (every head's token): ``[M, D_llm]``,
+                or ``[M, G, D_llm]`` for a head whose answers hold a group of G tokens.
             media: encoder features of the batch's clips.
             anchors: ``long [B]`` the clip of each sample.
         Returns:
             head output name -> predictions ``[M, ...]`` with the same rows.
         """
-        out: dict[str, Dense] = {}
-        for head in self.heads:
-            found = states[head.token]
-            used, clip_index = torch.unique(anchors[found.rows], return_inverse=True)
-            out[head.output] = Dense(found.rows, head(found.values, media.take(used), clip_index))
-        return out
+        return {head.output: self._run_head(head, states[head.token], media, anchors)[0] for head in self.heads}
+
+    def _run_head(self, head: Head, found: Dense, media: EncodedMedia, anchors: torch.Tensor,
+                  feedback: bool = False) -> tuple[Dense, torch.Tensor | None]:
+        """``head`` on ``found`` (its queries, rows = samples): its predictions and, with ``feedback``,
+        what it feeds back into the LLM (``[M, D_llm]``, or None)."""
+        used, clip_index = torch.unique(anchors[found.rows], return_inverse=True)
+        clips = media.take(used)
+        prediction = head(found.values, clips, clip_index)
+        back = head.feedback(prediction, clips, clip_index) if feedback and head.gives_feedback else None
+        if back is not None and tuple(back.shape) != (found.rows.shape[0], self.llm.hidden_size):
+            raise ValueError(f"{type(head).__name__}.feedback returned shape {tuple(back.shape)}, "
+                             f"expected [{found.rows.shape[0]}, {self.llm.hidden_size}]")
+        return Dense(found.rows, prediction), back
+
+    def _token_states(self, ids: torch.Tensor, states: torch.Tensor, valid: torch.Tensor | None,
+                      state_tokens: Sequence[str]) -> tuple[dict[str, Dense], dict[str, torch.Tensor]]:
+        """The states at every head's token group and at the ``state_tokens``.
+
+        Args:
+            ids: ``long [B, N]`` tokens; states: ``[B, N, D]`` the state that predicts each of them;
+            valid: ``bool [B, N]`` the positions that count (None: all).
+        Returns:
+            token -> ``Dense(rows, [M, D])`` (``[M, G, D]`` for a head with a group of G tokens), and
+            token -> ``long [M]`` the index in ``ids`` of each emission's last group token.
+        """
+        groups = {head.token: [self.llm.placeholder_id(t) for t in head.query_tokens] for head in self.heads}
+        for token in state_tokens:
+            groups.setdefault(token, [self.llm.placeholder_id(token)])
+        found: dict[str, Dense] = {}
+        last: dict[str, torch.Tensor] = {}
+        for token, group in groups.items():
+            rows, starts = _find_group(ids, group, valid)
+            values = states[rows.unsqueeze(1), starts.unsqueeze(1) + torch.arange(len(group), device=ids.device)]
+            found[token] = Dense(rows, values if len(group) > 1 else values[:, 0])
+            last[token] = starts + len(group) - 1
+        return found, last
 
     # --------------------------------------------------------------- forward
-    def state_token_ids(self, tokens: Sequence[str] = ()) -> dict[str, int]:
-        """Special token -> id, for every head's token and the extra ``tokens`` asked for."""
-        wanted = dict.fromkeys([*(head.token for head in self.heads), *tokens])
-        return {token: self.llm.placeholder_id(token) for token in wanted}
-
     def forward(self, batch: Batch, return_logits: bool = False, state_tokens: Sequence[str] = ()) -> ModelOutput:
         """Teacher-forced pass over ``batch`` (``batch.tokens`` set, with labels).
+
+        With a head that gives feedback, a first pass gives the states and the heads' predictions,
+        and a second pass, with each feedback added to the input embedding of its group's last token,
+        gives the logits and the LM loss (the states before that token are the same in both passes).
 
         Args:
             batch: the batch, tokenized with targets.
@@ -416,7 +467,8 @@ class AVModel(nn.Module):
         Returns:
             ModelOutput: per-sample summed token loss and token count ``[B]``, the encoder features,
             for every head's token (and ``state_tokens``) the last-layer states ``[M, D_llm]`` at the
-            target positions that predict it, the heads' predictions there, and the logits when asked.
+            target positions that predict it (``[M, G, D_llm]``: those that predict each token of a
+            head's group), the heads' predictions there, and the logits when asked.
         """
         tokens = batch.tokens
         if tokens is None or tokens.labels is None:
@@ -429,8 +481,20 @@ class AVModel(nn.Module):
         with self._final_states() as captured:
             logits = self.llm(inputs_embeds=embeds, attention_mask=tokens.attention_mask, **positions).logits
         hidden = captured[-1]  # [B, L, D]
-        shift_logits = logits[:, :-1].float()
         shift_labels = tokens.labels[:, 1:]
+        # position p predicts p + 1
+        states, last = self._token_states(shift_labels, hidden[:, :-1], None, state_tokens)
+        anchors = torch.tensor(batch.anchor_clips, dtype=torch.long, device=hidden.device)
+        dense: dict[str, Dense] = {}
+        fed = embeds
+        for head in self.heads:
+            dense[head.output], back = self._run_head(head, states[head.token], media, anchors, feedback=True)
+            if back is not None and back.shape[0]:  # onto the input of the group's last token (shifted index + 1)
+                index = (states[head.token].rows, last[head.token] + 1)
+                fed = fed.index_put(index, back.to(fed.dtype), accumulate=True)
+        if fed is not embeds:
+            logits = self.llm(inputs_embeds=fed, attention_mask=tokens.attention_mask, **positions).logits
+        shift_logits = logits[:, :-1].float()
         losses = nn.functional.cross_entropy(
             shift_logits.reshape(-1, shift_logits.shape[-1]),
             shift_labels.reshape(-1),
@@ -438,17 +502,12 @@ class AVModel(nn.Module):
             reduction="none",
         ).view(shift_labels.shape)
         counts = (shift_labels != IGNORE_INDEX).sum(dim=1)
-        states: dict[str, Dense] = {}
-        for token, token_id in self.state_token_ids(state_tokens).items():
-            rows, positions = torch.nonzero(shift_labels == token_id, as_tuple=True)  # position p predicts p + 1
-            states[token] = Dense(rows, hidden[rows, positions])
-        anchors = torch.tensor(batch.anchor_clips, dtype=torch.long, device=hidden.device)
         return ModelOutput(
             loss_sum=losses.sum(dim=1),
             token_count=counts.to(losses.dtype),
             media=media,
             states=states,
-            dense=self.run_heads(states, media, anchors),
+            dense=dense,
             logits=logits if return_logits else None,
         )
 
@@ -457,18 +516,29 @@ class AVModel(nn.Module):
                  state_tokens: Sequence[str] = (), **generate_kwargs: Any) -> GenerationOutput:
         """Greedy answers to ``batch.prompts`` about the batch's clips.
 
+        A head's token group is forced once its first token is emitted (:class:`TokenGroupForcing`,
+        after the ``logits_processor`` s given) and decoded back to the head's token in ``texts``.
+        With a head that gives feedback, a greedy loop with the KV cache replaces transformers'
+        ``generate`` (same logits processors, same stop tokens): the head runs when its group is
+        complete and its feedback joins the input embedding of the group's last token.
+
         Args:
             batch: prompts, media references and clips (``batch.tokens`` is not used).
             max_new_tokens: generation length limit.
             return_dense: also return, for every head's token (and ``state_tokens``), the states that
-                predicted each emission of it before the end of the answer, and the heads'
-                predictions there.
+                predicted each emission of it (of each token of its group) before the end of the
+                answer, and the heads' predictions there.
             state_tokens: special tokens whose states to return besides the heads' tokens.
-            generate_kwargs: passed to transformers ``generate`` (e.g. ``logits_processor``).
+            generate_kwargs: passed to transformers ``generate`` (e.g. ``logits_processor``); with
+                a feedback head only ``logits_processor`` is taken.
 
         Returns:
             GenerationOutput with B decoded answers (the tokenizer's special tokens such as eos and
-            padding removed; added tokens such as ``<seg>`` kept).
+            padding removed; added tokens such as ``<seg>`` kept) and the generated ids (groups kept).
+
+        Raises:
+            UserError: a feedback head with an LLM that numbers positions itself (its position ids
+                cannot be continued by the greedy loop).
         """
         tokens = self.tokenize(batch.prompts)
         device = batch.frames.device
@@ -477,23 +547,107 @@ class AVModel(nn.Module):
         media = self.encode_media(batch.frames, batch.audio, batch.vision_features, batch.audio_features)
         embeds = self.embed(input_ids, media, batch.media, attention_mask.bool())
         position_ids = self.llm.position_ids(input_ids, attention_mask, self.media_layout)
+        anchors = torch.tensor(batch.anchor_clips, dtype=torch.long, device=device)
+        if self.token_groups:
+            given = generate_kwargs.pop("logits_processor", None) or []
+            generate_kwargs["logits_processor"] = LogitsProcessorList([*given, TokenGroupForcing(self.token_groups)])
+        feedback = any(head.gives_feedback for head in self.heads)
+        if feedback and position_ids is not None:
+            raise UserError(
+                f"model.heads: {[type(h).__name__ for h in self.heads if h.gives_feedback]} feed their predictions back "
+                f"into the LLM, which {type(self.llm).__name__} (its own position ids) does not support in generation; "
+                "use a head without feedback or another LLM"
+            )
         if position_ids is not None:  # generated tokens continue from the last prompt token's ids + 1
             generate_kwargs["position_ids"] = position_ids
         with self._final_states() as captured:
-            output_ids = self.llm.generate(embeds, attention_mask, max_new_tokens=max_new_tokens, **generate_kwargs)
-        texts = self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)
-        wanted = self.state_token_ids(state_tokens) if return_dense else {}
-        if not wanted:
+            if feedback:
+                output_ids = self._generate_with_feedback(embeds, attention_mask, media, anchors, max_new_tokens,
+                                                          captured, **generate_kwargs)
+            else:
+                output_ids = self.llm.generate(embeds, attention_mask, max_new_tokens=max_new_tokens, **generate_kwargs)
+        texts = self.tokenizer.batch_decode(self._ungroup(output_ids), skip_special_tokens=True)
+        if not return_dense or not (self.heads or state_tokens):
             return GenerationOutput(texts, output_ids)
         # step k's last position predicted token k (the prefill may hold the whole prompt)
         steps = torch.stack([states[:, -1] for states in captured[: output_ids.shape[1]]], dim=1)  # [B, N, D]
-        answer = self._answer_mask(output_ids)
-        states: dict[str, Dense] = {}
-        for token, token_id in wanted.items():
-            rows, positions = torch.nonzero((output_ids == token_id) & answer, as_tuple=True)
-            states[token] = Dense(rows, steps[rows, positions])
-        anchors = torch.tensor(batch.anchor_clips, dtype=torch.long, device=device)
+        states, _ = self._token_states(output_ids, steps, self._answer_mask(output_ids), state_tokens)
         return GenerationOutput(texts, output_ids, states, self.run_heads(states, media, anchors))
+
+    def _generate_with_feedback(self, embeds: torch.Tensor, attention_mask: torch.Tensor, media: EncodedMedia,
+                                anchors: torch.Tensor, max_new_tokens: int, captured: list[torch.Tensor],
+                                logits_processor: LogitsProcessorList | None = None, **unsupported: Any) -> torch.Tensor:
+        """Greedy decoding with the KV cache in which each feedback head runs as soon as its group is
+        complete and its feedback joins that token's input embedding.
+
+        It decodes as transformers' greedy ``generate`` does: the processors see the generated ids
+        (``[B, n]``) and the float32 logits, a row stops at any of the LLM's stop tokens and is padded
+        afterwards, positions count the prompt's tokens from 0 (left padding skipped).
+
+        Args:
+            embeds: ``[B, L, D]`` LEFT-padded prompts; attention_mask: ``[B, L]``.
+            media, anchors: the clips and the clip of each row, for the heads.
+            captured: the list the output head's inputs are collected in (:meth:`_final_states`).
+        Returns:
+            ``long [B, N]`` generated ids, N <= ``max_new_tokens``.
+        """
+        if unsupported:
+            raise ValueError(f"generation with a feedback head takes only logits_processor, got {sorted(unsupported)}")
+        processors = logits_processor if logits_processor is not None else LogitsProcessorList()
+        batch_size, device = embeds.shape[0], embeds.device
+        pad = self.tokenizer.pad_token_id
+        stops = torch.tensor(self.llm.stop_token_ids, dtype=torch.long, device=device)
+        heads = [(head, torch.tensor([self.llm.placeholder_id(t) for t in head.query_tokens], device=device))
+                 for head in self.heads if head.gives_feedback]
+        generated = torch.zeros((batch_size, 0), dtype=torch.long, device=device)
+        unfinished = torch.ones(batch_size, dtype=torch.bool, device=device)
+        mask = attention_mask
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
+        position = positions[:, -1:]
+        for step in range(max_new_tokens):
+            scores = processors(generated, out.logits[:, -1].float())
+            token = torch.where(unfinished, scores.argmax(dim=-1), torch.full_like(unfinished, pad, dtype=torch.long))
+            generated = torch.cat([generated, token[:, None]], dim=1)
+            unfinished &= ~torch.isin(token, stops)
+            if not unfinished.any() or step + 1 == max_new_tokens:
+                break
+            embed = self.llm.embed(token[:, None])
+            for head, group in heads:
+                g = group.shape[0]
+                if generated.shape[1] < g:
+                    continue
+                rows = torch.nonzero((generated[:, -g:] == group).all(dim=1), as_tuple=True)[0]
+                if rows.numel():  # captured[-g:]: the states that predicted the group's tokens
+                    queries = torch.stack([states[rows, -1] for states in captured[-g:]], dim=1)
+                    _, back = self._run_head(head, Dense(rows, queries if g > 1 else queries[:, 0]), media, anchors,
+                                             feedback=True)
+                    if back is not None:
+                        embed = embed.index_put((rows, torch.zeros_like(rows)), back.to(embed.dtype), accumulate=True)
+            mask = torch.cat([mask, mask.new_ones((batch_size, 1))], dim=1)
+            position = position + 1
+            out = self.llm(inputs_embeds=embed, attention_mask=mask, position_ids=position,
+                           cache=out.cache, use_cache=True)
+        return generated
+
+    def _ungroup(self, output_ids: torch.Tensor) -> torch.Tensor | list[list[int]]:
+        """The ids to decode: each complete token group turned back into its head's token."""
+        if not self.token_groups:
+            return output_ids
+        rows = []
+        for row in output_ids.tolist():
+            ids, i = [], 0
+            while i < len(row):
+                for token_id, group in self.token_groups.items():
+                    if row[i:i + len(group)] == group:
+                        ids.append(token_id)
+                        i += len(group)
+                        break
+                else:
+                    ids.append(row[i])
+                    i += 1
+            rows.append(ids)
+        return rows
 
     def _answer_mask(self, output_ids: torch.Tensor) -> torch.Tensor:
         """``bool [B, N]``: generated positions before each row's first stop token (end of turn or eos)."""
@@ -503,6 +657,48 @@ class AVModel(nn.Module):
         stop = torch.tensor(stops, dtype=output_ids.dtype, device=output_ids.device)
         ended = torch.isin(output_ids, stop).long().cumsum(dim=1) > 0
         return ~ended
+
+
+class TokenGroupForcing(LogitsProcessor):
+    """Generation of token groups (``Head.query_tokens``): once a group's first token is emitted, the
+    rest of the group follows in order; the group's other tokens, and the head token the group
+    stands for, are never emitted otherwise.
+
+    Args:
+        groups: head token id -> the ids of its group (distinct, at least two).
+    """
+
+    def __init__(self, groups: dict[int, list[int]]) -> None:
+        self.groups = {int(k): [int(i) for i in v] for k, v in groups.items()}
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """``input_ids [B, n]`` generated so far, ``scores [B, V]`` -> the scores with the groups enforced."""
+        scores = scores.clone()
+        for replaced, group in self.groups.items():
+            forced = torch.full((scores.shape[0],), -1, dtype=torch.long, device=scores.device)
+            for k in range(1, min(len(group), input_ids.shape[1] + 1)):
+                hit = (input_ids[:, -k:] == torch.tensor(group[:k], device=input_ids.device)).all(dim=1)
+                forced = torch.where(hit, group[k], forced)  # the group's tokens are distinct: one k fits
+            scores[:, [replaced, *group[1:]]] = -float("inf")
+            rows = torch.nonzero(forced >= 0, as_tuple=True)[0]
+            if rows.numel():
+                scores[rows] = -float("inf")
+                scores[rows, forced[rows]] = 0.0
+        return scores
+
+
+def _find_group(ids: torch.Tensor, group: list[int], valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where ``group`` occurs in ``ids [B, N]`` (wholly inside ``valid [B, N]`` when given): ``rows [M]``,
+    ``starts [M]``, in row-major order."""
+    g = len(group)
+    if ids.shape[1] < g:
+        empty = torch.zeros(0, dtype=torch.long, device=ids.device)
+        return empty, empty
+    hit = (ids.unfold(1, g, 1) == torch.tensor(group, dtype=ids.dtype, device=ids.device)).all(dim=-1)
+    if valid is not None:
+        hit &= valid.unfold(1, g, 1).all(dim=-1)
+    rows, starts = torch.nonzero(hit, as_tuple=True)
+    return rows, starts
 
 
 def _cached_features(kind: str, features: torch.Tensor, expected: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Per segment, ``num_queries`` learned queries cross-attend to that segment's P encoder
 features (segments are batched as ``[B*T, P, D_enc]``, so segment t's tokens depend on segment
-t only); the query outputs are projected linearly to the LLM width. One instance per modality.
+t only); the query outputs are projected to the LLM width (one linear layer, or Crab's 2-layer
+MLP: ``projector_layers``). One instance per modality.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ class QFormerConnector(Connector):
             ``hidden_size ** -0.5`` (fan-in scaled). BLIP-2's fixed 0.02 suits width 768; at the
             tiny default width it leaves the cross-attention so weak that the outputs barely
             depend on the features, and training from scratch stalls.
+        projector_layers: layers of the projection from the Q-Former width into the LLM: 1 = one
+            linear layer; 2 = Linear, GELU, Linear (Crab's 2-layer MLP per modality).
     """
 
     def __init__(
@@ -39,12 +42,15 @@ class QFormerConnector(Connector):
         cross_attention_frequency: int = 1,
         dropout: float = 0.0,
         initializer_range: float | None = None,
+        projector_layers: int = 1,
     ) -> None:
         super().__init__()
         if num_queries < 1:
             raise UserError(f"num_queries must be >= 1, got {num_queries}")
         if hidden_size % num_heads != 0:
             raise UserError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+        if projector_layers not in (1, 2):
+            raise UserError(f"projector_layers must be 1 or 2, got {projector_layers!r}")
         self.num_queries = int(num_queries)
         self.hidden_size = int(hidden_size)
         self.num_layers = int(num_layers)
@@ -53,6 +59,7 @@ class QFormerConnector(Connector):
         self.cross_attention_frequency = int(cross_attention_frequency)
         self.dropout = float(dropout)
         self.initializer_range = float(initializer_range) if initializer_range is not None else self.hidden_size**-0.5
+        self.projector_layers = int(projector_layers)
 
     def _qformer_config(self, in_dim: int) -> dict:
         """Keyword arguments of the ``Blip2QFormerConfig`` (a subclass may add to them)."""
@@ -76,7 +83,10 @@ class QFormerConnector(Connector):
         init = torch.randn(1, self.num_queries, self.hidden_size) * config.initializer_range
         self.queries = nn.Parameter(init)
         self.qformer = Blip2QFormerModel(config)
-        self.proj = nn.Linear(self.hidden_size, out_dim)
+        if self.projector_layers == 1:
+            self.proj = nn.Linear(self.hidden_size, out_dim)
+        else:
+            self.proj = nn.Sequential(nn.Linear(self.hidden_size, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
 
     def num_tokens(self, num_segments: int) -> int:
         """``num_segments * num_queries``."""
@@ -111,7 +121,9 @@ class QFormerConnector(Connector):
         enc = self.input_norm(features.reshape(b * t, p, d).to(self.input_norm.weight.dtype))
         out = self.qformer(query_embeds=hidden, query_length=self.num_queries, attention_mask=mask,
                            encoder_hidden_states=enc).last_hidden_state[:, : self.num_queries]  # [B*T, Q, H]
-        return self.proj(out.to(self.proj.weight.dtype))
+        return self.proj(out.to(self.input_norm.weight.dtype))
 
     def extra_repr(self) -> str:
-        return f"num_queries={self.num_queries}, " + super().extra_repr()
+        # projector_layers only when not 1: the repr is part of stage 1's cache fingerprint
+        projector = f", projector_layers={self.projector_layers}" if self.projector_layers != 1 else ""
+        return f"num_queries={self.num_queries}{projector}, " + super().extra_repr()

@@ -5,6 +5,17 @@ in YAML) and built lazily by the model with the widths it reads: :meth:`Head.bui
 finds every position that predicts the head's ``token`` (teacher-forced in training, emitted in
 generation), gathers the last-layer hidden states there and calls the head with one query per
 position, the encoder features of the batch's clips and the clip of each query.
+
+Two extensions (both off by default):
+
+- a **token group** (``query_tokens``): the answer holds several special tokens in place of
+  ``token`` (Crab's six ``<mask_i>``); tasks keep writing ``token``, the model writes the group
+  into training targets, forces the rest of the group in generation once its first token is
+  emitted and decodes the group back to ``token``. The head then gets ``[M, G, D_llm]`` queries,
+  the states that predict each token of the group.
+- **feedback**: :meth:`Head.feedback` turns the head's prediction into a vector that the model adds
+  to the LLM input embedding of the group's last token (``token`` itself for a single token), so
+  every later answer token attends to it (AVUFormer's Mask Collaboration Module).
 """
 
 from __future__ import annotations
@@ -24,6 +35,8 @@ class Head(nn.Module):
     Args:
         token: the special token whose hidden states the head reads (the LLM must have it among
             its ``special_tokens``).
+        query_tokens: the token group an answer holds in place of ``token`` (each a special token
+            of the LLM); ``None`` = ``(token,)``, the token itself.
 
     Subclasses set ``output`` (the name of what they produce, e.g. ``"mask_logits"``; tasks
     read it from ``ModelOutput.dense``) and implement ``_build`` and ``forward``.
@@ -31,10 +44,27 @@ class Head(nn.Module):
 
     output: ClassVar[str] = ""
 
-    def __init__(self, token: str = "<seg>") -> None:
+    def __init__(self, token: str = "<seg>", query_tokens: list[str] | None = None) -> None:
         super().__init__()
         self.token = token
+        group = (token,) if query_tokens is None else tuple(query_tokens)
+        if not group or len(set(group)) != len(group) or not all(isinstance(t, str) and t for t in group):
+            raise UserError(f"query_tokens must be distinct non-empty token strings, got {query_tokens!r}")
+        if len(group) > 1 and token in group:
+            raise UserError(f"query_tokens {list(group)} replace {token!r} in answers and cannot hold it")
+        self.query_tokens: tuple[str, ...] = group
         self.dims: tuple[int, int, int] | None = None
+
+    @property
+    def group_size(self) -> int:
+        """G, the number of tokens (and query states) per emission of the head's token."""
+        return len(self.query_tokens)
+
+    @property
+    def gives_feedback(self) -> bool:
+        """Whether :meth:`feedback` may return a vector (the model then runs the feedback passes);
+        by default, whether the subclass overrides it."""
+        return type(self).feedback is not Head.feedback
 
     @property
     def built(self) -> bool:
@@ -63,13 +93,28 @@ class Head(nn.Module):
         """Dense predictions, one per query.
 
         Args:
-            queries: ``[M, D_llm]`` hidden states at the head's token.
+            queries: ``[M, D_llm]`` hidden states that predict the head's token, or ``[M, G, D_llm]``
+                those that predict each token of its group when ``G = len(query_tokens) > 1``.
             media: the encoder features of C clips.
             clip_index: ``long [M]`` the clip each query reads (None: query m reads clip m, C = M).
         Returns:
             ``[M, ...]`` predictions (for a mask head: ``[M, T, H, W]`` logits at the frame size).
         """
         raise NotImplementedError
+
+    def feedback(self, prediction: torch.Tensor, media: EncodedMedia,
+                 clip_index: torch.Tensor | None = None) -> torch.Tensor | None:
+        """What the LLM reads back from the head's prediction, or None (this default: nothing).
+
+        Args:
+            prediction: ``[M, ...]`` this head's output for M queries.
+            media: the encoder features of C clips.
+            clip_index: ``long [M]`` the clip of each prediction (None: prediction m is of clip m).
+        Returns:
+            ``[M, D_llm]``, added to the LLM input embedding of the group's last token (the
+            head's token itself when ``G = 1``) of each emission; or None.
+        """
+        return None
 
     def _check_built(self) -> None:
         if not self.built:

@@ -175,3 +175,46 @@ class MaskDecoderHead(Head):
             f"audio={self.audio!r}"
         )
         return f"{own}, {super().extra_repr()}"
+
+
+class MaskCollaborationHead(MaskDecoderHead):
+    """:class:`MaskDecoderHead` with AVUFormer's Mask Collaboration Module: the predicted mask feeds
+    the region it covers back to the LLM, which writes the description after ``<seg>``.
+
+    Feedback of query m: the mask's soft weights (sigmoid of the logits, averaged onto the patch
+    grid) pool the vision encoder's patch features of every frame of its clip into one vector
+    (``sum_t,p w[t,p] v[t,p] / sum_t,p w[t,p]``: frames where the source covers more count more),
+    projected to the LLM width. The description loss reaches the mask through these weights.
+    Arguments as :class:`MaskDecoderHead`.
+    """
+
+    def _build(self, llm_dim: int, vision_dim: int, audio_dim: int) -> None:
+        super()._build(llm_dim, vision_dim, audio_dim)
+        self.region_proj = nn.Sequential(nn.LayerNorm(vision_dim), nn.Linear(vision_dim, llm_dim))
+
+    @property
+    def gives_feedback(self) -> bool:
+        """True: the mask-pooled region features go back to the LLM."""
+        return True
+
+    def feedback(self, prediction: torch.Tensor, media: EncodedMedia,
+                 clip_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Mask-pooled regional visual features.
+
+        Args:
+            prediction: ``[M, T, H, W]`` mask logits of this head.
+            media: C clips with ``vision [C, T, P, D_v]`` on ``grid = (h, w)``.
+            clip_index: ``long [M]`` the clip of each mask (None: mask m is of clip m).
+        Returns:
+            ``[M, D_llm]``.
+        """
+        self._check_built()
+        m, t = prediction.shape[:2]
+        h, w = media.grid
+        index = torch.arange(m, device=prediction.device) if clip_index is None else clip_index.to(prediction.device)
+        dtype = self.region_proj[1].weight.dtype
+        weights = F.adaptive_avg_pool2d(torch.sigmoid(prediction.to(dtype)).flatten(0, 1), (h, w))
+        weights = weights.reshape(m, t * h * w, 1)  # [M, T*P, 1]
+        patches = media.vision.to(dtype)[index].reshape(m, t * h * w, -1)  # [M, T*P, D_v]
+        pooled = (weights * patches).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-6)
+        return self.region_proj(pooled)
