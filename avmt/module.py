@@ -32,6 +32,7 @@ from avmt.model import AVModel
 from avmt.outputs import ModelOutput
 from avmt.pretrain import MediaPretraining
 from avmt.tasks import TASKS, Task, get_task, task_ids
+from avmt.tasks.formats import AnswerFormat, TaggedText
 
 CHECKPOINT_FORMAT = 1
 
@@ -234,6 +235,9 @@ class AVModule(L.LightningModule):
         self.media_pretraining = media_pretraining
         self._pretraining_curve: list[dict[str, float]] = []
         self.task_ids = task_ids()
+        # the data module's answer format, taken in setup (tasks built before it use the default)
+        self.answer_format: AnswerFormat = TaggedText()
+        self._saved_answer_format: dict[str, Any] | None = None  # a loaded checkpoint's, checked in setup
         self.tasks: dict[str, Task] = {}
         self.task_metrics = nn.ModuleDict()
         self._score_data_tasks = generation_tasks is None  # resolved in setup, from the data module
@@ -266,7 +270,7 @@ class AVModule(L.LightningModule):
 
     def _score_tasks(self, names: list[str]) -> None:
         """Tasks scored by generation, each with its metric collection."""
-        self.tasks = {name: get_task(name) for name in names}
+        self.tasks = {name: get_task(name, answer_format=self.answer_format) for name in names}
         self.task_metrics = nn.ModuleDict({name: task.metrics() for name, task in self.tasks.items()})
 
     def setup(self, stage: str) -> None:
@@ -276,6 +280,7 @@ class AVModule(L.LightningModule):
         check_vocabulary = getattr(datamodule, "check_vocabulary", None)
         if check_vocabulary is not None:
             check_vocabulary(self.model.tokenizer)
+        self._take_answer_format(getattr(datamodule, "answer_format", None) or TaggedText())
         if self._score_data_tasks and names:
             self._score_tasks(names)
         if names and self._generation_task_names is not None:
@@ -304,6 +309,32 @@ class AVModule(L.LightningModule):
                 raise UserError(f"task {name!r} needs the placeholder(s) {unknown}, which the LLM's tokenizer "
                                  "lacks: add them to model.llm.init_args.special_tokens")
 
+    def _take_answer_format(self, answer_format: AnswerFormat) -> None:
+        """Score and take losses with the data module's answer format (its targets are written in it).
+
+        Raises:
+            UserError: a format token is not one token of the LLM's tokenizer (names the key that
+                adds them), or a loaded checkpoint was trained with another format.
+        """
+        if self._saved_answer_format is not None and self._saved_answer_format != answer_format.config():
+            raise UserError(
+                f"the checkpoint was trained with the answer format {self._saved_answer_format}, but data.answer_format "
+                f"is {answer_format.config()}: set data.answer_format to the checkpoint's (its config.yaml has it)")
+        tokenizer = self.model.tokenizer
+        unk = getattr(tokenizer, "unk_token_id", None)
+        split = [token for token in answer_format.tokens()
+                 if len(ids := tokenizer(token, add_special_tokens=False)["input_ids"]) != 1 or ids[0] == unk]
+        if split:
+            raise UserError(
+                f"data.answer_format {type(answer_format).__name__} writes {len(split)} token(s) that are not single "
+                f"tokens of the LLM (e.g. {', '.join(split[:5])}): add all of {type(answer_format).__name__}.tokens() "
+                "to model.llm.init_args.special_tokens")
+        if answer_format != self.answer_format:
+            self.answer_format = answer_format
+            self._loss_tasks = {}
+            if self.tasks:
+                self._score_tasks(list(self.tasks))
+
     def _check_num_segments(self, datamodule: Any) -> None:
         """Refuse a model whose ``num_segments`` differs from the segments per clip of the data."""
         found = data_num_segments(datamodule)
@@ -330,7 +361,7 @@ class AVModule(L.LightningModule):
     def _task(self, name: str) -> Task:
         """The task object used for losses and predictions (one per name)."""
         if name not in self._loss_tasks:
-            self._loss_tasks[name] = self.tasks.get(name) or get_task(name)
+            self._loss_tasks[name] = self.tasks.get(name) or get_task(name, answer_format=self.answer_format)
         return self._loss_tasks[name]
 
     # ------------------------------------------------------------ batches
@@ -974,6 +1005,7 @@ class AVModule(L.LightningModule):
             "answer_shapes": self._answer_budget().state_dict(),
             "train_answers": self._all_train_answers(),
             "training_health": {"optimizer_steps": self.optimizer_steps, "nonfinite_skipped": self.nonfinite_skipped},
+            "answer_format": self.answer_format.config(),
         }
 
     def _all_train_answers(self) -> dict[str, dict[str, int]]:
@@ -997,6 +1029,12 @@ class AVModule(L.LightningModule):
                 "to the checkpoint, with the avmt version that wrote it"
             )
         self._answer_budget().load_state_dict(meta.get("answer_shapes", {}))
+        # checkpoints from before answer formats were all TaggedText
+        self._saved_answer_format = meta.get("answer_format", TaggedText().config())
+        if self._trainer is not None and self._saved_answer_format != self.answer_format.config():
+            raise UserError(
+                f"the checkpoint was trained with the answer format {self._saved_answer_format}, but data.answer_format "
+                f"is {self.answer_format.config()}: set data.answer_format to the checkpoint's (its config.yaml has it)")
         # the saved counts are every rank's (_all_train_answers); _baseline sums the ranks' counts, so
         # only rank 0 takes them back
         saved_answers = meta.get("train_answers", {}) if self.global_rank == 0 else {}

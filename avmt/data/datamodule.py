@@ -48,6 +48,7 @@ from avmt.data.shards import (
 from avmt.data.synth import SCHEMA_VERSION, SynthConfig
 from avmt.errors import UserError
 from avmt.tasks import Task, get_task, list_tasks
+from avmt.tasks.formats import AnswerFormat, TaggedText
 
 SPLITS = ("train", "val", "test")
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class ClipTaskStream(IterableDataset):
         split: the split's name, for messages.
         num_segments: segments every clip must have (the manifest's); ``None``: those of the
             first clip read.
+        answer_format: how the tasks write and read ranges, boxes and masks (``None``: TaggedText).
 
     Readers: the DDP ranks and DataLoader workers share the stream by shard when there are at
     least as many shards as readers, else by clip position (:func:`~avmt.data.shards.iter_clips`),
@@ -128,12 +130,13 @@ class ClipTaskStream(IterableDataset):
         split: str = "data",
         num_segments: int | None = None,
         shuffle_shards: bool = True,
+        answer_format: AnswerFormat | None = None,
     ) -> None:
         super().__init__()
         self.source = shards if isinstance(shards, SplitSource) else SplitSource.from_paths(shards, num_clips)
         self.shards = list(self.source.urls)
         self.task_names = list(task_names)
-        self.tasks = [get_task(name, reasoning=reasoning) for name in self.task_names]
+        self.tasks = [get_task(name, reasoning=reasoning, answer_format=answer_format) for name in self.task_names]
         self.seed = seed
         self.shuffle = shuffle
         self.tasks_per_clip = tasks_per_clip
@@ -470,6 +473,9 @@ class AVDataModule(L.LightningDataModule):
         shuffle_shards: read the training shards in a new order every epoch (drawn from ``seed``
             and the epoch, the same on every rank and worker); ``False``: file order.
         shuffle_buffer: training clips held in the shuffle buffer (0: the order read).
+        answer_format: how answers write ranges, boxes and masks (:mod:`avmt.tasks.formats`);
+            ``None`` = :class:`~avmt.tasks.formats.TaggedText`. The module scores with the same
+            format (it takes this one in ``setup``).
     """
 
     def __init__(
@@ -497,8 +503,12 @@ class AVDataModule(L.LightningDataModule):
         num_clips: dict[str, int] | None = None,
         shuffle_shards: bool = True,
         shuffle_buffer: int = 256,
+        answer_format: AnswerFormat | None = None,
     ) -> None:
         super().__init__()
+        if answer_format is not None and not isinstance(answer_format, AnswerFormat):
+            raise UserError(f"data.answer_format must be an avmt.tasks.formats.AnswerFormat, got {answer_format!r}")
+        self.answer_format: AnswerFormat = TaggedText() if answer_format is None else answer_format
         known = list_tasks()
         tasks = known if tasks is None else list(tasks)
         unknown = [name for name in tasks if name not in known]
@@ -591,6 +601,7 @@ class AVDataModule(L.LightningDataModule):
         elif not url:
             check_shard_version(root)
         segments = None if url else manifest_segments(root)
+        self.answer_format.check_data(segments, self.synth_config.frame_size if self.root is None else None)
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         for split in wanted.get(stage, SPLITS) if stage else SPLITS:
             if split in self.datasets:
@@ -621,6 +632,7 @@ class AVDataModule(L.LightningDataModule):
                 features=FeatureReader(self.features, split) if self.features is not None else None,
                 split=split,
                 num_segments=segments,
+                answer_format=self.answer_format,
             )
 
     def data_words(self) -> list[str]:

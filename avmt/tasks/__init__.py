@@ -15,6 +15,7 @@ from typing import Any
 from avmt.data.sample import TaskSample
 from avmt.errors import UserError
 from avmt.tasks.base import Task
+from avmt.tasks.formats import AnswerFormat
 
 __all__ = ["TASKS", "register_task", "get_task", "list_tasks", "task_ids", "num_task_ids", "all_words",
            "Task", "TaskSample"]
@@ -56,15 +57,22 @@ def num_task_ids() -> int:
     return max(task_ids().values()) + 1
 
 
-def get_task(name: str, **kwargs: Any) -> Task:
+def get_task(name: str, answer_format: AnswerFormat | None = None, **kwargs: Any) -> Task:
     """Instantiate the task registered as ``name`` with ``kwargs`` (e.g. ``reasoning=False``).
 
+    Args:
+        answer_format: how the task writes and reads ranges, boxes and masks
+            (:mod:`avmt.tasks.formats`); None keeps the task's default, ``TaggedText``.
+
     Raises:
-        ValueError: unknown name (the message lists the available tasks).
+        UserError: unknown name (the message lists the available tasks).
     """
     if name not in TASKS:
         raise UserError(f"unknown task {name!r}; available tasks: {', '.join(list_tasks())}")
-    return TASKS[name](**kwargs)
+    task = TASKS[name](**kwargs)
+    if answer_format is not None:
+        task.format = answer_format
+    return task
 
 
 def all_words() -> list[str]:

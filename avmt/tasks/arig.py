@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import re
 from typing import Any, Sequence
 
 import torch
@@ -13,22 +12,17 @@ from avmt.data.sample import Clip, MediaRef, SampleError
 from avmt.plots import box_panel
 from avmt.tasks import register_task
 from avmt.tasks.base import Task, TaskParts
+from avmt.tasks.formats import AnswerFormat, TaggedText
 from avmt.tasks.metrics import ParseFailureRate
 from avmt.tasks.reasoning import object_noun
 from avmt.tasks.scene import av_object
 from avmt.tasks.spatial_metrics import BoxAUC, BoxCIoU
 from avmt.tasks.text import extract_tag
 
-_BOX_RE = re.compile(r"^(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)$")
-
-
-def parse_box(text: str | None) -> list[int] | None:
-    """``"310,520,590,880"`` -> ``[310, 520, 590, 880]``; None unless 4 integers in 0..1000."""
-    match = _BOX_RE.match(text.strip()) if isinstance(text, str) else None
-    if match is None:
-        return None
-    box = [int(v) for v in match.groups()]
-    return box if all(0 <= v <= 1000 for v in box) else None
+def parse_box(text: str | None, answer_format: AnswerFormat | None = None) -> list[int] | None:
+    """``"310,520,590,880"`` -> ``[310, 520, 590, 880]`` (or the ``answer_format``'s box); None unless
+    4 integers in 0..1000."""
+    return (answer_format or TaggedText()).parse_box(text)
 
 
 def check_box(box: Any, where: str) -> list[int]:
@@ -73,7 +67,7 @@ class ARIGTask(Task):
             raise SampleError(f"clip {clip.key!r}: task {self.name!r}: the sounding object has no box in its event")
         segment = rng.choice(segments)
         box = check_box(boxes[segment], f"clip {clip.key!r}, task {self.name!r}, object {source['id']}, segment {segment}")
-        tagged = "<box> {},{},{},{} </box>".format(*box)
+        tagged = f"<box> {self.format.box(box)} </box>"
         return TaskParts(
             question=self._question(rng),
             sentences=[f"The sounding object is a {object_noun(source)}."],
@@ -85,7 +79,7 @@ class ARIGTask(Task):
 
     def parse(self, text: Any) -> dict | None:
         """``{"box": [x1, y1, x2, y2]}`` from the ``<box>`` tag; None if missing or malformed."""
-        box = parse_box(extract_tag(text, "box"))
+        box = self.format.parse_box(extract_tag(text, "box"))
         return None if box is None else {"box": box}
 
     def metrics(self) -> MetricCollection:

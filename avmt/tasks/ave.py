@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import re
 from typing import Any, Sequence
 
 from torchmetrics import MetricCollection
@@ -12,28 +11,21 @@ from avmt.data.sample import Clip, SampleError
 from avmt.intervals import merge_ranges
 from avmt.tasks import register_task
 from avmt.tasks.base import Task, TaskParts
+from avmt.tasks.formats import AnswerFormat, TaggedText
 from avmt.tasks.metrics import BACKGROUND, EventClassAccuracy, ParseFailureRate, RangeIoU, SegmentAccuracy
 from avmt.tasks.reasoning import object_sentence
 from avmt.tasks.scene import av_object, ordered_objects
 from avmt.tasks.text import extract_tag, wrap_tag
 
-_RANGE_RE = re.compile(r"^(\d+)\s*[,\s]\s*(\d+)$")
+def parse_range(text: str | None, answer_format: AnswerFormat | None = None) -> list[int] | None:
+    """"2,7" / "2 , 7" / "2 7" -> [2, 7] (or the ``answer_format``'s range); None if malformed or end < start."""
+    return (answer_format or TaggedText()).parse_range(text)
 
 
-def parse_range(text: str | None) -> list[int] | None:
-    """"2,7" / "2 , 7" / "2 7" -> [2, 7]; None if malformed or end < start."""
-    if text is None:
-        return None
-    m = _RANGE_RE.match(text.strip())
-    if not m:
-        return None
-    s, e = int(m.group(1)), int(m.group(2))
-    return [s, e] if e >= s else None
-
-
-def event_tags(cls: str, rng: Sequence[int]) -> str:
-    """``("Church bell", [2, 7])`` -> "<event> Church bell </event> <range> 2,7 </range>" (the target format)."""
-    return f"{wrap_tag('event', cls)} {wrap_tag('range', f'{rng[0]},{rng[1]}')}"
+def event_tags(cls: str, rng: Sequence[int], answer_format: AnswerFormat | None = None) -> str:
+    """``("Church bell", [2, 7])`` -> "<event> Church bell </event> <range> 2,7 </range>" (the target
+    format; the range as ``answer_format`` writes it)."""
+    return f"{wrap_tag('event', cls)} {wrap_tag('range', (answer_format or TaggedText()).range(rng[0], rng[1]))}"
 
 
 @register_task
@@ -64,7 +56,7 @@ class AVETask(Task):
     def _compose(self, scene: dict, rng: random.Random) -> TaskParts:
         ev = scene["av_event"]
         cls, (s, e) = ev["class"], ev["range"]
-        event, rng_text = wrap_tag("event", cls), wrap_tag("range", f"{s},{e}")  # bare == event_tags(cls, [s, e])
+        event, rng_text = wrap_tag("event", cls), wrap_tag("range", self.format.range(s, e))  # bare == event_tags
         sentences = [object_sentence(o) for o in ordered_objects(scene)]
         av_object(scene)  # validates the reference
         return TaskParts(
@@ -83,7 +75,7 @@ class AVETask(Task):
             raise SampleError(f"clip {clip.key!r}: ave answer {answer!r} is not {{'class': str, 'range': [s, e]}}") from None
         if not 0 <= s < e <= clip.num_segments:
             raise SampleError(f"clip {clip.key!r}: ave range [{s}, {e}] is not within the {clip.num_segments} segments")
-        event, rng_text = wrap_tag("event", cls), wrap_tag("range", f"{s},{e}")
+        event, rng_text = wrap_tag("event", cls), wrap_tag("range", self.format.range(s, e))
         return TaskParts(
             question=self._question(rng),
             sentences=[],
@@ -99,7 +91,7 @@ class AVETask(Task):
         names such as "Male speech, man speaking" or "Frying (food)" come back whole."""
         try:
             cls = extract_tag(text, "event", keep_case=True)
-            rng = parse_range(extract_tag(text, "range"))
+            rng = self.format.parse_range(extract_tag(text, "range"))
             if cls is None or rng is None:
                 return None
             return {"class": cls, "range": rng}

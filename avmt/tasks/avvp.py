@@ -14,34 +14,45 @@ from avmt.data.sample import Clip, SampleError
 from avmt.intervals import merge_ranges
 from avmt.tasks import register_task
 from avmt.tasks.base import Task, TaskParts
+from avmt.tasks.formats import AnswerFormat, TaggedText
 from avmt.tasks.metrics import AVVPF1, ParseFailureRate
 from avmt.tasks.reasoning import object_sentence
 from avmt.tasks.scene import ordered_objects, scene_objects
 from avmt.tasks.text import extract_tag
 
-_RANGE = r"\(\s*(\d+)\s*[\s,\-]\s*(\d+)\s*\)"
-_RANGE_RE = re.compile(_RANGE)
-#: The ranges part of one item: the comma that ends its class, then one or more ``(s e)`` ranges
-#: (spaces or commas between them, an optional trailing comma).
-_RANGES_RE = re.compile(rf",\s*((?:{_RANGE}\s*,?\s*)+)")
 #: What may stand between items and around the whole list.
 _SEPARATORS = " ,;\t\n\r\f\v"
+#: time pattern of a format -> (one range ``(s e)``, the ranges part of one item: the comma that
+#: ends its class, then one or more ranges, spaces or commas between them, an optional trailing comma)
+_PATTERNS: dict[str, tuple[re.Pattern[str], re.Pattern[str]]] = {}
 
 
-def events_text(events: dict[str, list[list[int]]]) -> str:
+def _patterns(answer_format: AnswerFormat) -> tuple[re.Pattern[str], re.Pattern[str]]:
+    time = answer_format.time_pattern
+    if time not in _PATTERNS:
+        one = rf"\(\s*{time}\s*[\s,\-]\s*{time}\s*\)"
+        _PATTERNS[time] = (re.compile(one), re.compile(rf",\s*((?:{one}\s*,?\s*)+)"))
+    return _PATTERNS[time]
+
+
+def events_text(events: dict[str, list[list[int]]], answer_format: AnswerFormat | None = None) -> str:
     """``{"violin": [[2, 7], [8, 10]], "dog": [[0, 3]]}`` -> "violin,(2 7) (8 10) dog,(0 3)".
 
     Classes in the dict's order (targets order them by onset), written as they are (real names
     such as "Frying_(food)" or "Male speech, man speaking" included; :func:`parse_events` reads
-    them back)."""
-    return " ".join(f"{c}," + " ".join(f"({s} {e})" for s, e in ranges) for c, ranges in events.items())
+    them back). Each time as ``answer_format`` writes it (:class:`~avmt.tasks.formats.DiscreteTokens`:
+    ``violin,(<t_2> <t_7>)``)."""
+    fmt = answer_format or TaggedText()
+    return " ".join(f"{c}," + " ".join(f"({fmt.time(s)} {fmt.time(e)})" for s, e in ranges)
+                    for c, ranges in events.items())
 
 
-def parse_events(content: str | None) -> dict[str, list[list[int]]] | None:
+def parse_events(content: str | None, answer_format: AnswerFormat | None = None) -> dict[str, list[list[int]]] | None:
     """Inverse of :func:`events_text`, tolerant: ``"violin,(2 7),(8 10) violin,(1,2)"`` is fine.
 
     Grammar: the content is a sequence of items ``CLASS,RANGES`` where RANGES is one or more
-    ``(s e)`` (``(s,e)`` / ``(s-e)`` too), separated by spaces or commas. The class of an item is
+    ``(s e)`` (``(s,e)`` / ``(s-e)`` too; s and e as ``answer_format`` writes times), separated by
+    spaces or commas. The class of an item is
     everything after the previous item's ranges up to the last ``,`` before its first range, i.e.
     up to the first ``,`` that is followed (after optional spaces) by ``(digits``; it may hold
     spaces, commas, underscores, hyphens and parentheses ("Male speech, man speaking",
@@ -56,13 +67,14 @@ def parse_events(content: str | None) -> dict[str, list[list[int]]] | None:
     """
     if content is None:
         return None
+    one, ranges_re = _patterns(answer_format or TaggedText())
     out: dict[str, list[list[int]]] = {}
     pos = 0
-    for m in _RANGES_RE.finditer(content):
+    for m in ranges_re.finditer(content):
         cls = " ".join(content[pos:m.start()].strip(_SEPARATORS).split())
-        if not cls or "<" in cls or ">" in cls or _RANGE_RE.search(cls):
+        if not cls or "<" in cls or ">" in cls or one.search(cls):
             return None
-        ranges = [[int(s), int(e)] for s, e in _RANGE_RE.findall(m.group(1))]
+        ranges = [[int(s), int(e)] for s, e in one.findall(m.group(1))]
         out[cls] = merge_ranges(out.get(cls, []) + ranges)
         pos = m.end()
     if content[pos:].strip(_SEPARATORS):
@@ -86,11 +98,12 @@ def order_events(events: dict[str, list[list[int]]]) -> dict[str, list[list[int]
     return dict(sorted(((c, r) for c, r in merged.items() if r), key=lambda kv: (kv[1][0][0], kv[0])))
 
 
-def avvp_tags(audio: dict[str, list[list[int]]], visual: dict[str, list[list[int]]]) -> tuple[str, str]:
+def avvp_tags(audio: dict[str, list[list[int]]], visual: dict[str, list[list[int]]],
+              answer_format: AnswerFormat | None = None) -> tuple[str, str]:
     """The two tagged halves of an avvp target: ``("<audio_event> dog,(0 3) </audio_event>",
     "<visual_event> </visual_event>")`` (an empty pair when there are no events)."""
-    a_tag = f"<audio_event> {events_text(audio)} </audio_event>".replace("  ", " ")
-    v_tag = f"<visual_event> {events_text(visual)} </visual_event>".replace("  ", " ")
+    a_tag = f"<audio_event> {events_text(audio, answer_format)} </audio_event>".replace("  ", " ")
+    v_tag = f"<visual_event> {events_text(visual, answer_format)} </visual_event>".replace("  ", " ")
     return a_tag, v_tag
 
 
@@ -146,7 +159,7 @@ class AVVPTask(Task):
 
     def _compose(self, scene: dict, rng: random.Random) -> TaskParts:
         audio, visual = scene_events(scene, "sounding"), scene_events(scene, "visible")
-        a_tag, v_tag = avvp_tags(audio, visual)
+        a_tag, v_tag = avvp_tags(audio, visual, self.format)
         return TaskParts(
             question=self._question(rng),
             sentences=[object_sentence(o) for o in ordered_objects(scene)],
@@ -167,7 +180,7 @@ class AVVPTask(Task):
             SampleError: the answer is not that structure, or a range lies outside the clip.
         """
         audio, visual = _annotated_events(clip, answer, "audio"), _annotated_events(clip, answer, "visual")
-        a_tag, v_tag = avvp_tags(audio, visual)
+        a_tag, v_tag = avvp_tags(audio, visual, self.format)
         return TaskParts(
             question=self._question(rng),
             sentences=[],
@@ -189,7 +202,7 @@ class AVVPTask(Task):
                     if not re.search(rf"<\s*{tag}\s*>\s*<\s*/\s*{tag}\s*>", text, re.IGNORECASE):
                         return None
                     content = ""
-                events = parse_events(content)
+                events = parse_events(content, self.format)
                 if events is None:
                     return None
                 out[key] = events

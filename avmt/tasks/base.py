@@ -40,6 +40,7 @@ from avmt.data.annotation import is_annotation
 from avmt.data.sample import PLACEHOLDERS, Clip, Dense, DenseSpec, MediaRef, SampleError, TaskSample
 from avmt.data.vocab import CLASSES, COLORS, MOODS, MOTIONS, NUMBER_WORDS, POSITIONS, ROWS, SHAPES
 from avmt.errors import UserError
+from avmt.tasks.formats import AnswerFormat, TaggedText
 from avmt.tasks.reasoning import SHARED_PHRASES
 from avmt.tasks.text import template_words, text_words
 
@@ -119,11 +120,17 @@ class Task:
     baseline_fits_training: ClassVar[bool] = False
 
     def __init__(self, reasoning: bool = True) -> None:
-        """Args: reasoning: include the reasoning sentences in targets (False: tagged answer only)."""
+        """Args: reasoning: include the reasoning sentences in targets (False: tagged answer only).
+
+        ``format`` (how ranges, boxes and masks are written and read, :mod:`avmt.tasks.formats`)
+        starts as :class:`~avmt.tasks.formats.TaggedText`; ``get_task(name, answer_format=...)``
+        sets another.
+        """
         self.reasoning = bool(reasoning)
+        self.format: AnswerFormat = TaggedText()
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(reasoning={self.reasoning})"
+        return f"{type(self).__name__}(reasoning={self.reasoning}, answer_format={self.format!r})"
 
     # ---- building -------------------------------------------------------------------------
 

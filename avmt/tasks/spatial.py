@@ -4,7 +4,10 @@ A mask task answers with text that ends in ``<seg>``; the model's mask head read
 state that predicts that token and decodes one mask per segment frame (``mask_logits
 [T, H, W]``). The task's dense target is the matching ``mask`` (``bool [T, H, W]``); its losses
 are BCE and Dice; its prediction is the sigmoid of the logits of the first ``<seg>`` the model
-emitted, and no ``<seg>`` is a failure (scored as the empty mask).
+emitted, and no ``<seg>`` is a failure (scored as the empty mask). With an answer format that
+writes masks as text (:class:`~avmt.tasks.formats.DiscreteTokens`: a cell code instead of
+``<seg>``) the task reads no head output and adds no dense loss: the LM loss trains the code, and
+the prediction is the code decoded back to a mask, scored by the same metrics.
 
 Not every frame of a real dataset has a mask (AVSBench S4 annotates only the first frame of a
 training clip): the dense target ``annotated_frames`` (``bool [T]``, also in the answer) says
@@ -27,6 +30,7 @@ from avmt.intervals import ranges_to_mask
 from avmt.losses import mask_bce, mask_dice
 from avmt.plots import mask_panel
 from avmt.tasks.base import Task, TaskParts
+from avmt.tasks.formats import SEG
 from avmt.tasks.metrics import ParseFailureRate
 from avmt.tasks.spatial_metrics import MaskF, MaskJ
 
@@ -44,8 +48,6 @@ __all__ = [
     "annotated_mask_losses",
 ]
 
-#: The special token whose hidden state the mask head reads.
-SEG = "<seg>"
 #: The per-frame binary mask target of the mask tasks.
 MASK = DenseSpec("mask", ("T", "H", "W"), torch.bool, doc="per segment frame: the pixels of the target object(s)")
 #: Which segment frames have an annotated mask (the others take no loss and no score).
@@ -181,13 +183,18 @@ class MaskTask(Task):
     failure rate (no ``<seg>`` emitted).
     """
 
-    outputs: ClassVar[tuple[str, ...]] = ("mask_logits",)
     dense_targets: ClassVar[tuple[DenseSpec, ...]] = (MASK, ANNOTATED)
     max_baseline_candidates: ClassVar[int] = 8
 
+    @property
+    def outputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        """``("mask_logits",)``; none with a format whose masks are text (no ``dense_masks``)."""
+        return ("mask_logits",) if self.format.dense_masks else ()
+
     def _mask_sample(self, question: str, sentences: list[str], conclusion: str, mask: torch.Tensor,
                      annotated: torch.Tensor | None = None, **answer: Any) -> TaskParts:
-        """Parts of a mask sample: the conclusion (and the bare target) end with ``<seg>``.
+        """Parts of a mask sample: the conclusion (and the bare target) end with the format's mask
+        answer (``<seg>``, or the mask's code).
 
         Args:
             mask: ``bool [T, H, W]`` the target.
@@ -197,7 +204,8 @@ class MaskTask(Task):
         """
         if annotated is None:
             annotated = torch.ones(mask.shape[0], dtype=torch.bool)
-        return TaskParts(question, sentences, f"{conclusion} {SEG}", SEG,
+        code = self.format.mask(mask, annotated)
+        return TaskParts(question, sentences, f"{conclusion} {code}", code,
                          {"mask": mask, "annotated_frames": annotated, **answer},
                          dense={"mask": mask, "annotated_frames": annotated})
 
@@ -224,12 +232,20 @@ class MaskTask(Task):
             annotated = first_per_row(outputs["mask_logits"], targets["annotated_frames"])[1]
         return annotated_mask_losses(logits, target, annotated)
 
-    def parse(self, text: Any) -> str | None:
-        """The text itself (the mask comes from the head; the text only carries ``<seg>``)."""
+    def parse(self, text: Any) -> Any:
+        """The text itself (the mask comes from the head; the text only carries ``<seg>``); with a
+        format that writes masks as text, ``{"mask": float [T, H, W]}`` decoded from it (None if the
+        code is missing or malformed)."""
+        if not self.format.dense_masks:
+            mask = self.format.parse_mask(text)
+            return None if mask is None else {"mask": mask}
         return text if isinstance(text, str) else None
 
     def predict(self, text: str, outputs: dict[str, torch.Tensor]) -> dict | None:
-        """``{"mask": probabilities [T, H, W]}`` from the first emitted ``<seg>``; None when none was emitted."""
+        """``{"mask": probabilities [T, H, W]}`` from the first emitted ``<seg>``; None when none was
+        emitted. A format that writes masks as text: the decoded code (:meth:`parse`)."""
+        if not self.format.dense_masks:
+            return self.parse(text)
         logits = outputs.get("mask_logits")
         if logits is None or logits.shape[0] == 0:
             return None

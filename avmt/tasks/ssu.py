@@ -15,7 +15,7 @@ from avmt.tasks.base import TaskParts
 from avmt.tasks.metrics import CaptionBLEU, CaptionCIDErD, CaptionROUGEL, ParseFailureRate
 from avmt.tasks.reasoning import object_sentence
 from avmt.tasks.scene import av_object, scene_objects
-from avmt.tasks.spatial import SEG, MaskTask, sounding_mask
+from avmt.tasks.spatial import MaskTask, sounding_mask
 from avmt.tasks.spatial_metrics import MaskF, MaskJ
 from avmt.tasks.text import extract_tag
 
@@ -44,7 +44,7 @@ class DescriptionCIDErD(_DescriptionMetric, CaptionCIDErD):
 class SSUTask(MaskTask):
     """Segment the sounding source on every frame and describe its region.
 
-    Applies to single-source scenes. Target text: ``<desc> {description} </desc> <seg>`` (with
+    Applies to single-source scenes. Target text: ``<seg> <desc> {description} </desc>`` (with
     reasoning: a sentence on when it is seen and heard first). Answer: ``{"mask": bool [T, H, W],
     "description": str}``. Metrics: J and F of the mask, BLEU-4, ROUGE-L and CIDEr-D of the description,
     the failure rate (no ``<seg>`` or no description).
@@ -58,7 +58,7 @@ class SSUTask(MaskTask):
         "Find the sounding source, describe it and segment it.",
         "Describe where the sound comes from and segment that region.",
     )
-    phrases = ("So the sound comes from", "<desc> {d} </desc> <seg>", DESCRIPTION_TEMPLATE, *MOTION_PHRASES.values())
+    phrases = ("So the sound comes from", "<seg> <desc> {d} </desc>", DESCRIPTION_TEMPLATE, *MOTION_PHRASES.values())
 
     def _compose_clip(self, clip: Clip, rng: random.Random) -> TaskParts:
         scene = clip.scene
@@ -68,9 +68,10 @@ class SSUTask(MaskTask):
             raise SampleError(f"clip {clip.key!r}: task {self.name!r} needs the description of object {source['id']}")
         mask = sounding_mask(clip, self.name, scene_objects(scene))
         tagged = f"<desc> {description} </desc>"
-        parts = self._mask_sample(self._question(rng), [object_sentence(source)],
-                                  f"So the sound comes from {tagged}", mask, description=description)
-        parts.bare = f"{tagged} {SEG}"
+        parts = self._mask_sample(self._question(rng), [object_sentence(source)], "So the sound comes from", mask,
+                                  description=description)
+        # the mask first: a head that feeds its mask back (AVUFormer's mask collaboration) informs the description
+        parts.conclusion, parts.bare = f"{parts.conclusion} {tagged}", f"{parts.bare} {tagged}"
         return parts
 
     def predict(self, text: str, outputs: dict[str, torch.Tensor]) -> dict | None:

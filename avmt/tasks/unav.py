@@ -12,8 +12,9 @@ from torchmetrics import MetricCollection
 from avmt.data.sample import Clip, SampleError
 from avmt.intervals import intersect_ranges, merge_ranges
 from avmt.tasks import register_task
-from avmt.tasks.ave import parse_range
+from avmt.tasks.ave import event_tags
 from avmt.tasks.base import Task, TaskParts
+from avmt.tasks.formats import AnswerFormat
 from avmt.tasks.localization_metrics import MAP_THRESHOLDS, TemporalDetectionMAP, temporal_iou
 from avmt.tasks.metrics import ParseFailureRate
 from avmt.tasks.reasoning import object_sentence
@@ -44,10 +45,10 @@ def av_events(scene: dict) -> list[dict]:
     return sorted(events, key=lambda ev: (ev["range"][0], ev["class"], ev["range"][1]))
 
 
-def events_tags(events: Sequence[dict]) -> str:
-    """``[{"class": "violin", "range": [2, 7]}, ...]`` -> "<event> violin </event> <range> 2,7 </range> ..."."""
-    return " ".join(f"<event> {ev['class']} </event> <range> {ev['range'][0]},{ev['range'][1]} </range>"
-                    for ev in events)
+def events_tags(events: Sequence[dict], answer_format: AnswerFormat | None = None) -> str:
+    """``[{"class": "violin", "range": [2, 7]}, ...]`` -> "<event> violin </event> <range> 2,7 </range> ..."
+    (each range as ``answer_format`` writes it)."""
+    return " ".join(event_tags(ev["class"], ev["range"], answer_format) for ev in events)
 
 
 @register_task
@@ -90,7 +91,7 @@ class UNAVTask(Task):
         if not events:
             raise SampleError(f"clip {scene.get('clip_id')!r}: task {self.name!r} needs an audio-visual event "
                               "and the scene has none")
-        tags = events_tags(events)
+        tags = events_tags(events, self.format)
         return TaskParts(
             question=self._question(rng),
             sentences=[object_sentence(o) for o in ordered_objects(scene)],
@@ -124,7 +125,7 @@ class UNAVTask(Task):
                 if tuple((m.group(1), m.group(2).lower()) for m in group) != _PAIR:
                     return None
                 cls = clean_text(text[group[0].end():group[1].start()])  # as written, case kept
-                rng = parse_range(text[group[2].end():group[3].start()])
+                rng = self.format.parse_range(text[group[2].end():group[3].start()])
                 if not cls or rng is None or rng[1] <= rng[0]:
                     return None
                 out.append({"class": cls, "range": rng})

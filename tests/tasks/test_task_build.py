@@ -124,7 +124,7 @@ def test_build_is_deterministic_given_seed(name, clips, same_value):
 def test_sample_shape_and_round_trip(name, clips, same_value):
     task, bare = get_task(name), get_task(name, reasoning=False)
     specs = {spec.name: spec for spec in task.dense_targets}
-    seg_end = "<seg>" if task.outputs else ">."  # a mask head reads the hidden state of the final <seg>
+    seg_end = ">" if task.outputs else ">."  # a mask answer ends with its tags, no period (ssu: <seg> then <desc>)
     for i, clip in enumerate(usable(task, clips, 150)):
         s, b = make(task, clip, i, clips), make(bare, clip, i, clips)
         assert s.task == name and b.task == name
@@ -173,6 +173,7 @@ def test_sample_shape_and_round_trip(name, clips, same_value):
             # reasoning: one to three sentences, then a concluding sentence holding the tags
             reasoning, _, conclusion = s.target.rpartition(" So ")
             assert reasoning.endswith(".") and conclusion.endswith(seg_end), s.target
+            assert not task.outputs or "<seg>" in conclusion, s.target
             assert 1 <= reasoning.count(". ") + 1 <= 3, s.target
             assert all(part in conclusion for part in b.target.split("> <")), (conclusion, b.target)
 

@@ -273,12 +273,12 @@ SNAPSHOTS = {
         '<video> <audio> Describe where the sound comes from and segment that region.',
         (
             'A red violin on the left is seen and heard from second 2 to second 7. So the sound comes'
-            ' from <desc> a red violin at the top left, moving right </desc> <seg>'
+            ' from <seg> <desc> a red violin at the top left, moving right </desc>'
         ),
     ),
     ('ssu', 0, False): (
         '<video> <audio> Describe where the sound comes from and segment that region.',
-        '<desc> a red violin at the top left, moving right </desc> <seg>',
+        '<seg> <desc> a red violin at the top left, moving right </desc>',
     ),
     ('unav', 0, True): (
         (
