@@ -226,7 +226,7 @@ def test_jobs_share_the_cores_between_concurrent_runs(monkeypatch):
         parser().parse_args(["-c", "grid.yaml", "--jobs", "0"])
 
 
-@pytest.mark.parametrize("name", ["adapters", "transfer"])
+@pytest.mark.parametrize("name", ["adapters", "transfer", "seeds"])
 def test_the_shipped_grid_files_load(name):
     """experiments/grids/*.yaml: every axis, variant config and the transfer section resolve."""
     from avmt.grid import load_grid

@@ -139,3 +139,19 @@ def test_omni_plugins_from_an_architecture(tmp_path):
     wrong = {**TINY_THINKER, "vision_config": {**TINY_THINKER["vision_config"], "depth": 2}}
     with pytest.raises(UserError, match=r"model\.vision_encoder\.init_args\.config\.vision_config\.depth: .* 2 .* 1"):
         QwenOmniVisionEncoder(model=str(tmp_path), config=wrong)
+
+
+SEEDS = ROOT / "experiments" / "seeds"
+#: a seed's total parameters as its paper reports them (where it does), matched within 5 %
+PAPER_TOTALS = {"avuformer": 319.6e6}
+
+
+@pytest.mark.parametrize("name", ["av_unified", "avuformer", *sorted(p.stem for p in SEEDS.glob("*.yaml")
+                                                                        if p.stem not in ("crab", "crab_plus",
+                                                                                          "av_unified", "avuformer"))])
+def test_every_seed_builds_without_weights(name):
+    """Each seed of experiments/seeds/ (full size and tiny, the ablations too) builds offline with parts that train."""
+    counts = count_model(build_without_weights(["-c", str(SEEDS / f"{name}.yaml")]))
+    assert 0 < counts["trainable"] <= counts["total"]
+    if name in PAPER_TOTALS:
+        assert abs(counts["total"] - PAPER_TOTALS[name]) / PAPER_TOTALS[name] < 0.05, counts["total"]

@@ -49,9 +49,12 @@ def test_encoder_plugins(class_path):
 def test_connector_plugins(class_path):
     torch.manual_seed(0)
     connector = build(class_path)
-    connector.build(24, 40)
+    cross_modal = connector.context_modality is not None  # also reads the other modality: [B, T, Q, D_ctx]
+    connector.build(24, 40, context_dim=16 if cross_modal else None)
     features = torch.randn(2, T, 5, 24, requires_grad=True)
-    if connector.reads_instruction:  # the prompt as the LLM embeds it, [B, L, D_llm], the second one padded
+    if cross_modal and not connector.reads_instruction:
+        out = connector(features, torch.randn(2, T, 3, 16))
+    elif connector.reads_instruction:  # the prompt as the LLM embeds it, [B, L, D_llm], the second one padded
         from avmt.connectors import Instruction
 
         out = connector(features, Instruction(torch.randn(2, 6, 40), torch.arange(6).expand(2, 6) < torch.tensor([[6], [4]])))
@@ -114,10 +117,17 @@ def test_head_plugins(class_path):
         vision=torch.randn(3, T, 4, 24),
         grid=(2, 2),
         audio=torch.randn(3, T, 2, 16),
+        levels=(torch.randn(3, T, 4, 24), torch.randn(3, T, 4, 24)),
     )
-    out = head(torch.randn(3, 40), media)
+    group = head.group_size  # a head read at a token group gets [M, G, D_llm]
+    out = head(torch.randn(3, 40) if group == 1 else torch.randn(3, group, 40), media)
     assert out.shape[:2] == (3, T) and torch.isfinite(out).all()
-    out.square().mean().backward()
+    loss = out.square().mean()
+    back = head.feedback(out, media)  # a head that feeds its prediction back to the LLM: [M, D_llm]
+    if back is not None:
+        assert back.shape == (3, 40) and torch.isfinite(back).all()
+        loss = loss + back.square().mean()
+    loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters() if p.requires_grad)
 
 
