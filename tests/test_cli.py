@@ -310,7 +310,7 @@ def test_unknown_head_in_a_list_lists_the_heads(tmp_path):
 
 def test_plugins_lists_the_heads_and_the_tasks(tmp_path):
     listed = run_cli("plugins", cwd=tmp_path).stdout
-    assert "head:\n  avmt.heads.MaskDecoderHead" in listed
+    assert "avmt.heads.MaskDecoderHead" in listed.split("head:\n", 1)[1].split(":\n", 1)[0]  # under the heads
     assert all(f"  {task}" in listed for task in ("s4", "ms3", "arig", "avss", "ref_avs", "ssu"))
     formats = listed.split("dataset format")[1]
     assert all(f"  {name} " in formats for name in ("ave", "music-avqa", "llp", "avsbench", "ref-avs", "avuie"))

@@ -194,24 +194,17 @@ class ViTVisionEncoder(VisionEncoder):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
         return (x - self.pixel_mean) / self.pixel_std
 
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
+    def forward(self, video: torch.Tensor, return_levels: bool = False):
         """Encode every frame.
 
         Args:
             video: ``[B, T, 3, H, W]`` uint8 (0..255) or float (0..1); frames whose size differs
                 from the model's ``image_size`` are resized (bilinear, antialiased).
+            return_levels: also return the ``feature_layers`` hidden states of the same pass
+                (what :meth:`forward_levels` asks for).
         Returns:
-            ``[B, T, P, D]`` patch features, ``P = num_patches``, ``D = output_dim``.
-        """
-        return self.forward_levels(video)[0]
-
-    def forward_levels(self, video: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """:meth:`forward` and the ``feature_layers`` hidden states, from one pass of the tower.
-
-        Args:
-            video: ``[B, T, 3, H, W]`` as in :meth:`forward`.
-        Returns:
-            ``([B, T, P, D], (level [B, T, P, D], ...))``, one level per ``feature_layers`` entry.
+            ``[B, T, P, D]`` patch features, ``P = num_patches``, ``D = output_dim``; with
+            ``return_levels``, ``(features, (level [B, T, P, D], ...))``.
         """
         if video.dim() != 5 or video.shape[2] != 3:
             raise ValueError(f"video must be [B, T, 3, H, W], got shape {tuple(video.shape)}")
@@ -228,7 +221,18 @@ class ViTVisionEncoder(VisionEncoder):
             raise RuntimeError(f"backbone returned {states[0].shape[1]} tokens, fewer than {p} patches")
         # drop CLS / register prefix tokens
         main, *levels = (h[:, h.shape[1] - p :].reshape(b, t, p, h.shape[-1]) for h in states)
-        return main, tuple(levels)
+        return (main, tuple(levels)) if return_levels else main
+
+    def forward_levels(self, video: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """:meth:`forward` and the ``feature_layers`` hidden states, from one pass of the tower (through
+        the module's ``__call__``, so its hooks run).
+
+        Args:
+            video: ``[B, T, 3, H, W]`` as in :meth:`forward`.
+        Returns:
+            ``([B, T, P, D], (level [B, T, P, D], ...))``, one level per ``feature_layers`` entry.
+        """
+        return self(video, return_levels=True)
 
 
 def _feature_layers(feature_layers: list[int], select_layer: int, num_layers: int | None) -> tuple[int, ...]:
