@@ -116,6 +116,34 @@ class Head(nn.Module):
         """
         return None
 
+    @staticmethod
+    def _check_frames(media: EncodedMedia) -> None:
+        """Refuse ``media.frames`` that are not ``[C, T, 3, H, W]`` or a ``media.grid`` that is not ``(h, w)``."""
+        frames = media.frames
+        if frames.dim() != 5 or frames.shape[2] != 3:
+            raise ValueError(f"media.frames must be [C, T, 3, H, W], got shape {tuple(frames.shape)}")
+        if len(media.grid) != 2:
+            raise ValueError(f"media.grid must be (h, w), got {media.grid!r}")
+
+    @staticmethod
+    def _clip_index(shapes: dict[str, torch.Size], frames: torch.Tensor, m: int, clip_index: torch.Tensor | None,
+                    device: torch.device) -> torch.Tensor:
+        """The clip of each of ``m`` queries (``long [M]`` on ``device``), after checking that every feature
+        tensor named in ``shapes`` (``[C, T, ...]``) has the clips and segments of ``frames [C, T, ...]``."""
+        clips = frames.shape[0]
+        for name, shape in shapes.items():
+            if shape[0] != clips:
+                raise ValueError(f"{name} has {shape[0]} clips, media.frames has {clips}")
+            if shape[1] != frames.shape[1]:
+                raise ValueError(f"{name} has T={shape[1]}, media.frames has T={frames.shape[1]}")
+        if clip_index is None:
+            if clips != m:
+                raise ValueError(f"media has {clips} clips, expected one per query (M={m}) when no clip_index is given")
+            return torch.arange(m, device=device)
+        if clip_index.shape != (m,) or (m and not 0 <= int(clip_index.min()) <= int(clip_index.max()) < clips):
+            raise ValueError(f"clip_index must be [M={m}] indices into the {clips} clips, got {clip_index.tolist()}")
+        return clip_index.to(device)
+
     def _check_built(self) -> None:
         if not self.built:
             raise RuntimeError(

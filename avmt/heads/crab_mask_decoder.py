@@ -247,10 +247,7 @@ class CrabMaskDecoderHead(Head):
             raise ValueError(f"queries must be [M, {group}, {llm_dim}] (one state per mask token), "
                              f"got shape {tuple(queries.shape)}")
         frames = media.frames
-        if frames.dim() != 5 or frames.shape[2] != 3:
-            raise ValueError(f"media.frames must be [C, T, 3, H, W], got shape {tuple(frames.shape)}")
-        if len(media.grid) != 2:
-            raise ValueError(f"media.grid must be (h, w), got {media.grid!r}")
+        self._check_frames(media)
         if len(media.levels) < self.num_scales:
             raise UserError(
                 f"{type(self).__name__} reads {self.num_scales} vision feature levels and the vision encoder gives "
@@ -270,20 +267,7 @@ class CrabMaskDecoderHead(Head):
             if audio.dim() != 4 or audio.shape[3] != audio_dim or audio.shape[2] < 1:
                 raise ValueError(f"media.audio must be [C, T, Q>=1, {audio_dim}], got shape {tuple(audio.shape)}")
             shapes["media.audio"] = audio.shape
-        clips, m = frames.shape[0], queries.shape[0]
-        for name, shape in shapes.items():
-            if shape[0] != clips:
-                raise ValueError(f"{name} has {shape[0]} clips, media.frames has {clips}")
-            if shape[1] != frames.shape[1]:
-                raise ValueError(f"{name} has T={shape[1]}, media.frames has T={frames.shape[1]}")
-        device = media.levels[0].device
-        if clip_index is None:
-            if clips != m:
-                raise ValueError(f"media has {clips} clips, expected one per query (M={m}) when no clip_index is given")
-            return torch.arange(m, device=device)
-        if clip_index.shape != (m,) or (m and not 0 <= int(clip_index.min()) <= int(clip_index.max()) < clips):
-            raise ValueError(f"clip_index must be [M={m}] indices into the {clips} clips, got {clip_index.tolist()}")
-        return clip_index.to(device)
+        return self._clip_index(shapes, frames, queries.shape[0], clip_index, media.levels[0].device)
 
     def extra_repr(self) -> str:
         own = (

@@ -138,10 +138,7 @@ class MaskDecoderHead(Head):
         if queries.dim() != 2 or queries.shape[1] != llm_dim:
             raise ValueError(f"queries must be [M, {llm_dim}], got shape {tuple(queries.shape)}")
         frames, vision = media.frames, media.vision
-        if frames.dim() != 5 or frames.shape[2] != 3:
-            raise ValueError(f"media.frames must be [C, T, 3, H, W], got shape {tuple(frames.shape)}")
-        if len(media.grid) != 2:
-            raise ValueError(f"media.grid must be (h, w), got {media.grid!r}")
+        self._check_frames(media)
         h, w = media.grid
         if vision.dim() != 4 or vision.shape[3] != vision_dim:
             raise ValueError(f"media.vision must be [C, T, P, {vision_dim}], got shape {tuple(vision.shape)}")
@@ -155,19 +152,7 @@ class MaskDecoderHead(Head):
                     f"media.audio must be [C, T, Q>=1, {audio_dim}], got shape {tuple(audio.shape)}"
                 )
             shapes["media.audio"] = audio.shape
-        clips, m = frames.shape[0], queries.shape[0]
-        for name, shape in shapes.items():
-            if shape[0] != clips:
-                raise ValueError(f"{name} has {shape[0]} clips, media.frames has {clips}")
-            if shape[1] != frames.shape[1]:
-                raise ValueError(f"{name} has T={shape[1]}, media.frames has T={frames.shape[1]}")
-        if clip_index is None:
-            if clips != m:
-                raise ValueError(f"media has {clips} clips, expected one per query (M={m}) when no clip_index is given")
-            return torch.arange(m, device=vision.device)
-        if clip_index.shape != (m,) or (m and not 0 <= int(clip_index.min()) <= int(clip_index.max()) < clips):
-            raise ValueError(f"clip_index must be [M={m}] indices into the {clips} clips, got {clip_index.tolist()}")
-        return clip_index.to(vision.device)
+        return self._clip_index(shapes, frames, queries.shape[0], clip_index, vision.device)
 
     def extra_repr(self) -> str:
         own = (
