@@ -199,6 +199,23 @@ def _config_class_paths(argv: list[str]) -> list[tuple[str, str]]:
     return found
 
 
+def instantiate_cli(cli_class: type[LightningCLI], args: list[str]) -> LightningCLI:
+    """``cli_class(AVModule, AVDataModule, run=False, save_config_callback=None, args=args)``, built in-process.
+
+    LightningCLI reads ``args`` only, and warns when ``sys.argv`` holds other arguments (those of the command
+    that called this), so ``sys.argv`` is cut to the program name while it is built.
+    """
+    from avmt.data.datamodule import AVDataModule
+    from avmt.module import AVModule
+
+    command_line = sys.argv
+    sys.argv = command_line[:1]
+    try:
+        return cli_class(AVModule, AVDataModule, run=False, save_config_callback=None, args=args)
+    finally:
+        sys.argv = command_line
+
+
 def expand_config_bases(argv: list[str]) -> list[str]:
     """Replace ``-c exp.yaml`` whose file starts from ``config: base.yaml`` by ``-c base.yaml -c <exp without that key>``.
 

@@ -77,9 +77,7 @@ def build_module(configs: Sequence[str | Path]):
     import yaml
     from lightning.pytorch.cli import LightningCLI
 
-    from avmt.cli import expand_config_bases, load_config_file
-    from avmt.data.datamodule import AVDataModule
-    from avmt.module import AVModule
+    from avmt.cli import expand_config_bases, instantiate_cli, load_config_file
 
     args: list[str] = []
     for config in configs:
@@ -91,13 +89,7 @@ def build_module(configs: Sequence[str | Path]):
             args += ["--config", yaml.safe_dump(loaded, sort_keys=False)]
         else:
             args += expand_config_bases(["--config", str(path)])
-    command_line = sys.argv
-    sys.argv = command_line[:1]  # LightningCLI reads args= only; without this it warns about sys.argv
-    try:
-        cli = LightningCLI(AVModule, AVDataModule, run=False, save_config_callback=None, args=args)
-    finally:
-        sys.argv = command_line
-    return cli.model
+    return instantiate_cli(LightningCLI, args).model
 
 
 def load_trained_module(ckpt: Path, configs: Sequence[str | Path], adapter_check: Callable[[Any], None] | None = None):

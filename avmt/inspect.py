@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -254,8 +253,7 @@ def build_without_weights(argv: Sequence[str]):
     """
     from jsonargparse import ArgumentParser
 
-    from avmt.cli import AVCLI, check_plugins, expand_config_bases
-    from avmt.data.datamodule import AVDataModule
+    from avmt.cli import AVCLI, check_plugins, expand_config_bases, instantiate_cli
     from avmt.module import AVModule
 
     class ModelOnlyCLI(AVCLI):
@@ -270,13 +268,7 @@ def build_without_weights(argv: Sequence[str]):
 
     args = expand_config_bases(list(argv))
     check_plugins(args)
-    command_line = sys.argv
-    sys.argv = command_line[:1]  # LightningCLI reads args= only; without this it warns about sys.argv
-    try:
-        cli = ModelOnlyCLI(AVModule, AVDataModule, run=False, save_config_callback=None, args=args)
-    finally:
-        sys.argv = command_line
-    return cli.model.model
+    return instantiate_cli(ModelOnlyCLI, args).model.model
 
 
 def _notes(model) -> list[str]:
