@@ -105,8 +105,10 @@ class AVModel(nn.Module):
                 if other is not head and shared:
                     raise UserError(f"model.heads: {type(head).__name__} (query_tokens {list(head.query_tokens)}) and "
                                     f"{type(other).__name__} both read {sorted(shared)}; give them their own tokens")
+        # head token -> the ids its answers hold in its place (its own id, or its group's)
+        self.query_token_ids = {head.token: [llm.placeholder_id(t) for t in head.query_tokens] for head in heads}
         # head token id -> the ids of its group, for the heads whose answers hold a group in its place
-        self.token_groups = {llm.placeholder_id(head.token): [llm.placeholder_id(t) for t in head.query_tokens]
+        self.token_groups = {llm.placeholder_id(head.token): self.query_token_ids[head.token]
                              for head in heads if head.query_tokens != (head.token,)}
         llm.freeze_base()
         self.adapter = adapter
@@ -295,9 +297,8 @@ class AVModel(nn.Module):
                 connector = self.audio_connector
             elif name == "<video>":
                 connector = self.vision_connector
-            by_modality = {"vision": media.vision, "audio": media.audio}
-            features = by_modality["audio" if name == "<audio>" else "vision"]
-            context = by_modality.get(connector.context_modality)
+            features = media.features("audio" if name == "<audio>" else "vision")
+            context = media.features(connector.context_modality)
             if name == "<image>":
                 segments = torch.tensor([ref.segment for _, ref in refs], dtype=torch.long, device=device)
                 features = features[clips, segments].unsqueeze(1)  # [n, 1, P, D_v]
@@ -440,7 +441,7 @@ class AVModel(nn.Module):
             token -> ``Dense(rows, [M, D])`` (``[M, G, D]`` for a head with a group of G tokens), and
             token -> ``long [M]`` the index in ``ids`` of each emission's last group token.
         """
-        groups = {head.token: [self.llm.placeholder_id(t) for t in head.query_tokens] for head in self.heads}
+        groups = dict(self.query_token_ids)
         for token in state_tokens:
             groups.setdefault(token, [self.llm.placeholder_id(token)])
         found: dict[str, Dense] = {}
@@ -597,7 +598,7 @@ class AVModel(nn.Module):
         batch_size, device = embeds.shape[0], embeds.device
         pad = self.tokenizer.pad_token_id
         stops = torch.tensor(self.llm.stop_token_ids, dtype=torch.long, device=device)
-        heads = [(head, torch.tensor([self.llm.placeholder_id(t) for t in head.query_tokens], device=device))
+        heads = [(head, torch.tensor(self.query_token_ids[head.token], device=device))
                  for head in self.heads if head.gives_feedback]
         generated = torch.zeros((batch_size, 0), dtype=torch.long, device=device)
         unfinished = torch.ones(batch_size, dtype=torch.bool, device=device)

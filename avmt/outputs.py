@@ -35,6 +35,10 @@ class EncodedMedia:
     audio: Tensor
     levels: tuple[Tensor, ...] = ()
 
+    def features(self, modality: str | None) -> Tensor | None:
+        """The ``"vision"`` or ``"audio"`` features (a cross-modal connector's ``context_modality``); None for None."""
+        return {"vision": self.vision, "audio": self.audio, None: None}[modality]
+
     def take(self, index: Tensor) -> "EncodedMedia":
         """The clips ``index`` (``long [M]``, repeats allowed), in that order."""
         return EncodedMedia(

@@ -284,10 +284,9 @@ def _probe_logits(model: nn.Module, probes: nn.ModuleDict, frames: torch.Tensor,
     and waveforms ``[C, S]``, encoded as the model encodes media (:meth:`~avmt.model.AVModel.encode_media`)."""
     t = frames.shape[1]
     media = model.encode_media(frames, audio)
-    by_modality = {"vision": media.vision, "audio": media.audio}
 
     def tokens(connector: nn.Module, features: torch.Tensor) -> torch.Tensor:
-        context = by_modality.get(getattr(connector, "context_modality", None))  # a cross-modal connector's other modality
+        context = media.features(getattr(connector, "context_modality", None))  # a cross-modal connector's other modality
         return connector(features, *(() if context is None else (context,)))
 
     return (probes["vision"](_segment_mean(tokens(model.vision_connector, media.vision), t, "vision")),
