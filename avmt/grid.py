@@ -253,6 +253,18 @@ def load_grid(path: Path) -> Grid:
                 compare)
 
 
+def _axis_variants(key: str, axis: Any, axis_points: dict[str, list[tuple]], path: Path) -> list[str]:
+    """The variants of ``axis`` as ``format_value`` prints them, for the grid file's section ``key``.
+
+    Raises:
+        UserError: ``axis`` is not an axis of the grid.
+    """
+    if axis not in axis_points:
+        raise UserError(f"{path}: key '{key}': axis {axis!r} is not an axis of the grid "
+                         f"(axes: {', '.join(axis_points) or 'none'})")
+    return [format_value(point[0]) for point in axis_points[axis]]
+
+
 def check_compare(section: Any, axis_points: dict[str, list[tuple]], path: Path) -> dict[str, Any] | None:
     """The grid file's ``compare`` section, checked against its axes.
 
@@ -266,10 +278,7 @@ def check_compare(section: Any, axis_points: dict[str, list[tuple]], path: Path)
         raise UserError(f"{path}: key 'compare' must be a mapping with the key axis (and optionally ablations): "
                          f"{GRID_KEYS['compare']}")
     axis = section["axis"]
-    if axis not in axis_points:
-        raise UserError(f"{path}: key 'compare': axis {axis!r} is not an axis of the grid "
-                         f"(axes: {', '.join(axis_points) or 'none'})")
-    variants = [format_value(point[0]) for point in axis_points[axis]]
+    variants = _axis_variants("compare", axis, axis_points, path)
     ablations = section.get("ablations") or {}
     if not isinstance(ablations, dict):
         raise UserError(f"{path}: key 'compare.ablations' must map ablation variants to the variants they ablate")
@@ -377,10 +386,7 @@ def check_transfer(section: Any, axis_points: dict[str, list[tuple]], path: Path
         raise UserError(f"{path}: key 'transfer' must be a mapping with exactly the keys "
                          f"{', '.join(TRANSFER_KEYS)} ({GRID_KEYS['transfer']})")
     axis, multi = section["axis"], format_value(section["multi"])
-    if axis not in axis_points:
-        raise UserError(f"{path}: key 'transfer': axis {axis!r} is not an axis of the grid "
-                         f"(axes: {', '.join(axis_points) or 'none'})")
-    variants = [format_value(point[0]) for point in axis_points[axis]]
+    variants = _axis_variants("transfer", axis, axis_points, path)
     if multi not in variants:
         raise UserError(f"{path}: key 'transfer': multi {multi!r} is not a variant of axis {axis!r} "
                          f"(variants: {', '.join(variants)})")
