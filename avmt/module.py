@@ -294,6 +294,8 @@ class AVModule(L.LightningModule):
         self._check_num_segments(datamodule)
         if stage == "fit" and self.media_pretraining is not None:
             self.pretrain_media(datamodule, self.trainer.strategy.root_device)
+        elif self.media_pretraining is not None:
+            self.media_pretraining.freeze(self.model)  # the checkpoint's encoders, frozen as in its fit
         produced = {head.output for head in self.model.heads}
         for name in dict.fromkeys([*names, *self.tasks]):
             task = self._task(name)

@@ -205,10 +205,19 @@ class MediaPretraining:
                     _save(folder, saved, self.curve, self.settings())
         for name in _PARTS:
             getattr(model, name).load_state_dict(saved[name])
+        self.freeze(model)
+        return self.curve
+
+    def freeze(self, model: nn.Module) -> None:
+        """Freeze ``model``'s encoders when ``freeze_encoders`` is set, as after stage 1.
+
+        A checkpoint of a fit that ran stage 1 holds the stage-1 encoder weights; validate, test and
+        predict call this so that the encoders are frozen there as they were in training (and the
+        feature cache, which accepts only frozen encoders, can serve them).
+        """
         if self.freeze_encoders:
             model.vision_encoder._apply_freeze(True)
             model.audio_encoder._apply_freeze(True)
-        return self.curve
 
     def _train(self, model: nn.Module, train_shards: Sequence[Path], val_shards: Sequence[Path],
                device: torch.device | str) -> dict[str, dict[str, torch.Tensor]]:

@@ -120,3 +120,28 @@ def test_base_pixel_normalization_is_avsynths_pixel_statistics():
     mean, std = frames.mean(dim=(0, 1, 3, 4)), frames.std(dim=(0, 1, 3, 4))
     assert torch.allclose(mean, torch.tensor(init["image_mean"]), atol=0.01), mean
     assert torch.allclose(std, torch.tensor(init["image_std"]), atol=0.01), std
+
+
+@pytest.mark.parametrize("stage", ["validate", "test", "predict"])
+def test_outside_fit_the_encoders_are_frozen_as_stage_1_left_them(stage):
+    """validate / test / predict rebuild the model from the run's config (encoders ``freeze: false``, frozen by
+    stage 1 during fit) and load the checkpoint: the encoders must be frozen there too, or a feature cache
+    (which takes only frozen encoders) refuses the checkpoint of a run that trained on it."""
+    from avmt.data.features import check_frozen
+    from avmt.errors import UserError
+    from avmt.module import AVModule
+
+    model = _model()
+    with pytest.raises(UserError, match="vision encoder is trainable"):
+        check_frozen(model)
+    parts = {name: getattr(model, name) for name in ("llm", "vision_encoder", "audio_encoder", "vision_connector",
+                                                      "audio_connector")}
+    module = AVModule(**parts, num_segments=10, media_pretraining=MediaPretraining(epochs=1))
+    module.setup(stage)
+    check_frozen(module.model)  # no error: frozen
+    assert all(p.requires_grad for p in module.model.vision_connector.parameters())
+
+    unfrozen = AVModule(**{name: getattr(_model(), name) for name in parts}, num_segments=10,
+                        media_pretraining=MediaPretraining(epochs=1, freeze_encoders=False))
+    unfrozen.setup(stage)
+    assert all(p.requires_grad for p in unfrozen.model.vision_encoder.parameters())
