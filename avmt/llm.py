@@ -359,6 +359,11 @@ class CausalLM(nn.Module):
         hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size,
             max_position_embeddings: the tiny config (ignored when ``model`` is given);
             ``num_kv_heads=None`` = ``num_heads``.
+        initializer_range: standard deviation of the tiny config's random weights (transformers'
+            ``initializer_range``; ignored when ``model`` or ``config`` is given). The default 0.02 is
+            sized for widths near 1,000: at width 128 every random projection shrinks its input about
+            4x, so the frozen random layers pass little between positions until the adapter learns to;
+            ``1 / sqrt(hidden_size)`` keeps the signal's scale through each projection.
         special_tokens: tokens added to the tokenizer, each one id, each with a new trainable row.
         gguf_file: GGUF file inside ``model`` to load weights and tokenizer from.
         torch_dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` (or ``"auto"`` for a checkpoint).
@@ -406,6 +411,7 @@ class CausalLM(nn.Module):
         num_kv_heads: int | None = None,
         intermediate_size: int = 256,
         max_position_embeddings: int = 2048,
+        initializer_range: float = 0.02,
         special_tokens: list[str] = DEFAULT_SPECIAL_TOKENS,
         gguf_file: str | None = None,
         torch_dtype: str = "float32",
@@ -458,6 +464,7 @@ class CausalLM(nn.Module):
                 num_kv_heads=num_kv_heads,
                 intermediate_size=intermediate_size,
                 max_position_embeddings=max_position_embeddings,
+                initializer_range=initializer_range,
                 tokenizer=tokenizer,
             )
             if torch_dtype != "auto":
@@ -806,8 +813,12 @@ def _tiny_model(
     intermediate_size: int,
     max_position_embeddings: int,
     tokenizer,
+    initializer_range: float = 0.02,
 ) -> nn.Module:
-    """A random ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` (torch RNG: deterministic under a seed)."""
+    """A random ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` (torch RNG: deterministic under a seed); its
+    weights are drawn with standard deviation ``initializer_range``."""
+    if not initializer_range > 0:
+        raise UserError(f"model.llm.init_args.initializer_range must be > 0, got {initializer_range!r}")
     if hidden_size % num_heads != 0:
         raise UserError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
     kv = num_heads if num_kv_heads is None else num_kv_heads
@@ -825,6 +836,7 @@ def _tiny_model(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
+        initializer_range=float(initializer_range),
     )
     if architecture == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM

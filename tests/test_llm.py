@@ -277,3 +277,21 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     (loss_a, grads_a), (loss_b, grads_b) = grads
     assert torch.allclose(loss_a, loss_b) and len(grads_a) == len(grads_b) > 0
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_a, grads_b))
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+def test_tiny_llm_draws_its_weights_with_initializer_range(architecture):
+    from avmt.errors import UserError
+
+    torch.manual_seed(0)
+    default = CausalLM(architecture=architecture, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128)
+    torch.manual_seed(0)
+    wide = CausalLM(architecture=architecture, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128,
+                    initializer_range=0.125)
+    for llm, std in ((default, 0.02), (wide, 0.125)):
+        assert llm.model.config.initializer_range == std
+        for name in ("q_proj", "down_proj"):
+            weight = next(p for n, p in llm.model.named_parameters() if n.endswith(f"{name}.weight"))
+            assert weight.std().item() == pytest.approx(std, rel=0.1), name
+    with pytest.raises(UserError, match="initializer_range must be > 0"):
+        CausalLM(hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128, initializer_range=0.0)
