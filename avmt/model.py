@@ -54,6 +54,9 @@ class AVModel(nn.Module):
         segment_embedding: add a learned embedding of the segment index to every media token
             (shared by video, audio and image tokens, so the tokens of one second carry the same
             time code); it tells the LLM *when* a token was seen or heard.
+        media_token_rms: rescale every connector token to this root mean square before its time code
+            is added (``None``: as the connector gives it). Stage-1 connectors give tokens ~100x the
+            tiny LLM's word embeddings, which then hardly move the residual stream at text positions.
         image_connector: ``[n, 1, P, D_v]`` → ``[n, N_i, D_llm]`` for ``<image>`` (one segment's
             frame); ``None`` uses the vision connector on that one frame.
         heads: dense heads, each reading the states at its own special token.
@@ -71,8 +74,12 @@ class AVModel(nn.Module):
         segment_embedding: bool = True,
         image_connector: Connector | None = None,
         heads: Sequence[Head] = (),
+        media_token_rms: float | None = None,
     ) -> None:
         super().__init__()
+        if media_token_rms is not None and not media_token_rms > 0:
+            raise UserError(f"model.media_token_rms must be > 0 (or null), got {media_token_rms!r}")
+        self.media_token_rms = None if media_token_rms is None else float(media_token_rms)
         self.llm = llm
         self.vision_encoder = vision_encoder
         self.audio_encoder = audio_encoder
@@ -341,11 +348,13 @@ class AVModel(nn.Module):
         return Instruction(text, mask)
 
     def _add_time_codes(self, tokens: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
-        """Connector tokens plus their segment's embedding.
+        """Connector tokens (rescaled to ``media_token_rms`` when set) plus their segment's embedding.
 
         ``tokens [n, T·k, D]`` are segment by segment (``segments`` None), or ``[n, k, D]`` all of
         segment ``segments [n]``.
         """
+        if self.media_token_rms is not None:
+            tokens = tokens * (self.media_token_rms * torch.rsqrt(tokens.pow(2).mean(-1, keepdim=True) + 1e-6))
         if self.segment_embedding is None:
             return tokens
         if segments is not None:

@@ -143,6 +143,8 @@ class AVModule(L.LightningModule):
         heads: head plugins (e.g. the mask decoder read at ``<seg>``).
         num_segments: T, segments per clip (must match the data).
         segment_embedding: add a learned segment-index (time) embedding to every media token.
+        media_token_rms: rescale every connector token to this root mean square before the LLM reads
+            it (``None``: as the connector gives it); see :class:`~avmt.model.AVModel`.
         learning_rate: peak AdamW learning rate.
         weight_decay: AdamW weight decay.
         warmup_ratio: fraction of the training steps with linear warm-up (cosine decay after).
@@ -202,6 +204,7 @@ class AVModule(L.LightningModule):
         bootstrap_resamples: int = 100,
         nonfinite: str = "raise",
         max_nonfinite_fraction: float = 0.1,
+        media_token_rms: float | None = None,
     ) -> None:
         super().__init__()
         if nonfinite not in NONFINITE_POLICIES:
@@ -217,7 +220,7 @@ class AVModule(L.LightningModule):
         self.model = AVModel(
             llm, vision_encoder, audio_encoder, vision_connector, audio_connector, adapter,
             num_segments=num_segments, segment_embedding=segment_embedding,
-            image_connector=image_connector, heads=heads,
+            image_connector=image_connector, heads=heads, media_token_rms=media_token_rms,
         )
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay

@@ -285,6 +285,17 @@ def test_configs_merge_in_order(tmp_path):
     assert adapter["init_args"]["r"] == 16  # kept from ilora.yaml
 
 
+def test_signal_scale_ablation_sets_only_its_two_keys(tmp_path):
+    plain = yaml.safe_load(run_cli("fit", "-c", str(EXPERIMENTS / "ilora.yaml"), "--print_config", cwd=tmp_path).stdout)
+    scaled = yaml.safe_load(run_cli("fit", "-c", str(EXPERIMENTS / "ilora.yaml"), "-c", str(EXPERIMENTS / "signal_scale.yaml"),
+                                    "--print_config", cwd=tmp_path).stdout)
+    assert (plain["model"]["media_token_rms"], plain["model"]["llm"]["init_args"]["initializer_range"]) == (None, 0.02)
+    assert (scaled["model"]["media_token_rms"], scaled["model"]["llm"]["init_args"]["initializer_range"]) == (1.0, 0.088)
+    scaled["model"]["media_token_rms"] = None
+    scaled["model"]["llm"]["init_args"]["initializer_range"] = 0.02
+    assert scaled == plain  # nothing else changes (the LLM plugin and its other settings stay ilora.yaml's)
+
+
 def test_unknown_class_path_lists_the_plugins(tmp_path):
     result = run_cli(
         "fit",

@@ -308,3 +308,35 @@ def test_feature_layers_deeper_than_the_selected_layer_are_refused():
     with pytest.raises(UserError, match="deeper than select_layer"):
         ViTVisionEncoder(image_size=32, patch_size=16, hidden_size=32, num_layers=3, num_heads=2,
                          select_layer=-2, feature_layers=[3])
+
+
+def test_media_token_rms_rescales_each_connector_token_before_its_time_code(make_batch):
+    def build(rms):
+        torch.manual_seed(0)
+        return AVModel(
+            CausalLM(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
+            ViTVisionEncoder(image_size=32, patch_size=16, hidden_size=32, num_layers=1, num_heads=2),
+            Wav2Vec2AudioEncoder(hidden_size=32, num_layers=1, num_heads=2, tokens_per_segment=2),
+            QFormerConnector(num_queries=2, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
+            MLPConnector(tokens_per_segment=3, hidden_size=32),
+            num_segments=T, media_token_rms=rms,
+        )
+
+    plain, scaled = build(None), build(0.5)
+    frames, audio = media(2)
+    prompts = ["<video> <audio> Is the dog heard?", "<audio> <video> Where is it?"]
+    batch = make_batch(prompts, frames, audio, [1, 0])
+    refs = {name: iter_refs(batch.media, name) for name in ("<video>", "<audio>")}
+    with torch.no_grad():
+        before = plain.media_tokens(plain.encode_media(frames, audio), refs)
+        after = scaled.media_tokens(scaled.encode_media(frames, audio), refs)
+        codes = scaled.segment_embedding.weight
+    for name, per_segment in (("<video>", 2), ("<audio>", 3)):
+        time_codes = codes.repeat_interleave(per_segment, dim=0)
+        raw, rescaled = before[name] - time_codes, after[name] - time_codes  # same seed: same weights and codes
+        rms = rescaled.pow(2).mean(-1).sqrt()
+        torch.testing.assert_close(rms, torch.full_like(rms, 0.5), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(rescaled, raw * (0.5 / raw.pow(2).mean(-1, keepdim=True).sqrt()), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(raw.pow(2).mean(-1).sqrt(), rms)  # the connector's own scale differs
+    with pytest.raises(UserError, match="media_token_rms must be > 0"):
+        build(0.0)
