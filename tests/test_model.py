@@ -17,8 +17,8 @@ T = 4  # segments
 SAMPLE_RATE = 16000
 
 
-@pytest.fixture(scope="module")
-def model() -> AVModel:
+def build_model(**options) -> AVModel:
+    """The tiny seeded model of these tests; ``options`` go to AVModel."""
     torch.manual_seed(0)
     return AVModel(
         CausalLM(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
@@ -28,7 +28,13 @@ def model() -> AVModel:
         MLPConnector(tokens_per_segment=3, hidden_size=32),
         ILoRA(r=4, alpha=8, num_heads=3, dropout=0.0),
         num_segments=T,
+        **options,
     )
+
+
+@pytest.fixture(scope="module")
+def model() -> AVModel:
+    return build_model()
 
 
 def media(clips: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,18 +317,7 @@ def test_feature_layers_deeper_than_the_selected_layer_are_refused():
 
 
 def test_media_token_rms_rescales_each_connector_token_before_its_time_code(make_batch):
-    def build(rms):
-        torch.manual_seed(0)
-        return AVModel(
-            CausalLM(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
-            ViTVisionEncoder(image_size=32, patch_size=16, hidden_size=32, num_layers=1, num_heads=2),
-            Wav2Vec2AudioEncoder(hidden_size=32, num_layers=1, num_heads=2, tokens_per_segment=2),
-            QFormerConnector(num_queries=2, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
-            MLPConnector(tokens_per_segment=3, hidden_size=32),
-            num_segments=T, media_token_rms=rms,
-        )
-
-    plain, scaled = build(None), build(0.5)
+    plain, scaled = build_model(), build_model(media_token_rms=0.5)
     frames, audio = media(2)
     prompts = ["<video> <audio> Is the dog heard?", "<audio> <video> Where is it?"]
     batch = make_batch(prompts, frames, audio, [1, 0])
@@ -339,4 +334,4 @@ def test_media_token_rms_rescales_each_connector_token_before_its_time_code(make
         torch.testing.assert_close(rescaled, raw * (0.5 / raw.pow(2).mean(-1, keepdim=True).sqrt()), rtol=1e-4, atol=1e-5)
         assert not torch.allclose(raw.pow(2).mean(-1).sqrt(), rms)  # the connector's own scale differs
     with pytest.raises(UserError, match="media_token_rms must be > 0"):
-        build(0.0)
+        build_model(media_token_rms=0.0)
