@@ -276,7 +276,8 @@ def epoch(root: Path, **kwargs) -> Counted:
     data.setup("fit")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CorruptSampleWarning)
-        kept = [key for batch in data.train_dataloader() for key in batch.clip_keys]
+        # the distinct clips trained (an epoch short of batches repeats its last one up to its length)
+        kept = list(dict.fromkeys(key for batch in data.train_dataloader() for key in batch.clip_keys))
     counter = data.datasets["train"].counter
     messages = "\n".join(str(w.message) for w in caught if issubclass(w.category, CorruptSampleWarning))
     return Counted(dict(counter.reasons), list(counter.keys), messages, kept)

@@ -306,8 +306,10 @@ class BatchedStream(IterableDataset):
             with one batch more would wait forever in the gradient all-reduce): each worker makes
             its quota (:func:`~avmt.data.resume.rank_quotas`; a rank with fewer clips splits some
             of its batches, :func:`~avmt.data.resume.batch_sizes`, so every clip is still taken
-            once), and under DDP a worker that runs short (corrupt clips skipped) repeats its last
-            batch up to it, with a warning. Evaluation keeps every clip once (``False``).
+            once), and a worker that runs short (corrupt clips skipped, clips no task applies to)
+            repeats its last batch up to it, with a warning: under DDP a short rank would hang, and
+            with one process Lightning skips the end-of-epoch validation of an epoch shorter than
+            its announced length. Evaluation keeps every clip once (``False``).
 
     ``resume_batches``: batches of this rank that the next pass leaves out, as the first of the
     epoch's (a resumed run's, set by :class:`~avmt.data.resume.ResumableLoader`); each worker
@@ -389,16 +391,19 @@ class BatchedStream(IterableDataset):
             last = batch
             if made > skip:
                 yield batch
-        if quota is not None and made < quota and self.world_size > 1:
+        if quota is not None and made < quota:
+            # Lightning validates at an epoch's end only after the announced number of batches: a
+            # short epoch would end without validation (and under DDP the short rank would hang)
             if last is None:  # nothing usable in this reader's share: no batch to repeat
                 raise UserError(
                     f"DDP rank {self.rank}, worker {worker}: its share of the {self.stream.split} split gave no usable "
                     f"clip (of {self.stream.counter.read} read), while every rank must take {len(self)} steps; check the "
                     "shards or use fewer devices / data.num_workers")
             warnings.warn(
-                f"DDP rank {self.rank}, worker {worker}: {quota - made} {self.stream.split} batch(es) short (corrupt "
-                f"clips skipped: {dict(self.stream.counter.reasons)}, or fewer clips in its shards than another rank "
-                "has batches); repeating its last batch so that every rank takes the same number of steps",
+                f"DDP rank {self.rank}, worker {worker}: {quota - made} {self.stream.split} batch(es) short (clips "
+                f"skipped: {dict(self.stream.counter.reasons)}, clips none of data.tasks applies to, or fewer clips "
+                "in its shards than another rank has batches); repeating its last batch so that the epoch has the "
+                "steps the loader announced (every rank the same, and Lightning's end-of-epoch validation runs)",
                 CorruptSampleWarning, stacklevel=2)
             for index in range(made, quota):
                 if index >= skip:

@@ -131,3 +131,50 @@ def test_a_rank_short_of_clips_repeats_its_last_batch_to_keep_in_step(nine, tmp_
     with pytest.warns(CorruptSampleWarning, match="DDP rank 1, worker 0: 2 train batch"):
         got = _keys(data.train_dataloader())
     assert len(got) == expected_steps == 5 and got[-1] == got[-2] == got[-3]
+
+
+def test_one_process_short_of_clips_still_takes_its_announced_steps(nine, tmp_path):
+    """With one process too, an epoch that lost clips (corrupt, or none of the tasks applies) keeps the length
+    its loader announced, by repeating the last batch: Lightning runs the end-of-epoch validation only after
+    that many batches, so a shorter epoch ended without any validation (and without scores)."""
+    import shutil
+
+    import lightning as L
+
+    shutil.copytree(nine, tmp_path / "data")
+    shard = next((tmp_path / "data" / "train").glob("*.tar"))
+    items = read_tar(shard)
+    for position in (2, 5):
+        items[position][1]["frames.png"] = b"\x89PNG not really"
+    write_tar(shard, items)
+    loader = _data(tmp_path / "data", clips_per_batch=2).train_dataloader()
+    assert len(loader) == 5  # 9 clips in batches of 2, as the manifest says
+    with pytest.warns(CorruptSampleWarning, match="DDP rank 0, worker 0: 1 train batch"):
+        got = _keys(loader)
+    assert len(got) == 5 and got[-1] == got[-2] and len({key for batch in got for key in batch}) == 7
+
+    class Recorder(L.LightningModule):
+        """Counts validation batches; trains one weight on the batches' clip counts."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(1))
+            self.validated = 0
+
+        def training_step(self, batch, index):
+            return self.weight.sum() * len(batch.clip_keys)
+
+        def validation_step(self, batch, index):
+            self.validated += 1
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = _data(tmp_path / "data", clips_per_batch=2)
+    recorder = Recorder()
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(recorder, train_dataloaders=data.train_dataloader(), val_dataloaders=data.val_dataloader())
+    assert trainer.global_step == 5 and recorder.validated > 0
