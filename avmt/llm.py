@@ -813,7 +813,7 @@ def _tiny_model(
     intermediate_size: int,
     max_position_embeddings: int,
     tokenizer,
-    initializer_range: float = 0.02,
+    initializer_range: float,
 ) -> nn.Module:
     """A random ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` (torch RNG: deterministic under a seed); its
     weights are drawn with standard deviation ``initializer_range``."""

@@ -354,7 +354,7 @@ class AVModel(nn.Module):
         segment ``segments [n]``.
         """
         if self.media_token_rms is not None:
-            tokens = tokens * (self.media_token_rms * torch.rsqrt(tokens.pow(2).mean(-1, keepdim=True) + 1e-6))
+            tokens = nn.functional.rms_norm(tokens, tokens.shape[-1:], eps=1e-6) * self.media_token_rms
         if self.segment_embedding is None:
             return tokens
         if segments is not None:
