@@ -57,6 +57,10 @@ class AVModel(nn.Module):
         media_token_rms: rescale every connector token to this root mean square before its time code
             is added (``None``: as the connector gives it). Stage-1 connectors give tokens ~100x the
             tiny LLM's word embeddings, which then hardly move the residual stream at text positions.
+        time_word_rms: also add to every media token of segment ``s`` the LLM's own input embedding
+            of the word that answers write for time ``s`` (:meth:`set_time_words`; "3" for the third
+            second with tagged text), rescaled to this root mean square (``None``: off). The time
+            code is then the very token the answer has to produce for that second.
         image_connector: ``[n, 1, P, D_v]`` → ``[n, N_i, D_llm]`` for ``<image>`` (one segment's
             frame); ``None`` uses the vision connector on that one frame.
         heads: dense heads, each reading the states at its own special token.
@@ -75,11 +79,15 @@ class AVModel(nn.Module):
         image_connector: Connector | None = None,
         heads: Sequence[Head] = (),
         media_token_rms: float | None = None,
+        time_word_rms: float | None = None,
     ) -> None:
         super().__init__()
-        if media_token_rms is not None and not media_token_rms > 0:
-            raise UserError(f"model.media_token_rms must be > 0 (or null), got {media_token_rms!r}")
+        for key, value in (("media_token_rms", media_token_rms), ("time_word_rms", time_word_rms)):
+            if value is not None and not value > 0:
+                raise UserError(f"model.{key} must be > 0 (or null), got {value!r}")
         self.media_token_rms = None if media_token_rms is None else float(media_token_rms)
+        self.time_word_rms = None if time_word_rms is None else float(time_word_rms)
+        self.time_word_ids: list[list[int]] = []  # per segment, the token ids of its time word (set_time_words)
         self.llm = llm
         self.vision_encoder = vision_encoder
         self.audio_encoder = audio_encoder
@@ -347,21 +355,51 @@ class AVModel(nn.Module):
         mask = torch.arange(width, device=input_ids.device).unsqueeze(0) < lengths.unsqueeze(1)
         return Instruction(text, mask)
 
+    def set_time_words(self, words: Sequence[str]) -> None:
+        """The word answers write for each time ``0..T-1`` (an answer format's ``time(s)``), whose
+        input embedding is the segment's time code when ``time_word_rms`` is set.
+
+        Raises:
+            UserError: not one word per segment, or a word the tokenizer does not know.
+        """
+        if len(words) != self.num_segments:
+            raise UserError(f"model.time_word_rms needs one time word per segment ({self.num_segments}), "
+                            f"got {len(words)}")
+        unk = getattr(self.tokenizer, "unk_token_id", None)
+        ids = [self.tokenizer(word, add_special_tokens=False)["input_ids"] for word in words]
+        unknown = [word for word, word_ids in zip(words, ids) if not word_ids or unk in word_ids]
+        if unknown:
+            raise UserError(f"model.time_word_rms: the LLM's tokenizer does not know the time word(s) {unknown}")
+        self.time_word_ids = ids
+
+    def time_codes(self) -> torch.Tensor | None:
+        """``[T, D]`` what is added to every media token of each segment: the learned segment
+        embedding and/or the rescaled embedding of its time word; ``None`` when neither is on."""
+        codes = None if self.segment_embedding is None else self.segment_embedding.weight
+        if self.time_word_rms is None:
+            return codes
+        if not self.time_word_ids:
+            raise RuntimeError("model.time_word_rms is set but set_time_words was never called")
+        device = next(self.llm.model.get_input_embeddings().parameters()).device
+        words = torch.stack([self.llm.embed(torch.tensor(ids, device=device)).mean(0) for ids in self.time_word_ids])
+        words = nn.functional.rms_norm(words, words.shape[-1:], eps=1e-6) * self.time_word_rms  # [T, D]
+        return words if codes is None else codes + words
+
     def _add_time_codes(self, tokens: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
-        """Connector tokens (rescaled to ``media_token_rms`` when set) plus their segment's embedding.
+        """Connector tokens (rescaled to ``media_token_rms`` when set) plus their segment's time code.
 
         ``tokens [n, T·k, D]`` are segment by segment (``segments`` None), or ``[n, k, D]`` all of
         segment ``segments [n]``.
         """
         if self.media_token_rms is not None:
             tokens = nn.functional.rms_norm(tokens, tokens.shape[-1:], eps=1e-6) * self.media_token_rms
-        if self.segment_embedding is None:
+        codes = self.time_codes()
+        if codes is None:
             return tokens
         if segments is not None:
-            return tokens + self.segment_embedding(segments).unsqueeze(1).to(tokens.dtype)
+            return tokens + codes[segments].unsqueeze(1).to(tokens.dtype)
         per_segment = tokens.shape[1] // self.num_segments
-        codes = self.segment_embedding.weight.repeat_interleave(per_segment, dim=0)  # [T·k, D]
-        return tokens + codes.to(tokens.dtype)
+        return tokens + codes.repeat_interleave(per_segment, dim=0).to(tokens.dtype)  # [T·k, D]
 
     def embed(self, input_ids: torch.Tensor, media: EncodedMedia, refs: Sequence[tuple],
               prompt_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -145,6 +145,9 @@ class AVModule(L.LightningModule):
         segment_embedding: add a learned segment-index (time) embedding to every media token.
         media_token_rms: rescale every connector token to this root mean square before the LLM reads
             it (``None``: as the connector gives it); see :class:`~avmt.model.AVModel`.
+        time_word_rms: add the LLM's embedding of each segment's time word (as the answer format
+            writes it), rescaled to this root mean square, to that segment's media tokens
+            (``None``: off); see :class:`~avmt.model.AVModel`.
         learning_rate: peak AdamW learning rate.
         weight_decay: AdamW weight decay.
         warmup_ratio: fraction of the training steps with linear warm-up (cosine decay after).
@@ -205,6 +208,7 @@ class AVModule(L.LightningModule):
         nonfinite: str = "raise",
         max_nonfinite_fraction: float = 0.1,
         media_token_rms: float | None = None,
+        time_word_rms: float | None = None,
     ) -> None:
         super().__init__()
         if nonfinite not in NONFINITE_POLICIES:
@@ -221,6 +225,7 @@ class AVModule(L.LightningModule):
             llm, vision_encoder, audio_encoder, vision_connector, audio_connector, adapter,
             num_segments=num_segments, segment_embedding=segment_embedding,
             image_connector=image_connector, heads=heads, media_token_rms=media_token_rms,
+            time_word_rms=time_word_rms,
         )
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
@@ -240,6 +245,7 @@ class AVModule(L.LightningModule):
         self.task_ids = task_ids()
         # the data module's answer format, taken in setup (tasks built before it use the default)
         self.answer_format: AnswerFormat = TaggedText()
+        self._set_time_words()
         self._saved_answer_format: dict[str, Any] | None = None  # a loaded checkpoint's, checked in setup
         self.tasks: dict[str, Task] = {}
         self.task_metrics = nn.ModuleDict()
@@ -336,9 +342,16 @@ class AVModule(L.LightningModule):
                 "to model.llm.init_args.special_tokens")
         if answer_format != self.answer_format:
             self.answer_format = answer_format
+            self._set_time_words()
             self._loss_tasks = {}
             if self.tasks:
                 self._score_tasks(list(self.tasks))
+
+    def _set_time_words(self) -> None:
+        """Give the model the answer format's word for each time ``0..T-1`` (its time codes, when
+        ``time_word_rms`` is set)."""
+        if self.model.time_word_rms is not None:
+            self.model.set_time_words([self.answer_format.time(s) for s in range(self.model.num_segments)])
 
     def _check_num_segments(self, datamodule: Any) -> None:
         """Refuse a model whose ``num_segments`` differs from the segments per clip of the data."""

@@ -186,7 +186,7 @@ def test_the_data_module_builds_its_tasks_with_its_format():
         AVDataModule(tasks=["ave"], answer_format="discrete")
 
 
-def tiny_module(special_tokens):
+def tiny_module(special_tokens, **options):
     from avmt.connectors import QFormerConnector
     from avmt.encoders import ViTVisionEncoder, Wav2Vec2AudioEncoder
     from avmt.llm import CausalLM
@@ -199,7 +199,7 @@ def tiny_module(special_tokens):
         Wav2Vec2AudioEncoder(hidden_size=32, num_layers=1, num_heads=2, tokens_per_segment=1),
         QFormerConnector(num_queries=1, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
         QFormerConnector(num_queries=1, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
-        None, num_segments=4, generation_tasks=["ave", "s4"],
+        None, num_segments=4, generation_tasks=["ave", "s4"], **options,
     )
 
 
@@ -219,6 +219,15 @@ def test_the_module_scores_with_the_data_format_and_keeps_it_in_checkpoints():
     with pytest.raises(UserError, match="answer format"):
         restored._take_answer_format(TaggedText())
     restored._take_answer_format(DiscreteTokens(num_segments=4, frame_size=32, box_bins=4, mask_grid=2))
+
+
+def test_time_words_are_the_times_the_data_format_writes():
+    fmt = DiscreteTokens(num_segments=4, frame_size=32, box_bins=4, mask_grid=2)
+    module = tiny_module([*DEFAULT_SPECIAL_TOKENS, *fmt.tokens()], time_word_rms=1.0)
+    tokenizer = module.model.tokenizer
+    assert module.model.time_word_ids == [tokenizer(str(s), add_special_tokens=False)["input_ids"] for s in range(4)]
+    module._take_answer_format(fmt)
+    assert module.model.time_word_ids == [[tokenizer.convert_tokens_to_ids(f"<t_{s}>")] for s in range(4)]
 
 
 # ---- the AV-Unified connectors --------------------------------------------------------------

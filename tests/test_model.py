@@ -335,3 +335,46 @@ def test_media_token_rms_rescales_each_connector_token_before_its_time_code(make
         assert not torch.allclose(raw.pow(2).mean(-1).sqrt(), rms)  # the connector's own scale differs
     with pytest.raises(UserError, match="media_token_rms must be > 0"):
         build_model(media_token_rms=0.0)
+
+
+def test_time_word_rms_adds_each_segments_time_word_embedding_to_its_media_tokens(make_batch):
+    plain, worded = build_model(), build_model(time_word_rms=0.7)
+    worded.set_time_words([str(s) for s in range(T)])
+    frames, audio = media(2)
+    batch = make_batch(["<video> <audio> When is it heard?", "<audio> <video> When?"], frames, audio, [1, 0])
+    refs = {name: iter_refs(batch.media, name) for name in ("<video>", "<audio>")}
+    with torch.no_grad():
+        before = plain.media_tokens(plain.encode_media(frames, audio), refs)
+        after = worded.media_tokens(worded.encode_media(frames, audio), refs)
+        digit_ids = worded.tokenizer.convert_tokens_to_ids([str(s) for s in range(T)])
+        digits = worded.llm.model.get_input_embeddings()(torch.tensor(digit_ids))  # [T, D]
+    expected_words = digits * 0.7 / (digits.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()  # rms_norm, eps 1e-6
+    for name, per_segment in (("<video>", 2), ("<audio>", 3)):
+        added = after[name] - before[name]  # same seed: same weights and learned codes
+        torch.testing.assert_close(added, expected_words.repeat_interleave(per_segment, dim=0).expand_as(added),
+                                   rtol=1e-4, atol=1e-5)
+    # the code is the word's embedding row itself (trained in full with the tiny LLM's embed_tokens)
+    rows = worded.llm.model.get_input_embeddings().base.weight.requires_grad_(True)
+    worded.time_codes().sum().backward()
+    touched = rows.grad.abs().sum(-1).nonzero().flatten().tolist()
+    assert touched == sorted(digit_ids)
+
+
+def test_time_words_follow_the_answer_format_and_must_be_known():
+    from avmt.tasks.formats import DiscreteTokens
+
+    model = build_model(time_word_rms=1.0, segment_embedding=False)
+    with pytest.raises(RuntimeError, match="set_time_words was never called"):
+        model.time_codes()
+    fmt = DiscreteTokens(num_segments=T)
+    with pytest.raises(UserError, match="does not know the time word"):
+        model.set_time_words([fmt.time(s) for s in range(T)])  # <t_s> are not tokens of this LLM
+    with pytest.raises(UserError, match="one time word per segment"):
+        model.set_time_words(["0", "1"])
+    model.set_time_words(["3", "2", "1", "0"])
+    codes = model.time_codes()  # no learned code: the words alone, at RMS 1
+    torch.testing.assert_close(codes.pow(2).mean(-1).sqrt(), torch.ones(T), rtol=0, atol=1e-2)  # eps 1e-6
+    model.set_time_words(["0", "1", "2", "3"])
+    torch.testing.assert_close(model.time_codes(), codes.flip(0))
+    with pytest.raises(UserError, match="time_word_rms must be > 0"):
+        build_model(time_word_rms=-1.0)
