@@ -296,6 +296,15 @@ def test_signal_scale_ablation_sets_only_its_two_keys(tmp_path):
     assert scaled == plain  # nothing else changes (the LLM plugin and its other settings stay ilora.yaml's)
 
 
+def test_time_words_ablation_sets_only_its_key(tmp_path):
+    plain = yaml.safe_load(run_cli("fit", "-c", str(EXPERIMENTS / "ilora.yaml"), "--print_config", cwd=tmp_path).stdout)
+    worded = yaml.safe_load(run_cli("fit", "-c", str(EXPERIMENTS / "ilora.yaml"), "-c", str(EXPERIMENTS / "time_words.yaml"),
+                                    "--print_config", cwd=tmp_path).stdout)
+    assert (plain["model"]["time_word_rms"], worded["model"]["time_word_rms"]) == (None, 1.0)
+    worded["model"]["time_word_rms"] = None
+    assert worded == plain
+
+
 def test_unknown_class_path_lists_the_plugins(tmp_path):
     result = run_cli(
         "fit",
