@@ -285,23 +285,19 @@ def test_configs_merge_in_order(tmp_path):
     assert adapter["init_args"]["r"] == 16  # kept from ilora.yaml
 
 
-def test_signal_scale_ablation_sets_only_its_two_keys(tmp_path):
-    plain = yaml.safe_load(run_cli("fit", "-c", str(EXPERIMENTS / "ilora.yaml"), "--print_config", cwd=tmp_path).stdout)
-    scaled = yaml.safe_load(run_cli("fit", "-c", str(EXPERIMENTS / "ilora.yaml"), "-c", str(EXPERIMENTS / "signal_scale.yaml"),
-                                    "--print_config", cwd=tmp_path).stdout)
+def test_the_scale_and_time_word_ablations_set_only_their_keys(tmp_path):
+    def printed(*ablations: str) -> dict:
+        configs = [arg for name in ("ilora.yaml", *ablations) for arg in ("-c", str(EXPERIMENTS / name))]
+        return yaml.safe_load(run_cli("fit", *configs, "--print_config", cwd=tmp_path).stdout)
+
+    plain, scaled, worded = printed(), printed("signal_scale.yaml"), printed("time_words.yaml")
     assert (plain["model"]["media_token_rms"], plain["model"]["llm"]["init_args"]["initializer_range"]) == (None, 0.02)
     assert (scaled["model"]["media_token_rms"], scaled["model"]["llm"]["init_args"]["initializer_range"]) == (1.0, 0.088)
+    assert (plain["model"]["time_word_rms"], worded["model"]["time_word_rms"]) == (None, 1.0)
     scaled["model"]["media_token_rms"] = None
     scaled["model"]["llm"]["init_args"]["initializer_range"] = 0.02
-    assert scaled == plain  # nothing else changes (the LLM plugin and its other settings stay ilora.yaml's)
-
-
-def test_time_words_ablation_sets_only_its_key(tmp_path):
-    plain = yaml.safe_load(run_cli("fit", "-c", str(EXPERIMENTS / "ilora.yaml"), "--print_config", cwd=tmp_path).stdout)
-    worded = yaml.safe_load(run_cli("fit", "-c", str(EXPERIMENTS / "ilora.yaml"), "-c", str(EXPERIMENTS / "time_words.yaml"),
-                                    "--print_config", cwd=tmp_path).stdout)
-    assert (plain["model"]["time_word_rms"], worded["model"]["time_word_rms"]) == (None, 1.0)
     worded["model"]["time_word_rms"] = None
+    assert scaled == plain  # nothing else changes (the LLM plugin and its other settings stay ilora.yaml's)
     assert worded == plain
 
 
