@@ -394,13 +394,14 @@ class BatchedStream(IterableDataset):
         if quota is not None and made < quota:
             # Lightning validates at an epoch's end only after the announced number of batches: a
             # short epoch would end without validation (and under DDP the short rank would hang)
+            reader = f"DDP rank {self.rank}, worker {worker}" if self.world_size > 1 else f"worker {worker}"
             if last is None:  # nothing usable in this reader's share: no batch to repeat
                 raise UserError(
-                    f"DDP rank {self.rank}, worker {worker}: its share of the {self.stream.split} split gave no usable "
-                    f"clip (of {self.stream.counter.read} read), while every rank must take {len(self)} steps; check the "
+                    f"{reader}: its share of the {self.stream.split} split gave no usable clip (of "
+                    f"{self.stream.counter.read} read), while the loader announced {len(self)} steps; check the "
                     "shards or use fewer devices / data.num_workers")
             warnings.warn(
-                f"DDP rank {self.rank}, worker {worker}: {quota - made} {self.stream.split} batch(es) short (clips "
+                f"{reader}: {quota - made} {self.stream.split} batch(es) short (clips "
                 f"skipped: {dict(self.stream.counter.reasons)}, clips none of data.tasks applies to, or fewer clips "
                 "in its shards than another rank has batches); repeating its last batch so that the epoch has the "
                 "steps the loader announced (every rank the same, and Lightning's end-of-epoch validation runs)",

@@ -149,7 +149,7 @@ def test_one_process_short_of_clips_still_takes_its_announced_steps(nine, tmp_pa
     write_tar(shard, items)
     loader = _data(tmp_path / "data", clips_per_batch=2).train_dataloader()
     assert len(loader) == 5  # 9 clips in batches of 2, as the manifest says
-    with pytest.warns(CorruptSampleWarning, match="DDP rank 0, worker 0: 1 train batch"):
+    with pytest.warns(CorruptSampleWarning, match="^worker 0: 1 train batch"):
         got = _keys(loader)
     assert len(got) == 5 and got[-1] == got[-2] and len({key for batch in got for key in batch}) == 7
 
