@@ -88,6 +88,9 @@ class AVModel(nn.Module):
         self.media_token_rms = None if media_token_rms is None else float(media_token_rms)
         self.time_word_rms = None if time_word_rms is None else float(time_word_rms)
         self.time_word_ids: list[list[int]] = []  # per segment, the token ids of its time word (set_time_words)
+        # the same, padded for one embedding lookup [T, L], and each id's weight in its word's mean [T, L]
+        self.register_buffer("_time_word_table", torch.zeros(0, 0, dtype=torch.long), persistent=False)
+        self.register_buffer("_time_word_weights", torch.zeros(0, 0), persistent=False)
         self.llm = llm
         self.vision_encoder = vision_encoder
         self.audio_encoder = audio_encoder
@@ -371,6 +374,10 @@ class AVModel(nn.Module):
         if unknown:
             raise UserError(f"model.time_word_rms: the LLM's tokenizer does not know the time word(s) {unknown}")
         self.time_word_ids = ids
+        width, device = max(map(len, ids)), self._time_word_table.device
+        self._time_word_table = torch.tensor([w + w[:1] * (width - len(w)) for w in ids], device=device)
+        self._time_word_weights = torch.tensor([[1 / len(w)] * len(w) + [0.0] * (width - len(w)) for w in ids],
+                                               device=device)
 
     def time_codes(self) -> torch.Tensor | None:
         """``[T, D]`` what is added to every media token of each segment: the learned segment
@@ -380,8 +387,8 @@ class AVModel(nn.Module):
             return codes
         if not self.time_word_ids:
             raise RuntimeError("model.time_word_rms is set but set_time_words was never called")
-        device = next(self.llm.model.get_input_embeddings().parameters()).device
-        words = torch.stack([self.llm.embed(torch.tensor(ids, device=device)).mean(0) for ids in self.time_word_ids])
+        embedded = self.llm.embed(self._time_word_table)  # [T, L, D]
+        words = (embedded * self._time_word_weights.to(embedded.dtype).unsqueeze(-1)).sum(1)  # each word's mean
         words = nn.functional.rms_norm(words, words.shape[-1:], eps=1e-6) * self.time_word_rms  # [T, D]
         return words if codes is None else codes + words
 

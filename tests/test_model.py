@@ -376,5 +376,13 @@ def test_time_words_follow_the_answer_format_and_must_be_known():
     torch.testing.assert_close(codes.pow(2).mean(-1).sqrt(), torch.ones(T), rtol=0, atol=1e-2)  # eps 1e-6
     model.set_time_words(["0", "1", "2", "3"])
     torch.testing.assert_close(model.time_codes(), codes.flip(0))
+    model.set_time_words(["10", "1", "0", "2"])  # "10" is two tokens: its code is their mean, rescaled
+    unscaled = model.llm.embed(torch.tensor([model.tokenizer.convert_tokens_to_ids(["1", "0"])])).mean(1)[0]
+    expected = unscaled / (unscaled.pow(2).mean() + 1e-6).sqrt()
+    with torch.no_grad():
+        got = model.time_codes()
+    torch.testing.assert_close(got[0], expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[1:], codes.flip(0)[[1, 0, 2]])
+    assert not any(key.startswith("_time_word") for key in model.state_dict())  # derived from the words, not saved
     with pytest.raises(UserError, match="time_word_rms must be > 0"):
         build_model(time_word_rms=-1.0)
