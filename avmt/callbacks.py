@@ -68,7 +68,8 @@ def metrics_table(metrics: dict[str, dict[str, Any]]) -> str:
     """The module's ``final_metrics`` as a text table.
 
     Args:
-        metrics: task -> ``{"scores", "baseline", "baseline_name", "samples", ...}``.
+        metrics: task -> ``{"scores", "baseline", "baseline_name", "samples", ...}`` (and
+            ``"extra_baselines"``: name -> scores, shown after the trivial baseline).
     Returns:
         One row per task and metric (the parse-failure rate is a column, not a row).
     """
@@ -80,9 +81,10 @@ def metrics_table(metrics: dict[str, dict[str, Any]]) -> str:
         for key, value in scores.items():
             if key == "parse_failure_rate":
                 continue
-            base = baseline.get(key)
-            rows.append((task, key, f"{value:.3f}",
-                         f"{base:.3f} ({entry['baseline_name']})" if base is not None else "-",
+            named = [(entry["baseline_name"], baseline.get(key)),
+                     *((other, scores_.get(key)) for other, scores_ in entry.get("extra_baselines", {}).items())]
+            bases = "; ".join(f"{base:.3f} ({base_name})" for base_name, base in named if base is not None)
+            rows.append((task, key, f"{value:.3f}", bases or "-",
                          f"{failure:.3f}" if not math.isnan(failure) else "-", str(entry["samples"])))
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731

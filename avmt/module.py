@@ -759,10 +759,12 @@ class AVModule(L.LightningModule):
     def _log_generation_metrics(self, stage: str) -> None:
         """Log every scored task's metrics and keep them, with its trivial baseline, in ``final_metrics``.
 
-        With ``bootstrap_resamples`` each entry also gets ``bootstrap_std`` (metric -> standard
-        deviation over resamples of the scored samples). Under DDP every rank takes part for every
-        task that any rank scored (the metric states are synced by ``compute``), and the baseline,
-        the sample count and the bootstrap use the answers and predictions of all ranks.
+        A task with baselines beside its trivial one (``Task.extra_baselines``) gets them as
+        ``extra_baselines`` (name -> metric -> score). With ``bootstrap_resamples`` each entry also
+        gets ``bootstrap_std`` (metric -> standard deviation over resamples of the scored
+        samples). Under DDP every rank takes part for every task that any rank scored (the metric
+        states are synced by ``compute``), and the baselines, the sample count and the bootstrap
+        use the answers and predictions of all ranks.
         """
         total_seconds = 0.0
         for name, collection in self.task_metrics.items():  # the same order on every rank
@@ -788,6 +790,9 @@ class AVModule(L.LightningModule):
                 "generation_seconds": round(seconds, 3),
                 "budget_interventions": interventions,
             }
+            extra = task.extra_baselines(answers)
+            if extra:
+                self.final_metrics[name]["extra_baselines"] = extra
             if self.bootstrap_resamples > 0:
                 pairs = sorted(zip(gather_objects(self._predictions[name]), answers, strict=True),
                                key=lambda pair: json.dumps(pair, sort_keys=True, default=repr))  # any rank layout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -198,6 +199,10 @@ def test_test_prints_one_table_and_writes_test_metrics(fitted):
     assert {"ave", "avqa", "avvp", "action", "emotion", "avcap"} <= set(saved)
     # the question-type prior is fitted on the training answers the checkpoint keeps, not on the test's
     assert saved["avqa"]["baseline_name"] == "question-type prior"
+    assert set(saved["avqa"]["extra_baselines"]) == {"best constant answer"}  # shown after the prior
+    assert "extra_baselines" not in saved["ave"]
+    assert re.search(r"avqa +accuracy +[01]\.\d{3} +[01]\.\d{3} \(question-type prior\); [01]\.\d{3} "
+                     r"\(best constant answer\)", out)
     for name, entry in saved.items():
         assert f"{name}  " in out
         assert 0.0 <= entry["scores"]["parse_failure_rate"] <= 1.0 and entry["samples"] > 0

@@ -567,7 +567,8 @@ class AVQATask(Task):
     Target: ``<answer> {word} </answer>``. Answer: ``{"answer": word, "type": question_type}``
     (converted clips add ``"question_id"``). Metrics: accuracy overall, per question type and per
     modality, parse-failure rate; the labels are the AVSynth answers and MUSIC-AVQA's 42
-    (:data:`METRIC_LABELS`). Trivial baseline: the question-type prior (:meth:`trivial_baseline`).
+    (:data:`METRIC_LABELS`). Trivial baseline: the question-type prior (:meth:`trivial_baseline`);
+    the best constant answer is reported beside it (:meth:`extra_baselines`).
     Real data: :meth:`compose_annotated` (MUSIC-AVQA through the ``music-avqa`` converter).
 
     Args:
@@ -667,6 +668,11 @@ class AVQATask(Task):
             metrics[f"accuracy/{modality}"] = QuestionGroupAccuracy(METRIC_LABELS, qtypes)
         metrics["parse_failure_rate"] = ParseFailureRate()
         return self._collection(metrics)
+
+    def extra_baselines(self, answers: Sequence[dict]) -> dict[str, dict[str, float]]:
+        """The best constant answer (:meth:`majority_baseline`), the trivial baseline of every other
+        classification task, beside the question-type prior."""
+        return {"best constant answer": self.majority_baseline(answers)}
 
     def answer_to_pred(self, answer: dict) -> str:
         """The answer word."""

@@ -340,6 +340,12 @@ class Task:
         (``train_answers`` is used only by tasks with ``baseline_fits_training``)."""
         return self.majority_baseline(answers)
 
+    def extra_baselines(self, answers: Sequence[Any]) -> dict[str, dict[str, float]]:
+        """Baselines reported beside :meth:`trivial_baseline` on ``answers``, by name (each through
+        the task's own metrics, as it); default none. A task whose trivial baseline is stronger than
+        a constant answer (the AVQA question-type prior) adds its best constant here."""
+        return {}
+
     def majority_baseline(self, answers: Sequence[Any]) -> dict[str, float]:
         """Score of the best constant predictor on ``answers``, through the task's own metrics.
 

@@ -64,6 +64,9 @@ def test_avqa_question_type_prior_hand_checked():
     majority = task.majority_baseline(answers)
     assert majority["accuracy"] == pytest.approx(2 / 5)
     assert majority["accuracy/audio_counting"] == pytest.approx(1 / 2)
+    # reported beside the prior: the constant answer, the trivial baseline of the other tasks
+    assert task.extra_baselines(answers) == {"best constant answer": majority}
+    assert get_task("emotion").extra_baselines(["sad"]) == {}  # a constant already is its trivial baseline
     with pytest.raises(ValueError, match="at least one"):
         task.trivial_baseline([])
 
