@@ -226,16 +226,27 @@ def test_jobs_share_the_cores_between_concurrent_runs(monkeypatch):
         parser().parse_args(["-c", "grid.yaml", "--jobs", "0"])
 
 
-@pytest.mark.parametrize("name", ["adapters", "transfer", "seeds"])
+@pytest.mark.parametrize("name", ["adapters", "transfer", "transfer_seeds", "seeds"])
 def test_the_shipped_grid_files_load(name):
     """experiments/grids/*.yaml: every axis, variant config and the transfer section resolve."""
     from avmt.grid import load_grid
 
-    grid = load_grid(Path(__file__).resolve().parents[1] / "experiments" / "grids" / f"{name}.yaml")
+    path = Path(__file__).resolve().parents[1] / "experiments" / "grids" / f"{name}.yaml"
+    grid = load_grid(path)
     assert grid.runs and all(run.name for run in grid.runs)
     if name == "transfer":
         assert len(grid.runs) == 3 * 2 * 5  # adapters x styles x (multi + 4 single-task runs)
         assert grid.transfer == {"axis": "tasks", "multi": "multi"}
+    if name == "transfer_seeds":  # the study's multi-task I-LoRA run, made the same way, on two seeds
+        study = load_grid(path.with_name("transfer.yaml"))
+        multi = next(run for run in study.runs if run.name == "adapter-ilora__style-tags__tasks-multi__seed-0")
+        assert [run.seed for run in grid.runs] == [0, 1]
+        assert [run.name for run in grid.runs][0] == multi.name
+        for run in grid.runs:  # the same configs and flags but the seed
+            assert run.configs == multi.configs
+            assert run.overrides == [*multi.overrides[:-1], f"--seed_everything={run.seed}"]
+        assert (grid.base_configs, grid.fixed, grid.feature_splits) == (
+            study.base_configs, study.fixed, study.feature_splits)
 
 
 def test_a_features_section_encodes_once_and_every_run_reads_the_cache(grid, tmp_path):
