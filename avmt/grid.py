@@ -498,8 +498,17 @@ def hparam_value(value: Any) -> Any:
     return value if isinstance(value, (bool, int, float, str)) else format_value(value)
 
 
+def baseline_columns(entry: dict, key: str) -> list[tuple[str, float | None]]:
+    """A results entry's baselines of metric ``key``: ``(" baseline", value)``, then
+    ``(" baseline (NAME)", value)`` per extra baseline (``Task.extra_baselines``); the suffixes
+    of the summary's column names."""
+    return [(" baseline", entry.get("baseline", {}).get(key)),
+            *((f" baseline ({name})", scores.get(key)) for name, scores in entry.get("extra_baselines", {}).items())]
+
+
 def metric_dict(run: Run) -> dict[str, float]:
-    """``stage/task/metric`` and ``stage/task/baseline/metric`` -> value, for every finite number."""
+    """``stage/task/metric``, ``stage/task/baseline/metric`` and, per extra baseline,
+    ``stage/task/baseline/<name with _>/metric`` -> value, for every finite number."""
     metrics = {}
     for stage, tasks in run.results.items():
         for task, entry in tasks.items():
@@ -507,6 +516,9 @@ def metric_dict(run: Run) -> dict[str, float]:
                 metrics[f"{stage}/{task}/{key}"] = value
             for key, value in entry.get("baseline", {}).items():
                 metrics[f"{stage}/{task}/baseline/{key}"] = value
+            for name, scores in entry.get("extra_baselines", {}).items():
+                for key, value in scores.items():
+                    metrics[f"{stage}/{task}/baseline/{name.replace(' ', '_')}/{key}"] = value
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
 
 
@@ -531,7 +543,8 @@ def write_hparams(run: Run, out: Path) -> Path:
 
 
 def summary_rows(grid: Grid, out: Path) -> tuple[list[str], list[dict[str, Any]]]:
-    """Header and rows of the summary: varied values, seed, status, then score and baseline per task metric."""
+    """Header and rows of the summary: varied values, seed, status, then per task metric its score, its
+    trivial baseline and any extra baselines."""
     metric_columns: list[str] = []
     rows = []
     for run in grid.runs:
@@ -541,7 +554,8 @@ def summary_rows(grid: Grid, out: Path) -> tuple[list[str], list[dict[str, Any]]
             for task, entry in sorted(tasks.items()):
                 for key, value in entry.get("scores", {}).items():
                     for column, number in ((f"{stage}/{task}/{key}", value),
-                                           (f"{stage}/{task}/{key} baseline", entry.get("baseline", {}).get(key))):
+                                           *((f"{stage}/{task}/{key}{suffix}", base)
+                                             for suffix, base in baseline_columns(entry, key))):
                         if column not in metric_columns:
                             metric_columns.append(column)
                         row[column] = "" if number is None else f"{number:.4f}"

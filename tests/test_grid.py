@@ -83,6 +83,10 @@ def test_grid_writes_one_run_folder_summary_and_plot(grid):
                 assert float(row[f"val/{task}/{metric}"]) == pytest.approx(value, abs=1e-4)
             for metric, value in entry["baseline"].items():
                 assert float(row[f"val/{task}/{metric} baseline"]) == pytest.approx(value, abs=1e-4)
+            for other, baseline in entry.get("extra_baselines", {}).items():  # AVQA's best constant answer
+                for metric, value in baseline.items():
+                    assert float(row[f"val/{task}/{metric} baseline ({other})"]) == pytest.approx(value, abs=1e-4)
+        assert set(final["avqa"]["extra_baselines"]) == {"best constant answer"}
         assert (out / name / "fit" / "checkpoints" / "last.ckpt").is_file()
         assert (out / name / "fit.log").is_file()
     assert "| run | model.learning_rate | seed | status |" in grid["summary_md"]
@@ -107,7 +111,8 @@ def test_each_run_has_hparams_with_varied_values_and_final_metrics(grid):
         metric_tags = {info.name.tag for info in experiment.metric_infos}
         final = json.loads((grid["out"] / name / "fit" / "val_metrics.json").read_text())
         accuracy = final["avqa"]["scores"]["accuracy"]
-        assert {"val/avqa/accuracy", "val/avqa/baseline/accuracy", "val/ave/parse_failure_rate"} <= metric_tags
+        assert {"val/avqa/accuracy", "val/avqa/baseline/accuracy", "val/avqa/baseline/best_constant_answer/accuracy",
+                "val/ave/parse_failure_rate"} <= metric_tags
         assert events.Scalars("val/avqa/accuracy")[0].value == pytest.approx(accuracy)
 
 
